@@ -1,0 +1,417 @@
+"""pilot.py -- every component of Pilot, in plain torch.
+
+Pilot: Building the Federated Multimodal Instruction Tuning Framework
+(Xiong, Yang, Song, Wang, Xu; AAAI 2025; arXiv 2501.13985). This file holds the method
+itself, each piece small enough to copy into another project on its own (torch only, no
+transformers import):
+
+  LoRA            LoRALinear, add_lora, lora_state_dict, merge_lora     (SPEC section 2)
+  Adapter         the LLaVA projector shape, Linear -> GELU -> Linear   (SPEC section 2)
+  stage 1         difference_loss, TaskClientConnector                 (SPEC section 3)
+  stage 2         CTMoA (cross-task Mixture-of-Adapters), ctmoa_from_stage1 (SPEC section 4)
+  baseline        PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox)
+  server          task_average, ata_weights, weighted_average          (SPEC section 5)
+
+Every connector returns the same NamedTuple, ConnectorOutput(tokens, aux), where aux always
+holds the keys of AUX_KEYS (zeros where a loss is unused), so training code never branches
+on the connector type. The loss coefficients (lambda_d, lambda_b, lambda_z) are applied by
+the caller (model.py), not here: these modules return raw loss values.
+
+Shape legend: B batch, N image tokens per image, C_v vision width, C LLM width,
+T number of tasks = number of CT-MoA experts, K clients, r LoRA rank, D = N * C.
+
+Tests: `pytest tests/test_pilot.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), plain torch
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021, eq. 3).
+
+        h = W0 x + b + (alpha / r) * B A dropout(x)
+
+    A (r, in) is initialised like nn.Linear (Kaiming-uniform), B (out, r) with zeros, so the
+    wrapped layer starts exactly equal to the base layer. Dropout acts on the LoRA path only.
+    LoRA factors are kept in float32 whatever the base dtype (bf16 bases train their LoRA in
+    fp32, as PEFT does under autocast); the update is cast back to the base output's dtype.
+    State-dict keys: `base.weight`, `base.bias`, `lora_A`, `lora_B`.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be > 0, got {r}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same rule as nn.Linear's weight
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)                                              # (..., out)
+        xa = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
+        return y + (xa @ self.lora_B.t() * self.scale).to(y.dtype)    # (..., out)
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+             targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> list[str]:
+    """Freeze `model` and wrap every nn.Linear whose attribute name is in `targets` in a
+    LoRALinear. SPEC section 2: LoRA on q, k, v, o, gate, up, down of every decoder layer,
+    never on lm_head or the embeddings (those names are refused even if listed).
+    Returns the qualified names of the wrapped layers; afterwards only LoRA is trainable."""
+    bad = {"lm_head", "embed_tokens"} & set(targets)
+    if bad:
+        raise ValueError(f"LoRA targets must not include {sorted(bad)} (SPEC section 2)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    if not wrapped:
+        raise ValueError(f"add_lora found no nn.Linear named any of {list(targets)}")
+    return wrapped
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of every LoRA factor in `model` (keys end in lora_A / lora_B)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRALinear into its base weight, W0 <- W0 + (alpha/r) B A, and put the plain
+    nn.Linear back in its place (for export or faster inference; dropout is dropped)."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                delta = (child.lora_B @ child.lora_A) * child.scale   # (out, in), fp32
+                child.base.weight += delta.to(child.base.weight.dtype)
+                setattr(module, child_name, child.base)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Adapter: the LLaVA-1.5 projector shape
+
+
+class Adapter(nn.Module):
+    """Linear(C_v, C) -> GELU -> Linear(C, C), the LLaVA-1.5 `mlp2x_gelu` projector.
+
+    Parameter names match transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`),
+    so a llava-hf projector loads with a plain strict load_state_dict. `zero_last=True`
+    zeroes the last layer so the adapter outputs exactly 0 at init (used for psi_s and
+    psi_c, SPEC sections 3-4 [choice])."""
+
+    def __init__(self, in_dim: int, out_dim: int, zero_last: bool = False):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+        if zero_last:
+            nn.init.zeros_(self.linear_2.weight)
+            nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(h)))  # (..., C_v) -> (..., C)
+
+
+# -----------------------------------------------------------------------------
+# Connector outputs: one fixed structure for every connector
+
+AUX_KEYS = ("difference", "balance", "router_z")
+
+
+class ConnectorOutput(NamedTuple):
+    tokens: torch.Tensor           # (B, N, C) image tokens for the LLM
+    aux: dict[str, torch.Tensor]   # raw auxiliary losses, always exactly AUX_KEYS (0-dim)
+
+
+def _aux(h: torch.Tensor, **losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    zero = h.new_zeros((), dtype=torch.float32)
+    return {k: losses.get(k, zero) for k in AUX_KEYS}
+
+
+class PlainConnector(nn.Module):
+    """The baselines' connector (local / fedavg / fedprox): one LLaVA projector, no aux loss."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.projector = Adapter(in_dim, out_dim)
+
+    def forward(self, h: torch.Tensor) -> ConnectorOutput:
+        return ConnectorOutput(self.projector(h), _aux(h))  # (B, N, C)
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: task-specific + client-specific adapters, difference loss (SPEC section 3)
+
+
+def difference_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Difference loss of Domain Separation Networks (Bousmalis et al. 2016), as in the
+    released Pilot code: flatten each sample to a row, L2-normalise rows (norm detached, +1e-6),
+    L_d = mean((X_a^T X_b)^2) over the D x D matrix, D = N * C.
+
+    [choice] The D x D matrix has D^2 = 5.6e12 entries at LLaVA size (D = 576 * 4096), so
+    the released formula cannot run. The same number, exactly, via B x B Gram matrices:
+        sum((X_a^T X_b)^2) = trace(X_b^T X_a X_a^T X_b) = sum((X_a X_a^T) * (X_b X_b^T)),
+    then divide by D^2. Cost O(B^2 D) time, O(B^2) extra memory. Computed in float32."""
+    xa = a.reshape(a.shape[0], -1).float()                          # (B, D)
+    xb = b.reshape(b.shape[0], -1).float()                          # (B, D)
+    xa = xa / (xa.norm(dim=1, keepdim=True).detach() + 1e-6)        # (B, D)
+    xb = xb / (xb.norm(dim=1, keepdim=True).detach() + 1e-6)        # (B, D)
+    d = xa.shape[1]
+    # divide each Gram by D before the product, to keep the float32 sum well inside range
+    return ((xa @ xa.t() / d) * (xb @ xb.t() / d)).sum()            # (B, B) -> ()
+
+
+class TaskClientConnector(nn.Module):
+    """Stage-1 connector (SPEC section 3): x_img = psi_t(H_v) + psi_s(H_v).
+
+    psi_t: task-specific adapter, shared by the clients of one task (uploaded, task-averaged).
+    psi_s: client-specific adapter, never leaves its client.
+    [choice] psi_s starts with its last layer zeroed so that at step 0 the model equals the
+    pretrained LLaVA; `released_init=True` instead starts psi_s as a full random adapter that
+    the caller overwrites with the projector too, as the released code does (which doubles the
+    projector output at step 0).
+    aux["difference"] = difference_loss(psi_t(H), psi_s(H)); the caller weighs it by lambda_d."""
+
+    def __init__(self, in_dim: int, out_dim: int, released_init: bool = False):
+        super().__init__()
+        self.psi_t = Adapter(in_dim, out_dim)
+        self.psi_s = Adapter(in_dim, out_dim, zero_last=not released_init)
+
+    def forward(self, h: torch.Tensor) -> ConnectorOutput:
+        t = self.psi_t(h)                                   # (B, N, C)
+        s = self.psi_s(h)                                   # (B, N, C)
+        return ConnectorOutput(t + s, _aux(h, difference=difference_loss(t, s)))
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: cross-task Mixture-of-Adapters (SPEC section 4)
+
+
+class CTMoA(nn.Module):
+    """Stage-2 connector: x_img = psi_s(H) + sum_i P_i(H) h_i(H)   (SPEC section 4).
+
+    Experts (T of them, own task first, then the other tasks in a fixed order):
+        h_0 = psi_t                      own task's adapter, trainable
+        h_i = psi_t_other[i-1] + psi_c[i-1]   another task's adapter, FROZEN, plus a trainable
+                                         cross-task adapter psi_c on top ("adapter on adapter")
+    Router phi = Linear(C_v, T, bias=False) per image token; P = softmax(phi(H)), keep the
+    top-k, renormalise. psi_s (the stage-1 client adapter) is frozen and added.
+    [choice] psi_s is used in the output: the released code computes it and drops it, the
+    paper keeps it as the client's personal features.
+    [choice] psi_c starts with its last layer zeroed (released code: a copy of the projector),
+    so at the start of stage 2 expert i equals the other task's global adapter.
+
+    Auxiliary losses, raw (the caller weighs them; released script: lambda_b 0.1, lambda_z 0.01):
+        balance  = T^2 * mean_{b,i}( mean_n P[b,n,i] * frac_n(top1[b,n] == i) )  (Switch, per
+                   image, then averaged; exactly 1 for a uniform router)
+        router_z = mean over tokens of logsumexp(phi(H))^2                         (ST-MoE)
+        difference = difference_loss(psi_s(H), h_0(H)) when use_difference (SPEC: lambda_d
+                   default 0 in stage 2), else 0.
+
+    Vectorised over batch and tokens; loops over the T experts only. top_k == T: every expert
+    runs densely on all tokens. top_k < T: each expert runs only on the tokens that selected
+    it, gathered from the whole batch and scattered back with index_add_ (litgpt-style), so an
+    unselected expert costs nothing and contributes exactly zero. Note: with top_k = 1 the
+    renormalised weight is p/p = 1, so the router learns only through the auxiliary losses
+    (Switch keeps the raw p instead; SPEC follows the released code's renormalisation)."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
+                 use_difference: bool = False):
+        super().__init__()
+        top_k = num_tasks if top_k is None else top_k
+        if not 1 <= top_k <= num_tasks:
+            raise ValueError(f"top_k must be in [1, {num_tasks}] (number of tasks), got {top_k}")
+        self.num_tasks, self.top_k, self.use_difference = num_tasks, top_k, use_difference
+        self.psi_t = Adapter(in_dim, out_dim)                                       # h_0, trainable
+        self.psi_t_other = nn.ModuleList(Adapter(in_dim, out_dim) for _ in range(num_tasks - 1))
+        self.psi_c = nn.ModuleList(Adapter(in_dim, out_dim, zero_last=True) for _ in range(num_tasks - 1))
+        self.router = nn.Linear(in_dim, num_tasks, bias=False)                       # phi
+        self.psi_s = Adapter(in_dim, out_dim)
+        for p in [*self.psi_t_other.parameters(), *self.psi_s.parameters()]:
+            p.requires_grad_(False)
+
+    def expert(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h_i(h): (..., C_v) -> (..., C)."""
+        if i == 0:
+            return self.psi_t(h)
+        return self.psi_t_other[i - 1](h) + self.psi_c[i - 1](h)
+
+    def forward(self, h: torch.Tensor) -> ConnectorOutput:
+        B, N, Cv = h.shape
+        T = self.num_tasks
+        logits = self.router(h).float()                                 # (B, N, T)
+        probs = logits.softmax(dim=-1)                                  # (B, N, T)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)                   # (B, N, k), (B, N, k)
+        top_p = top_p / top_p.sum(dim=-1, keepdim=True)                 # renormalise over top-k
+
+        if self.top_k == T:  # dense: the renormalised weights are the full softmax
+            moa = sum(probs[..., i:i + 1].to(h.dtype) * self.expert(i, h) for i in range(T))  # (B, N, C)
+        else:  # sparse: per-expert gather of the selected tokens from the whole batch
+            flat_h = h.reshape(B * N, Cv)                               # (BN, C_v)
+            flat_i = top_i.reshape(B * N, self.top_k)                   # (BN, k)
+            flat_p = top_p.reshape(B * N, self.top_k)                   # (BN, k)
+            C = self.psi_t.linear_2.out_features
+            moa = h.new_zeros(B * N, C)                                 # (BN, C)
+            for i in range(T):
+                tok, slot = (flat_i == i).nonzero(as_tuple=True)        # (n_i,), (n_i,)
+                if tok.numel() == 0:
+                    continue                                            # unselected: no compute, no grad
+                out_i = self.expert(i, flat_h[tok])                     # (n_i, C)
+                moa = moa.index_add(0, tok, flat_p[tok, slot, None].to(out_i.dtype) * out_i)
+            moa = moa.reshape(B, N, -1)                                 # (B, N, C)
+
+        s = self.psi_s(h)                                               # (B, N, C), frozen
+        # Switch balance loss per image: f = fraction of its tokens whose top-1 is expert i
+        top1 = F.one_hot(probs.argmax(dim=-1), T).float()               # (B, N, T)
+        balance = T * T * (probs.mean(dim=1) * top1.mean(dim=1)).mean()   # (B, T) -> ()
+        router_z = torch.logsumexp(logits, dim=-1).pow(2).mean()        # (B, N) -> ()
+        losses = dict(balance=balance, router_z=router_z)
+        if self.use_difference:
+            losses["difference"] = difference_loss(s, self.psi_t(h))
+        return ConnectorOutput(s + moa, _aux(h, **losses))
+
+
+@torch.no_grad()
+def ctmoa_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict[str, torch.Tensor]],
+                      own_task: str, top_k: int | None = None, use_difference: bool = False) -> CTMoA:
+    """Build client k's stage-2 CT-MoA from its stage-1 connector and the server's T global
+    task adapters {task: Adapter state_dict} (SPEC section 4). Expert order: own task first,
+    then the other tasks in sorted order (fixed, the same on every client). psi_s is carried
+    over from stage 1 (then frozen); the router and psi_c's first layer get torch's default init
+    from the global RNG, so build under torch.random.fork_rng with a seed (as fed.py does) for
+    reproducibility."""
+    tasks = sorted(task_adapters)
+    if own_task not in task_adapters:
+        raise KeyError(f"own task {own_task!r} not among the server's task adapters {tasks}")
+    in_dim, out_dim = stage1.psi_t.linear_1.in_features, stage1.psi_t.linear_1.out_features
+    moa = CTMoA(in_dim, out_dim, len(tasks), top_k, use_difference).to(stage1.psi_t.linear_1.weight.device)
+    moa.psi_t.load_state_dict(task_adapters[own_task])
+    for adapter, task in zip(moa.psi_t_other, [t for t in tasks if t != own_task]):
+        adapter.load_state_dict(task_adapters[task])
+    moa.psi_s.load_state_dict(stage1.psi_s.state_dict())
+    return moa
+
+
+def expert_tasks(tasks: Sequence[str], own_task: str) -> list[str]:
+    """The task behind each CT-MoA expert for a client of `own_task`: own first, rest sorted."""
+    return [own_task] + [t for t in sorted(tasks) if t != own_task]
+
+
+# -----------------------------------------------------------------------------
+# Server: task-aware visual aggregation and adaptive text aggregation (SPEC section 5)
+
+
+def _check_keys(states: Sequence[dict[str, torch.Tensor]]) -> None:
+    keys = set(states[0])
+    for k, s in enumerate(states):
+        if set(s) != keys:
+            raise KeyError(f"state {k} has keys {sorted(set(s) ^ keys)} that state 0 does not share")
+
+
+def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor):
+    """Aggregate states key by key (Flower-style, by parameter name).
+
+    weights (K,): returns one state, sum_j w_j * states[j].
+    weights (K', K): returns K' states, row k = sum_j W[k, j] * states[j] (ATA's personalised
+    LoRA, one per client). Accumulates in float32, returns each tensor in its original dtype.
+    For LoRA, A and B are averaged as separate tensors (FedIT, the paper): mean(B) @ mean(A)
+    is not mean(B @ A); that is the method, not an approximation error of this code."""
+    _check_keys(states)
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.shape[-1] != len(states):
+        raise ValueError(f"weights have {w.shape[-1]} columns for {len(states)} states")
+    rows = w[None] if w.dim() == 1 else w                                  # (K', K)
+    out = [dict() for _ in range(rows.shape[0])]
+    for key in states[0]:
+        stacked = torch.stack([s[key].float() for s in states])            # (K, *shape), one key at a time
+        mixed = torch.einsum("kj,j...->k...", rows.to(stacked.device), stacked)   # (K', *shape)
+        for k in range(rows.shape[0]):
+            out[k][key] = mixed[k].to(states[0][key].dtype)
+    return out[0] if w.dim() == 1 else out
+
+
+def task_average(states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
+                 tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Task-aware visual aggregation: the psi_t of the clients of each task, averaged with
+    sample-count weights, gives that task's global adapter. Never mixes tasks.
+    Returns {task: state}."""
+    if not len(states) == len(n_samples) == len(tasks):
+        raise ValueError("states, n_samples and tasks must have one entry per client")
+    out = {}
+    for task in sorted(set(tasks)):
+        idx = [k for k, t in enumerate(tasks) if t == task]
+        n = torch.tensor([float(n_samples[k]) for k in idx])
+        out[task] = weighted_average([states[k] for k in idx], n / n.sum())
+    return out
+
+
+@torch.no_grad()
+def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(K, K) Euclidean distances between clients, each client's tensors taken as one vector.
+    One Gram matrix accumulated tensor by tensor (||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b):
+    only one key's K tensors are stacked at a time, never K full copies. float64, since the
+    subtraction cancels when clients are close."""
+    _check_keys(states)
+    K = len(states)
+    gram = torch.zeros(K, K, dtype=torch.float64)
+    for key in states[0]:
+        x = torch.stack([s[key].reshape(-1) for s in states]).double()    # (K, P_key)
+        gram += (x @ x.t()).cpu()                                          # (K, K)
+    sq = gram.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)               # (K, K)
+    d2.fill_diagonal_(0)
+    return d2.sqrt()
+
+
+@torch.no_grad()
+def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
+                top_m: int, eps: float = 1e-8) -> torch.Tensor:
+    """Adaptive text aggregation (ATA) of LoRA, as a (K, K) matrix W, rows sum to 1
+    (SPEC section 5). For client k:
+      1. d_kj = Euclidean distance between the LoRA vectors of clients k and j;
+      2. N_k = the M = top_m nearest other clients (ties broken by client index);
+      3. a_kj = (n_j / (d_kj + eps)) / sum_{j' in N_k} n_j' / (d_kj' + eps);
+      4. LoRA_k <- (n_k LoRA_k + n_N sum_{j in N_k} a_kj LoRA_j) / (n_k + n_N), n_N = sum of
+         the neighbours' counts; i.e. W_kk = n_k/(n_k+n_N), W_kj = n_N a_kj/(n_k+n_N).
+    [choice] The paper does not publish the exact normalisation; this form is scale-free and
+    reduces to FedAvg when all distances are equal and M = K-1.
+    Apply with weighted_average(lora_states, W)."""
+    K = len(lora_states)
+    if not 0 <= top_m <= K - 1:
+        raise ValueError(f"ata_top_m must be in [0, {K - 1}] for {K} clients, got {top_m}")
+    n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
+    d = pairwise_distances(lora_states)                                     # (K, K)
+    W = torch.zeros(K, K, dtype=torch.float64)
+    for k in range(K):
+        others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
+        order = torch.sort(d[k, others], stable=True).indices
+        nbrs = others[order[:top_m]]                                        # (M,)
+        score = n[nbrs] / (d[k, nbrs] + eps)                                # (M,)
+        n_nbr = n[nbrs].sum()
+        W[k, k] = n[k] / (n[k] + n_nbr)
+        if top_m > 0:
+            W[k, nbrs] = n_nbr * (score / score.sum()) / (n[k] + n_nbr)
+    return W.float()

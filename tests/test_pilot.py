@@ -1,0 +1,331 @@
+"""Tests of pilot.py: every equation of SPEC sections 2-5 against hand-computed values or a
+slow reference written here by loops. Tiny shapes, CPU, seconds."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pilot
+from pilot import (AUX_KEYS, CTMoA, LoRALinear, PlainConnector, TaskClientConnector, add_lora,
+                   ata_weights, ctmoa_from_stage1, difference_loss, expert_tasks, lora_state_dict,
+                   merge_lora, task_average, weighted_average)
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_output_equals_formula_and_merged_layer():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, r=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()                       # make the update non-zero
+    x = torch.randn(4, 6)
+    expected = base(x) + 2.0 * x @ layer.lora_A.t() @ layer.lora_B.t()   # scale = 6/3
+    torch.testing.assert_close(layer(x), expected)
+    merged = merge_lora(nn.Sequential(layer))[0]
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_with_zero_B_is_exactly_the_base():
+    base = nn.Linear(8, 8)
+    x = torch.randn(2, 3, 8)
+    assert torch.equal(LoRALinear(base, r=2, alpha=4)(x), base(x))
+
+
+def test_lora_dropout_acts_on_lora_path_only():
+    base = nn.Linear(8, 8)
+    layer = LoRALinear(base, r=2, alpha=4, dropout=0.9)   # B = 0: dropout can change nothing
+    x = torch.randn(5, 8)
+    assert torch.equal(layer.train()(x), base(x))
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    return LlamaForCausalLM(cfg)
+
+
+def test_add_lora_wraps_exactly_the_decoder_linears():
+    model = _tiny_llama()
+    wrapped = add_lora(model, r=4, alpha=8)
+    expected = [f"model.layers.{i}.{m}" for i in range(2) for m in
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert sorted(wrapped) == sorted(expected)
+    assert type(model.lm_head) is nn.Linear
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted([f"{w}.lora_A" for w in expected] + [f"{w}.lora_B" for w in expected])
+    assert sorted(lora_state_dict(model)) == trainable
+    ids = torch.randint(0, 50, (2, 7))
+    model(ids).logits.sum().backward()               # gradients reach LoRA, nothing else
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+
+
+def test_add_lora_refuses_lm_head():
+    with pytest.raises(ValueError, match="lm_head"):
+        add_lora(_tiny_llama(), r=2, alpha=2, targets=("q_proj", "lm_head"))
+
+
+def test_merge_lora_keeps_llama_logits():
+    model = _tiny_llama().eval()
+    add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.1)
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(ids).logits
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Difference loss
+
+
+def _naive_difference_loss(a, b):
+    """The released code, D x D matrix and all."""
+    xa, xb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    xa = xa.div(xa.norm(p=2, dim=1, keepdim=True).detach() + 1e-6)
+    xb = xb.div(xb.norm(p=2, dim=1, keepdim=True).detach() + 1e-6)
+    return torch.mean(xa.t().mm(xb).pow(2))
+
+
+def test_difference_loss_equals_the_naive_dxd_formula_with_gradients():
+    a = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    fast, naive = difference_loss(a, b), _naive_difference_loss(a.float(), b.float())
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=0)
+    ga = torch.autograd.grad(fast, (a, b))
+    gn = torch.autograd.grad(_naive_difference_loss(a, b), (a, b))
+    for x, y in zip(ga, gn):
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-9)
+
+
+def test_difference_loss_by_hand():
+    # rows normalise to [1,1,0,0]/sqrt2 and [0,0,1,1]/sqrt2 for both images, so X_a^T X_b has
+    # four entries equal to 2 * 1/2 = 1 and twelve zeros: mean of squares = 4 / 16
+    a = torch.zeros(2, 4); a[:, :2] = 1.0
+    b = torch.zeros(2, 4); b[:, 2:] = 1.0
+    assert difference_loss(a, b).item() == pytest.approx(0.25, rel=1e-5)
+    # features living on different images never correlate: exactly 0
+    a[1] = 0.0
+    b[0] = 0.0
+    assert difference_loss(a, b).item() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Connectors
+
+
+def test_every_connector_returns_the_same_aux_keys():
+    h = torch.randn(2, 3, 4)
+    for conn in (PlainConnector(4, 6), TaskClientConnector(4, 6), CTMoA(4, 6, 3), CTMoA(4, 6, 3, top_k=1)):
+        out = conn(h)
+        assert out.tokens.shape == (2, 3, 6)
+        assert tuple(out.aux) == AUX_KEYS
+
+
+def test_stage1_starts_equal_to_the_task_adapter():
+    conn = TaskClientConnector(4, 6)
+    h = torch.randn(2, 3, 4)
+    assert torch.equal(conn(h).tokens, conn.psi_t(h))     # psi_s zero-initialised [choice]
+    released = TaskClientConnector(4, 6, released_init=True)
+    assert released.psi_s(h).abs().sum() > 0
+
+
+def _random_ctmoa(T=3, top_k=None, seed=0):
+    torch.manual_seed(seed)
+    moa = CTMoA(4, 6, T, top_k)
+    with torch.no_grad():
+        for p in moa.parameters():
+            p.normal_(std=0.5)     # non-zero psi_c and a non-uniform router
+    return moa
+
+
+def _slow_ctmoa(moa, h):
+    """Reference: loops over images, tokens and experts, like the released code (and slower)."""
+    B, N, _ = h.shape
+    out = torch.zeros(B, N, moa.psi_s.linear_2.out_features)
+    for b in range(B):
+        for n in range(N):
+            x = h[b, n]
+            p = torch.softmax(moa.router(x), dim=-1)
+            top = torch.topk(p, moa.top_k).indices.tolist()
+            z = sum(p[i] for i in top)
+            out[b, n] = moa.psi_s(x)
+            for i in top:
+                if i == 0:
+                    e = moa.psi_t(x)
+                else:
+                    e = moa.psi_t_other[i - 1](x) + moa.psi_c[i - 1](x)
+                out[b, n] += p[i] / z * e
+    return out
+
+
+@pytest.mark.parametrize("top_k", [3, 2, 1])
+def test_ctmoa_equals_a_slow_loop_reference(top_k):
+    moa = _random_ctmoa(top_k=top_k)
+    h = torch.randn(2, 5, 4)
+    torch.testing.assert_close(moa(h).tokens, _slow_ctmoa(moa, h), rtol=1e-5, atol=1e-5)
+
+
+def test_ctmoa_top1_sends_each_token_to_one_expert_and_grads_only_to_trainables():
+    moa = _random_ctmoa(top_k=1)
+    h = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        chosen = moa.router(h).argmax(-1)                        # (B, N)
+    # force expert 2 never to be chosen, then check it gets exactly nothing
+    h = h[chosen != 2][None]                                     # (1, n, 4)
+    out = moa(h)
+    with torch.no_grad():
+        chosen = moa.router(h).argmax(-1)[0]
+        for n in range(h.shape[1]):
+            torch.testing.assert_close(out.tokens[0, n], moa.psi_s(h[0, n]) + moa.expert(int(chosen[n]), h[0, n]))
+    out.tokens.sum().backward()
+    assert moa.psi_c[1].linear_1.weight.grad is None             # expert 2 unselected: no grad
+    assert moa.psi_t.linear_1.weight.grad is not None
+    # top-1 renormalised weight is p/p = 1: no signal to the router from the output
+    torch.testing.assert_close(moa.router.weight.grad, torch.zeros_like(moa.router.weight))
+    assert all(p.grad is None for p in moa.psi_t_other.parameters())  # frozen
+    assert all(p.grad is None for p in moa.psi_s.parameters())        # frozen in stage 2
+
+
+def test_ctmoa_trainable_parameters_are_own_adapter_cross_adapters_and_router():
+    names = sorted(n.split(".")[0] for n, p in CTMoA(4, 6, 3).named_parameters() if p.requires_grad)
+    assert set(names) == {"psi_t", "psi_c", "router"}
+
+
+def test_balance_and_z_loss_equal_hand_computed_values():
+    moa = CTMoA(2, 3, num_tasks=2)
+    with torch.no_grad():
+        moa.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    h = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])     # one image, two tokens; logits = h
+    aux = moa(h).aux
+    e = math.e
+    p0 = [e * e / (e * e + 1), 0.5]                  # P(expert 0) per token
+    # token 0 top-1 = expert 0; token 1 is a tie, argmax picks expert 0 -> f = [1, 0]
+    mean_p = [(p0[0] + p0[1]) / 2, 1 - (p0[0] + p0[1]) / 2]
+    balance = 4 * (mean_p[0] * 1.0 + mean_p[1] * 0.0) / 2
+    z = ((math.log(e * e + 1)) ** 2 + (math.log(2.0)) ** 2) / 2
+    assert aux["balance"].item() == pytest.approx(balance, rel=1e-6)
+    assert aux["router_z"].item() == pytest.approx(z, rel=1e-6)
+    assert aux["difference"].item() == 0.0
+
+
+def test_balance_loss_is_exactly_one_for_a_uniform_router():
+    moa = CTMoA(4, 6, num_tasks=3)
+    with torch.no_grad():
+        moa.router.weight.zero_()
+    assert moa(torch.randn(3, 7, 4)).aux["balance"].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ctmoa_from_stage1_orders_experts_and_keeps_psi_s():
+    torch.manual_seed(0)
+    stage1 = TaskClientConnector(4, 6)
+    with torch.no_grad():
+        stage1.psi_s.linear_2.weight.normal_()
+    adapters = {t: pilot.Adapter(4, 6).state_dict() for t in ("count", "colour", "shape")}
+    moa = ctmoa_from_stage1(stage1, adapters, own_task="shape")
+    assert expert_tasks(list(adapters), "shape") == ["shape", "colour", "count"]
+    assert torch.equal(moa.psi_t.linear_1.weight, adapters["shape"]["linear_1.weight"])
+    assert torch.equal(moa.psi_t_other[0].linear_1.weight, adapters["colour"]["linear_1.weight"])
+    assert torch.equal(moa.psi_t_other[1].linear_1.weight, adapters["count"]["linear_1.weight"])
+    assert torch.equal(moa.psi_s.linear_2.weight, stage1.psi_s.linear_2.weight)
+    h = torch.randn(2, 3, 4)
+    with torch.no_grad():   # psi_c = 0 at init: expert i is exactly the other task's adapter
+        assert torch.equal(moa.expert(1, h), moa.psi_t_other[0](h))
+
+
+# -----------------------------------------------------------------------------
+# Server math
+
+
+def _states(vectors):
+    """Client states with two tensors each, from rows of a (K, 5) matrix."""
+    return [{"a": v[:2].clone(), "b": v[2:].reshape(3, 1).clone()} for v in vectors]
+
+
+def test_weighted_average_by_hand():
+    states = _states(torch.tensor([[1.0, 2, 3, 4, 5], [3.0, 4, 5, 6, 7]]))
+    avg = weighted_average(states, torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(avg["a"], torch.tensor([2.5, 3.5]))
+    rows = weighted_average(states, torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    torch.testing.assert_close(rows[0]["b"], states[0]["b"])
+    torch.testing.assert_close(rows[1]["b"], torch.tensor([[4.0], [5.0], [6.0]]))
+
+
+def test_weighted_average_refuses_mismatched_keys():
+    with pytest.raises(KeyError):
+        weighted_average([{"a": torch.ones(1)}, {"b": torch.ones(1)}], torch.tensor([0.5, 0.5]))
+
+
+def test_task_average_never_mixes_tasks():
+    states = _states(torch.tensor([[1.0] * 5, [3.0] * 5, [100.0] * 5, [7.0] * 5]))
+    out = task_average(states, [1, 3, 5, 2], ["vqa", "vqa", "cap", "count"])
+    assert sorted(out) == ["cap", "count", "vqa"]
+    torch.testing.assert_close(out["vqa"]["a"], torch.full((2,), 2.5))   # (1*1 + 3*3) / 4
+    torch.testing.assert_close(out["cap"]["a"], torch.full((2,), 100.0))
+    torch.testing.assert_close(out["count"]["b"], torch.full((3, 1), 7.0))
+
+
+def test_ata_reduces_to_fedavg_when_all_distances_are_equal():
+    K = 4
+    states = _states(torch.eye(K, 5) * 3.0)          # every pairwise distance is 3 * sqrt(2)
+    n = [1, 2, 3, 4]
+    W = ata_weights(states, n, top_m=K - 1)
+    fedavg = torch.tensor(n, dtype=torch.float32) / sum(n)
+    torch.testing.assert_close(W, fedavg.expand(K, K))
+
+
+def test_ata_puts_more_weight_on_nearer_clients_and_only_top_m():
+    v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4, [10.0] + [0.0] * 4])
+    W = ata_weights(_states(v), [1, 1, 1, 1], top_m=2)
+    torch.testing.assert_close(W.sum(1), torch.ones(4))
+    assert W[0, 1] > W[0, 2] > 0 and W[0, 3] == 0      # client 0: neighbours 1 (d=1), 2 (d=3)
+    # by hand: a_01 = (1/1)/(1/1 + 1/3) = 0.75; W_00 = 1/3, W_01 = 2/3 * 0.75, W_02 = 2/3 * 0.25
+    torch.testing.assert_close(W[0], torch.tensor([1 / 3, 0.5, 1 / 6, 0.0]))
+
+
+def test_ata_is_invariant_to_scaling_all_lora_tensors():
+    torch.manual_seed(0)
+    v = torch.randn(5, 5)
+    n = [3, 1, 4, 1, 5]
+    W = ata_weights(_states(v), n, top_m=2)
+    torch.testing.assert_close(ata_weights(_states(v * 1000.0), n, top_m=2), W)
+    torch.testing.assert_close(ata_weights(_states(v * 1e-3), n, top_m=2), W)
+
+
+def test_ata_matches_a_direct_computation_with_cdist():
+    torch.manual_seed(1)
+    K, M = 6, 3
+    v = torch.randn(K, 5, dtype=torch.float64)
+    n = torch.tensor([5.0, 1, 2, 8, 3, 3], dtype=torch.float64)
+    d = torch.cdist(v, v)
+    W = torch.zeros(K, K, dtype=torch.float64)
+    for k in range(K):
+        others = sorted((d[k, j].item(), j) for j in range(K) if j != k)[:M]
+        nbrs = [j for _, j in others]
+        score = {j: n[j] / (d[k, j] + 1e-8) for j in nbrs}
+        total, n_nbr = sum(score.values()), sum(n[j] for j in nbrs)
+        W[k, k] = n[k] / (n[k] + n_nbr)
+        for j in nbrs:
+            W[k, j] = n_nbr * score[j] / total / (n[k] + n_nbr)
+    torch.testing.assert_close(ata_weights(_states(v.float()), n.tolist(), top_m=M), W.float(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_ata_top_m_zero_keeps_each_client_local():
+    W = ata_weights(_states(torch.randn(3, 5)), [1, 2, 3], top_m=0)
+    assert torch.equal(W, torch.eye(3))
