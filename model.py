@@ -1,0 +1,387 @@
+"""model.py -- the multimodal model around the Pilot connector (SPEC section 2).
+
+    image -> frozen CLIP vision tower (penultimate layer, CLS dropped)   H_v (B, N, C_v)
+          -> connector (pilot.py: PlainConnector | TaskClientConnector | CTMoA) (B, N, C)
+          -> replaces the N `<image>` token positions of the prompt
+          -> frozen causal LM with LoRA (pilot.add_lora) -> logits, CE on answer tokens
+
+Where the weights come from:
+  (a) a transformers LLaVA checkpoint (directory or hub id, e.g. llava-hf/llava-1.5-7b-hf):
+      vision tower, LLM, tokenizer, image processor; its projector initialises psi_t.
+  (b) a CLIP vision checkpoint + a causal-LM checkpoint + an optional LLaVA projector file
+      (mm_projector.bin of the original LLaVA repo, or .safetensors).
+  (c) "embedded": a tiny LLaVA built from transformers configs with a word-level tokenizer,
+      briefly pretrained here on synthetic captions, saved with save_pretrained and then
+      loaded through exactly path (a). Built once, cached under model.cache_dir.
+
+One model instance serves every client: a client's state (its connector and its LoRA) is a
+{name: tensor} dict swapped in and out with client_state / load_client_state.
+
+Shape legend: B batch, L text length (image tokens included), N image tokens, C_v vision
+width, C LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pilot
+
+# -----------------------------------------------------------------------------
+# Config (keys of the `model:` section of config.yaml)
+
+
+@dataclass
+class ModelConfig:
+    llava: str | None = "embedded"   # "embedded", or a transformers LLaVA checkpoint dir / hub id
+    vision: str | None = None        # path (b): CLIP vision checkpoint (used when llava is null)
+    llm: str | None = None           # path (b): causal-LM checkpoint
+    projector: str | None = None     # path (b), optional: mm_projector.bin or .safetensors
+    dtype: str = "float32"           # float32 | bfloat16 | float16 (paper: bf16)
+    device: str = "cpu"              # cpu | cuda
+    lora_r: int = 8                  # paper: 64
+    lora_alpha: float = 16.0         # paper: 128
+    lora_dropout: float = 0.0        # paper: 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(pilot.DEFAULT_LORA_TARGETS))
+    cache_dir: str = ".cache"        # where the embedded base is built and kept
+    embedded_pretrain_steps: int = 600   # central caption pretraining of the embedded base
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Output(NamedTuple):
+    ce: torch.Tensor                 # () cross-entropy on answer tokens
+    aux: dict[str, torch.Tensor]     # the connector's raw auxiliary losses (pilot.AUX_KEYS)
+    logits: torch.Tensor             # (B, L, V)
+
+
+class PilotLlava(nn.Module):
+    """Frozen vision tower + connector + frozen causal LM with LoRA.
+
+    `connector` is any pilot.py connector (it returns a ConnectorOutput); swap it with
+    set_connector when a run moves from stage 1 to stage 2."""
+
+    def __init__(self, vision: nn.Module, lm: nn.Module, connector: nn.Module, image_token_id: int,
+                 feature_layer: int = -2, drop_cls: bool = True):
+        super().__init__()
+        self.vision, self.lm, self.connector = vision, lm, connector
+        self.image_token_id, self.feature_layer, self.drop_cls = image_token_id, feature_layer, drop_cls
+        for p in self.vision.parameters():
+            p.requires_grad_(False)
+
+    def set_connector(self, connector: nn.Module) -> None:
+        self.connector = connector
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """H_v: patch features of the penultimate CLIP layer, CLS dropped (LLaVA-1.5)."""
+        dtype = next(self.vision.parameters()).dtype
+        hs = self.vision(pixel_values.to(dtype), output_hidden_states=True).hidden_states
+        h = hs[self.feature_layer]                                        # (B, 1 + N, C_v)
+        return h[:, 1:] if self.drop_cls else h                           # (B, N, C_v)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor):
+        """Text embeddings with the image tokens scattered into the `<image>` positions."""
+        conn = self.connector(self.image_features(pixel_values))          # tokens (B, N, C)
+        is_img = input_ids == self.image_token_id                         # (B, L)
+        n_img, n_tok = int(is_img.sum()), conn.tokens.shape[0] * conn.tokens.shape[1]
+        if n_img != n_tok:
+            raise ValueError(f"{n_img} image-token positions in input_ids for {n_tok} image tokens")
+        # the id may lie outside the LM's vocabulary (path b), so look up a harmless 0 there
+        emb = self.lm.get_input_embeddings()(input_ids.masked_fill(is_img, 0))   # (B, L, C)
+        emb = emb.masked_scatter(is_img[..., None], conn.tokens.to(emb.dtype))    # (B, L, C)
+        return emb, conn.aux
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                labels: torch.Tensor | None = None) -> Output:
+        emb, aux = self.embed(input_ids, pixel_values)                    # (B, L, C)
+        logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask).logits   # (B, L, V)
+        ce = logits.new_zeros((), dtype=torch.float32)
+        if labels is not None:  # next-token CE on answer tokens only (labels IGNORE elsewhere)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return Output(ce, aux, logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                 max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
+        """Batched greedy decoding with KV cache from LEFT-padded prompts; each sequence stops
+        at EOS (not returned) or after max_new_tokens."""
+        emb, _ = self.embed(input_ids, pixel_values)                      # (B, L, C)
+        out = self.lm.generate(inputs_embeds=emb, attention_mask=attention_mask, do_sample=False,
+                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, use_cache=True)  # (B, <= max_new)
+        seqs = []
+        for row in out.tolist():
+            seqs.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
+        return seqs
+
+
+# -----------------------------------------------------------------------------
+# Client state: what a client owns, as {name: tensor}
+
+
+def client_state(model: PilotLlava) -> dict[str, torch.Tensor]:
+    """Everything a client owns: its whole connector (trainable or frozen: psi_s in stage 2 is
+    frozen but personal) and its LoRA factors; detached CPU copies."""
+    state = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
+    state.update({f"lm.{k}": v for k, v in pilot.lora_state_dict(model.lm).items()})
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+@torch.no_grad()
+def load_client_state(model: PilotLlava, state: dict[str, torch.Tensor]) -> None:
+    """Copy a client's state into the shared model; the key sets must match exactly."""
+    params = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
+    params.update({f"lm.{k}": v for k, v in pilot.lora_state_dict(model.lm).items()})
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise KeyError(f"client state does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, v in state.items():
+        params[k].copy_(v)
+
+
+def trainable_parameters(model: PilotLlava) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------
+# Loading checkpoints
+
+
+@dataclass
+class Base:
+    """What a checkpoint provides, before a connector and LoRA are added."""
+    vision: nn.Module
+    lm: nn.Module
+    tokenizer: object
+    image_processor: object
+    image_token_id: int
+    n_image_tokens: int
+    projector: dict[str, torch.Tensor] | None   # Adapter state (linear_1/linear_2) or None
+    feature_layer: int = -2
+    drop_cls: bool = True
+
+    @property
+    def vision_width(self) -> int:
+        return self.vision.config.hidden_size
+
+    @property
+    def llm_width(self) -> int:
+        return self.lm.get_input_embeddings().weight.shape[1]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _patches(vision_config) -> int:
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def load_llava(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
+    """Path (a): a transformers LLaVA checkpoint. Its language model (the bare decoder in
+    transformers 5) and lm_head are put into a causal-LM shell built on the meta device, so
+    no frozen weight is ever held twice."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    cfg = llava.config
+    if cfg.vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(f"{path}: unsupported vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(cfg.text_config, dtype=dtype)
+    setattr(lm, lm.base_model_prefix, llava.model.language_model)   # e.g. lm.model for Llama
+    lm.lm_head = llava.lm_head
+    lm.generation_config = llava.generation_config
+    left = [n for n, p in lm.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"{path}: causal-LM shell kept meta parameters {left[:3]}")
+    projector = {k: v.detach().clone() for k, v in llava.model.multi_modal_projector.state_dict().items()}
+    layer = cfg.vision_feature_layer
+    return Base(llava.model.vision_tower, lm, AutoTokenizer.from_pretrained(path),
+                AutoImageProcessor.from_pretrained(path), cfg.image_token_id, _patches(cfg.vision_config),
+                projector, layer if isinstance(layer, int) else layer[-1],
+                cfg.vision_feature_select_strategy == "default")
+
+
+def load_projector_file(path: str) -> dict[str, torch.Tensor]:
+    """An LLaVA projector file -> Adapter state (linear_1.*, linear_2.*).
+    Accepts the original LLaVA names (model.mm_projector.0.weight, ...2.bias) and transformers'
+    (multi_modal_projector.linear_1.weight, ...). Loads with safetensors or
+    torch.load(weights_only=True), which refuses pickles that would run code."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        raw = load_file(path)
+    else:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    rename = {"0": "linear_1", "2": "linear_2", "linear_1": "linear_1", "linear_2": "linear_2"}
+    out = {}
+    for key, value in raw.items():
+        parts = key.split(".")
+        if len(parts) < 3 or parts[-3] not in ("mm_projector", "multi_modal_projector") or parts[-2] not in rename:
+            raise KeyError(f"{path}: unexpected key {key!r} for a LLaVA mlp2x_gelu projector")
+        out[f"{rename[parts[-2]]}.{parts[-1]}"] = value
+    need = {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    if set(out) != need:
+        raise KeyError(f"{path}: projector keys {sorted(out)} are not {sorted(need)}")
+    return out
+
+
+def load_pair(vision_path: str, llm_path: str, projector_path: str | None = None,
+              dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
+    """Path (b): CLIP vision checkpoint + causal-LM checkpoint (+ LLaVA projector file).
+    An `<image>` token is added to the tokenizer if it lacks one; its id may exceed the
+    LM's vocabulary, which PilotLlava.embed handles without resizing the embeddings."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype).to(device)
+    lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(device)
+    tok = AutoTokenizer.from_pretrained(llm_path)
+    if "<image>" not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    projector = load_projector_file(projector_path) if projector_path else None
+    return Base(vision, lm, tok, AutoImageProcessor.from_pretrained(vision_path),
+                tok.convert_tokens_to_ids("<image>"), _patches(vision.config), projector)
+
+
+def load_base(cfg: ModelConfig) -> Base:
+    dtype = DTYPES[cfg.dtype]
+    if cfg.llava == "embedded":
+        return load_llava(embedded_checkpoint(cfg), dtype, cfg.device)
+    if cfg.llava:
+        return load_llava(cfg.llava, dtype, cfg.device)
+    if not (cfg.vision and cfg.llm):
+        raise ValueError("model: set model.llava, or both model.vision and model.llm")
+    return load_pair(cfg.vision, cfg.llm, cfg.projector, dtype, cfg.device)
+
+
+def build_connector(kind: str, base: Base, released_init: bool = False) -> nn.Module:
+    """kind 'plain' (baselines) or 'stage1' (Pilot), psi_t / the projector initialised from
+    the checkpoint's projector when it has one (SPEC section 3 [choice])."""
+    dev = next(base.lm.parameters()).device
+    if kind == "plain":
+        conn = pilot.PlainConnector(base.vision_width, base.llm_width)
+        if base.projector is not None:
+            conn.projector.load_state_dict(base.projector)
+    elif kind == "stage1":
+        conn = pilot.TaskClientConnector(base.vision_width, base.llm_width, released_init)
+        if base.projector is not None:
+            conn.psi_t.load_state_dict(base.projector)
+            if released_init:  # the released code loads the projector into psi_s as well
+                conn.psi_s.load_state_dict(base.projector)
+    else:
+        raise ValueError(f"connector kind must be 'plain' or 'stage1', got {kind!r}")
+    return conn.to(dev)
+
+
+def build_model(base: Base, connector: nn.Module, cfg: ModelConfig) -> PilotLlava:
+    """Wrap the LM's linears with LoRA (freezing the rest) and assemble the model."""
+    pilot.add_lora(base.lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    for m in base.lm.modules():  # LoRA factors on the model's device
+        if isinstance(m, pilot.LoRALinear):
+            m.to(m.base.weight.device)
+    return PilotLlava(base.vision, base.lm, connector, base.image_token_id, base.feature_layer, base.drop_cls)
+
+
+# -----------------------------------------------------------------------------
+# The embedded default base: a tiny LLaVA, pretrained here on synthetic captions
+
+EMBEDDED = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=4,
+                llm_width=128, llm_layers=4, llm_heads=4, llm_mlp=256)
+
+
+def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, **sizes):
+    """A LlavaConfig of a tiny CLIP + tiny Llama (used by the embedded base and the tests)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    s = {**EMBEDDED, **sizes}
+    vc = CLIPVisionConfig(hidden_size=s["vision_width"], intermediate_size=2 * s["vision_width"],
+                          num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+                          image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_width"])
+    tc = LlamaConfig(vocab_size=vocab_size, hidden_size=s["llm_width"], intermediate_size=s["llm_mlp"],
+                     num_hidden_layers=s["llm_layers"], num_attention_heads=s["llm_heads"],
+                     num_key_value_heads=s["llm_heads"], max_position_embeddings=512,
+                     pad_token_id=pad_token_id, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
+                       image_seq_length=(s["image_size"] // s["patch_size"]) ** 2,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer (tokenizers library): <pad> 0, <unk> 1, <s> 2, </s> 3, <image> 4."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def embedded_checkpoint(cfg: ModelConfig) -> str:
+    """Path of the embedded base, built on first use (about a minute on 2 CPU cores)."""
+    import data
+    recipe = dict(EMBEDDED, steps=cfg.embedded_pretrain_steps, vocab=data.vocabulary(), version=1)
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cfg.cache_dir, f"embedded-llava-{digest}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_embedded(path, cfg.embedded_pretrain_steps)
+    return path
+
+
+def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 2e-3) -> None:
+    """Build the tiny LLaVA, pretrain it centrally on synthetic captions (every weight trains:
+    this stands in for CLIP's, Vicuna's and LLaVA's pretraining together), save it as a normal
+    transformers LLaVA checkpoint. Written to a temp dir and renamed, so a crash leaves none."""
+    import shutil
+    import tempfile
+
+    import data
+    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
+
+    tok = word_tokenizer(data.vocabulary())
+    size = EMBEDDED["image_size"]
+    proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    config = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        llava = LlavaForConditionalGeneration(config)
+    llava.train()
+    enc = data.Encoder(tok, proc, config.image_token_id, config.image_seq_length)
+    samples = data.pretrain_samples(4096, size, seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(llava.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    for step in range(steps):
+        idx = torch.randint(len(samples), (batch_size,), generator=g).tolist()
+        batch = enc.collate([samples[i] for i in idx])
+        loss = llava(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    llava.eval()
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
+    llava.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    proc.save_pretrained(tmp)
+    with open(os.path.join(tmp, "pretraining.json"), "w") as f:
+        json.dump(dict(steps=steps, seed=seed, batch_size=batch_size, lr=lr, final_loss=loss.item()), f)
+    if os.path.exists(path):
+        shutil.rmtree(tmp)   # another process built it meanwhile
+    else:
+        os.replace(tmp, path)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random LLaVA checkpoint saved with save_pretrained, built once per
+test session (no downloads: everything comes from transformers configs)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(2)
+
+import data  # noqa: E402
+import model  # noqa: E402
+
+TINY = dict(image_size=32, patch_size=8, vision_width=16, vision_layers=2, vision_heads=2,
+            llm_width=32, llm_layers=2, llm_heads=2, llm_mlp=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A random tiny LLaVA checkpoint directory, loadable by path (a)."""
+    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
+    path = str(tmp_path_factory.mktemp("tiny_llava"))
+    tok = model.word_tokenizer(data.vocabulary())
+    cfg = model.tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, **TINY)
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(cfg).eval()
+    llava.save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory):
+    """The embedded base recipe at test size: a few pretraining steps only."""
+    cfg = model.ModelConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), embedded_pretrain_steps=5)
+    return model.embedded_checkpoint(cfg)
