@@ -27,7 +27,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -51,6 +51,7 @@ class DataConfig:
     system_prompt: str = ""          # text before the first turn; LLaVA-1.5 uses Vicuna's
     max_length: int = 2048           # longest tokenised sample (error beyond it)
     max_new_tokens: int = 12         # generation length at evaluation
+    skip_bad_records: bool = False   # manifest: leave bad records out (reported) instead of failing
 
 
 # -----------------------------------------------------------------------------
@@ -71,6 +72,7 @@ class ClientData:
     train: list[Sample]
     test: list[Sample]
     metric: str = "exact"            # "exact" (exact match) | "f1" (token F1, captions)
+    skipped: list[str] = field(default_factory=list)   # bad records left out (skip_bad_records)
 
 
 # -----------------------------------------------------------------------------
@@ -252,23 +254,36 @@ def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
     return Sample(str(rec.get("id", index)), image, turns)
 
 
-def load_llava_json(path: str, image_folder: str) -> list[Sample]:
-    """Read a LLaVA conversation JSON file (a list of records)."""
+def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = None) -> list[Sample]:
+    """Read a LLaVA conversation JSON file (a list of records). A bad record is a DataError
+    naming the file and record, unless `skipped` is a list: then the record is left out and
+    its error message appended there (data.skip_bad_records), so nothing is dropped silently."""
     try:
         with open(path) as f:
             records = json.load(f)
-    except json.JSONDecodeError as e:
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     if not records:
         raise DataError(f"{path}: no records")
-    return [parse_record(rec, path, i, image_folder) for i, rec in enumerate(records)]
+    samples = []
+    for i, rec in enumerate(records):
+        try:
+            samples.append(parse_record(rec, path, i, image_folder))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    return samples
 
 
-def load_manifest(path: str) -> list[ClientData]:
+def load_manifest(path: str, skip_bad_records: bool = False) -> list[ClientData]:
     """A client manifest: YAML or JSON list of {name, task, train, test, image_folder[, metric]};
-    relative paths are relative to the manifest."""
+    relative paths are relative to the manifest. With skip_bad_records, each client's
+    `skipped` lists the records left out and why."""
     import yaml
     with open(path) as f:
         entries = yaml.safe_load(f)
@@ -280,11 +295,17 @@ def load_manifest(path: str) -> list[ClientData]:
         need = {"name", "task", "train", "test", "image_folder"}
         if not isinstance(e, dict) or need - set(e):
             raise DataError(f"{path}: client {i} needs keys {sorted(need)}, has {sorted(e) if isinstance(e, dict) else e!r}")
+        if e.get("metric", "exact") not in METRICS:
+            raise DataError(f"{path}: client {i} metric {e['metric']!r} is not one of {sorted(METRICS)}")
         images = os.path.join(root, e["image_folder"])
-        clients.append(ClientData(str(e["name"]), str(e["task"]),
-                                  load_llava_json(os.path.join(root, e["train"]), images),
-                                  load_llava_json(os.path.join(root, e["test"]), images),
-                                  e.get("metric", "exact")))
+        skipped = [] if skip_bad_records else None
+        train = load_llava_json(os.path.join(root, e["train"]), images, skipped)
+        test = load_llava_json(os.path.join(root, e["test"]), images, skipped)
+        clients.append(ClientData(str(e["name"]), str(e["task"]), train, test, e.get("metric", "exact"),
+                                  skipped or []))
+    names = [c.name for c in clients]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: client names must be unique, got {names}")
     return clients
 
 
@@ -314,7 +335,7 @@ def load_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
     if cfg.scenario == "manifest":
         if not cfg.manifest:
             raise ValueError("data.manifest: a path is required when data.scenario is 'manifest'")
-        clients = load_manifest(cfg.manifest)
+        clients = load_manifest(cfg.manifest, cfg.skip_bad_records)
     else:
         clients = synthetic_clients(cfg.scenario, cfg, seed)
     for c in clients:

@@ -206,7 +206,7 @@ def total_loss(out: model_mod.Output, weights: dict[str, float]) -> torch.Tensor
 
 def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
-                prox_mu: float = 0.0, where: str = "") -> dict[str, float]:
+                prox_mu: float = 0.0, where: str = "", progress=None) -> dict[str, float]:
     """One client's local epochs on the shared model (its state already loaded). AdamW with
     separate learning rates for the connector and LoRA, cosine schedule with warmup (paper).
     Returns the mean of each loss term over the steps."""
@@ -239,7 +239,7 @@ def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Seq
                 loss = loss + prox
                 sums["prox"] += prox.item() / len(chunk)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at {where} step {step}")
+                raise FloatingPointError(f"non-finite loss {loss.item()} at {where} step {step}")
             (loss / len(chunk)).backward()
             sums["loss"] += loss.item() / len(chunk)
             sums["ce"] += out.ce.item() / len(chunk)
@@ -249,6 +249,8 @@ def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Seq
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress.update(1)
     return {k: v / steps for k, v in sums.items()} | {"steps": steps}
 
 
@@ -354,7 +356,7 @@ class Federation:
         lr_lora = c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2
         prox = c.prox_mu if c.method == "fedprox" else 0.0
         chosen = self.sample_clients(r)
-        losses, uploads = {}, {}
+        losses, uploads, excluded = {}, {}, []
         for k in chosen:
             client = self.clients[k]
             model_mod.load_client_state(self.model, self.states[k])
@@ -362,11 +364,13 @@ class Federation:
                 torch.manual_seed(derive_seed(self.seed, "dropout", r, k))
                 losses[client.name] = local_train(self.model, self.enc, client.train, c, lr_lora,
                                                   self.loss_weights(stage), generator(self.seed, "data", r, k),
-                                                  prox, where=f"client {client.name} round {r}")
-            self.states[k] = model_mod.client_state(self.model)
+                                                  prox, where=f"client {client.name} round {r}", progress=progress)
+            new_state = model_mod.client_state(self.model)
+            if not all(torch.isfinite(v).all() for v in new_state.values()):
+                excluded.append(client.name)   # keep its previous state; upload nothing
+                continue
+            self.states[k] = new_state
             uploads[k] = make_upload(c.method, self.states[k])
-            if progress is not None:
-                progress.update(1)
         # the last stage-1 round sends every task's adapter: stage 2 builds its experts from them
         send_all = stage == 2 or (self.pilot and r == c.stage1_rounds and self.stage_of(r + 1) == 2)
         downloads = self.server.aggregate(uploads, send_all)
@@ -378,7 +382,7 @@ class Federation:
             self.states[k] = apply_download(self.states[k], msg, self.clients[k].task, self.tasks)
             comm[self.clients[k].name] = {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
         return {"round": r, "stage": stage, "clients": [self.clients[k].name for k in chosen],
-                "losses": losses, "comm": comm}
+                "excluded": excluded, "losses": losses, "comm": comm}
 
     def evaluate_own(self) -> dict[str, float]:
         """Each client, with its own state, on its own held-out test split."""

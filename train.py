@@ -122,6 +122,9 @@ def validate(cfg: Config) -> None:
         (not (f.method.startswith("pilot") and f.method != "pilot_no_moa" and f.stage2_rounds > 0
               and f.stage1_rounds < 1), "fed.stage1_rounds", ">= 1 when stage 2 runs (it needs stage-1 adapters)"),
         (f.local_epochs >= 1, "fed.local_epochs", ">= 1"),
+        (cfg.data.clients_per_task >= 1, "data.clients_per_task", ">= 1 (a task needs clients)"),
+        (cfg.data.train_per_client >= 1, "data.train_per_client", ">= 1 (a client needs data)"),
+        (cfg.data.test_per_client >= 1, "data.test_per_client", ">= 1 (a client needs a test split)"),
         (0 < f.client_fraction <= 1, "fed.client_fraction", "in (0, 1]"),
         (f.batch_size >= 1, "fed.batch_size", ">= 1"),
         (f.grad_accum >= 1, "fed.grad_accum", ">= 1"),
@@ -186,28 +189,57 @@ def save_checkpoint(run_dir: str, r: int, fedn: fed_mod.Federation, cfg: Config)
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)   # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     for old in sorted(d for d in os.listdir(root) if d.startswith("round_"))[:-2]:
         shutil.rmtree(os.path.join(root, old))
 
 
+def _load_copy(name: str) -> dict[str, torch.Tensor]:
+    """safetensors may map the file into memory; copy, so the file can be replaced later."""
+    return {k: v.clone() for k, v in load_file(name).items()}
+
+
+def _read_round(path: str, fedn: fed_mod.Federation) -> tuple[dict, dict, list]:
+    """Read one round's checkpoint completely, or raise naming the bad file."""
+    name = os.path.join(path, "meta.json")
+    try:
+        with open(name) as fh:
+            meta = json.load(fh)
+        name = os.path.join(path, "server.safetensors")
+        server = _load_copy(name)
+        states = []
+        for client in fedn.clients:
+            name = os.path.join(path, f"client_{client.name}.safetensors")
+            states.append(_load_copy(name))
+    except Exception as e:  # truncated or corrupted: json, safetensors and OS errors alike
+        raise ValueError(f"checkpoint file {name} is unreadable ({type(e).__name__}: {e})") from None
+    return meta, server, states
+
+
 def load_checkpoint(run_dir: str, fedn: fed_mod.Federation) -> int:
-    """Restore the last complete round into `fedn`; returns that round (0 if none)."""
+    """Restore the newest readable round into `fedn`; returns that round (0 if none). A
+    truncated or corrupted checkpoint is reported by file name and the previous round is used."""
     root = os.path.join(run_dir, "ckpt")
     rounds = sorted(d for d in os.listdir(root) if d.startswith("round_")) if os.path.isdir(root) else []
-    if not rounds:
-        return 0
-    path = os.path.join(root, rounds[-1])
-    with open(os.path.join(path, "meta.json")) as fh:
-        meta = json.load(fh)
-    if meta["stage"] == 2 and fedn.stage == 1:
-        fedn.enter_stage2_structure()
-    fedn.server.load_state(load_file(os.path.join(path, "server.safetensors")))
-    for k, client in enumerate(fedn.clients):
-        state = load_file(os.path.join(path, f"client_{client.name}.safetensors"))
-        if set(state) != set(fedn.states[k]):
-            raise KeyError(f"{path}: client {client.name} state keys do not fit this config's model")
-        fedn.states[k] = state
-    return meta["round"]
+    for d in reversed(rounds):
+        try:
+            meta, server, states = _read_round(os.path.join(root, d), fedn)
+        except ValueError as e:
+            print(f"warning: {e}; falling back to the previous round", file=sys.stderr)
+            continue
+        if meta["stage"] == 2 and fedn.stage == 1:
+            fedn.enter_stage2_structure()
+        for client, state, current in zip(fedn.clients, states, fedn.states):
+            if set(state) != set(current):
+                raise KeyError(f"{root}/{d}: client {client.name} state keys do not fit this config's model")
+        fedn.server.load_state(server)
+        fedn.states = states
+        return meta["round"]
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -267,7 +299,13 @@ def main(argv=None) -> dict:
         sys.exit(f"{args.config}: {e}")
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    fedn = build(cfg)
+    try:
+        fedn = build(cfg)
+    except (ConfigError, data_mod.DataError) as e:
+        sys.exit(f"{args.config}: {e}")
+    for c in fedn.clients:
+        if c.skipped:
+            print(f"client {c.name}: skipped {len(c.skipped)} bad records:\n  " + "\n  ".join(c.skipped), file=sys.stderr)
     log_path = os.path.join(run_dir, "log.jsonl")
     start = load_checkpoint(run_dir, fedn) if args.resume else 0
     records = []
@@ -285,7 +323,13 @@ def main(argv=None) -> dict:
     for r in rounds:
         t0 = time.perf_counter()
         with tqdm(desc=f"round {r} local steps", leave=False, disable=None) as steps:
-            record = fedn.run_round(r, progress=steps)
+            try:
+                record = fedn.run_round(r, progress=steps)
+            except FloatingPointError as e:   # the last good checkpoint stays as it is
+                sys.exit(f"stopped: {e}; the last complete round's checkpoint is in {run_dir}/ckpt")
+        for name in record["excluded"]:
+            print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation",
+                  file=sys.stderr)
         t_train = time.perf_counter() - t0
         record["metrics"] = fedn.evaluate_own()
         record["mean_metric"] = sum(record["metrics"].values()) / len(record["metrics"])
@@ -312,7 +356,8 @@ def main(argv=None) -> dict:
         fh.write(header + table)
     results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed,
                "own": final, "mean": sum(final.values()) / len(final), "cross": cross,
-               "comm_bytes": comm_total, "rounds": [rec["mean_metric"] for rec in records]}
+               "comm_bytes": comm_total, "rounds": [rec["mean_metric"] for rec in records],
+               "skipped_records": {c.name: c.skipped for c in fedn.clients if c.skipped}}
     with open(os.path.join(run_dir, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     print(header + table)

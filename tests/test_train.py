@@ -22,8 +22,8 @@ def _write_config(tmp_path, embedded_dir, **fed):
     raw["run_dir"] = str(tmp_path / "run")
     raw["model"].update(cache_dir=os.path.dirname(embedded_dir), embedded_pretrain_steps=5, lora_r=4)
     raw["data"].update(clients_per_task=1, train_per_client=16, test_per_client=4, max_new_tokens=4)
-    raw["fed"].update(stage1_rounds=2, stage2_rounds=1, local_epochs=1, batch_size=4,
-                      lr_connector=3e-3, lr_lora_stage1=3e-3, lr_lora_stage2=3e-3, **fed)
+    raw["fed"].update(dict(stage1_rounds=2, stage2_rounds=1, local_epochs=1, batch_size=4,
+                           lr_connector=3e-3, lr_lora_stage1=3e-3, lr_lora_stage2=3e-3), **fed)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)

@@ -1,0 +1,147 @@
+"""Faults and bad input: a real SIGKILL mid-run and --resume, corrupted checkpoints, non-finite
+losses and updates, skipping bad records, the server seeing only uploads."""
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import fed
+import train
+from test_fed import _cfg
+from test_train import ROOT, _write_config
+
+
+def _final_states(run):
+    d = run / "ckpt" / sorted(os.listdir(run / "ckpt"))[-1]
+    return {f: {k: v.clone() for k, v in load_file(d / f).items()}   # copies: files get rewritten
+            for f in sorted(os.listdir(d)) if f.endswith(".safetensors")}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(set(a[f]) == set(b[f]) and all(torch.equal(a[f][k], b[f][k]) for k in a[f])
+                                        for f in a)
+
+
+def _cli(config, *extra):
+    return [sys.executable, "train.py", "--config", config, *extra]
+
+
+def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, embedded_dir):
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir(), kill_dir.mkdir()
+    ref_cfg = _write_config(ref_dir, embedded_dir, local_epochs=3)
+    kill_cfg = _write_config(kill_dir, embedded_dir, local_epochs=3)
+    subprocess.run(_cli(ref_cfg), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    reference = json.load(open(ref_dir / "run" / "results.json"))
+
+    proc = subprocess.Popen(_cli(kill_cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = kill_dir / "run" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(0.5)                       # well into round 2's local training
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (kill_dir / "run" / "results.json").exists()
+    subprocess.run(_cli(kill_cfg, "--resume"), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    resumed = json.load(open(kill_dir / "run" / "results.json"))
+    assert resumed["own"] == reference["own"] and resumed["rounds"] == reference["rounds"]
+    assert _same(_final_states(kill_dir / "run"), _final_states(ref_dir / "run"))
+
+
+def test_corrupted_checkpoint_is_named_and_resume_falls_back(tmp_path, embedded_dir, capsys):
+    config = _write_config(tmp_path, embedded_dir)
+    reference = train.main(["--config", config])
+    run = tmp_path / "run"
+    final = _final_states(run)
+    victim = run / "ckpt" / "round_003" / "client_colour0.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])          # truncated, as by a crash mid-write
+    (run / "ckpt" / ".tmp_round_004").mkdir()                # a half-written round is ignored
+    resumed = train.main(["--config", config, "--resume"])
+    err = capsys.readouterr().err
+    assert f"checkpoint file {victim} is unreadable" in err and "falling back to the previous round" in err
+    assert resumed["own"] == reference["own"]
+    assert _same(_final_states(run), final)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, embedded_dir):
+    config = _write_config(tmp_path, embedded_dir)
+    run = tmp_path / "run"
+    train.main(["--config", config, "--set", "fed.stage1_rounds=1", "--set", "fed.stage2_rounds=0"])
+    before = _final_states(run)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", config, "--resume", "--set", "fed.lr_connector=1e30", "--set", "fed.lr_lora_stage1=1e30"])
+    assert "non-finite loss" in str(e.value) and "round 2 step" in str(e.value) and "client colour0" in str(e.value)
+    assert sorted(os.listdir(run / "ckpt")) == ["round_001"]
+    assert _same(_final_states(run), before)
+
+
+def test_a_non_finite_update_is_left_out_of_aggregation(tiny_llava_dir, monkeypatch):
+    f = train.build(_cfg(tiny_llava_dir))
+    f.cfg.stage1_rounds = 2     # round 1 is then not the broadcast before stage 2
+    before = copy.deepcopy(f.states[0])
+    real = fed.local_train
+
+    def poisoned(model, enc, samples, *args, **kw):
+        out = real(model, enc, samples, *args, **kw)
+        if samples is f.clients[0].train:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if n.endswith("lora_B")).fill_(float("inf"))
+        return out
+    monkeypatch.setattr(fed, "local_train", poisoned)
+    rec = f.run_round(1)
+    assert rec["excluded"] == [f.clients[0].name]
+    assert f.clients[0].name not in rec["comm"]
+    assert all(torch.equal(before[k], v) for k, v in f.states[0].items())
+    assert all(torch.isfinite(v).all() for s in f.states for v in s.values())
+
+
+def test_the_server_sees_only_uploads_and_answers_as_a_function_of_them():
+    server = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1)
+    assert set(vars(server)) == {"method", "tasks", "n_samples", "ata_top_m", "task_adapters"}
+    uploads = {k: {"lora": {"lm.x.lora_A": torch.randn(4)},
+                   "task_adapter": {"connector.psi_t.w": torch.randn(2)}} for k in range(3)}
+    first = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1).aggregate(copy.deepcopy(uploads), True)
+    second = server.aggregate(copy.deepcopy(uploads), True)
+    for k in range(3):
+        assert first[k].keys() == second[k].keys()
+        for g in first[k]:
+            assert all(torch.equal(first[k][g][n], second[k][g][n]) for n in first[k][g])
+
+
+def test_skip_bad_records_reports_each_per_client(tmp_path):
+    clients = data.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=3, test_per_client=2), 0)
+    manifest = data.export_llava(clients, str(tmp_path))
+    path = tmp_path / "colour0_train.json"
+    records = json.load(open(path))
+    records[1]["conversations"][1]["value"] = ""
+    os.remove(tmp_path / "images" / records[2]["image"])
+    json.dump(records, open(path, "w"))
+    with pytest.raises(data.DataError, match=r"colour0_train.json: record 1 .*empty"):
+        data.load_manifest(manifest)
+    loaded = data.load_manifest(manifest, skip_bad_records=True)
+    assert len(loaded[0].train) == 1 and len(loaded[0].skipped) == 2
+    assert "record 1" in loaded[0].skipped[0] and "image file not found" in loaded[0].skipped[1]
+    assert all(not c.skipped for c in loaded[1:])
+
+
+def test_a_task_without_clients_or_a_client_without_data_fails_before_loading(tmp_path):
+    for override, key in (("data.clients_per_task=0", "data.clients_per_task"),
+                          ("data.train_per_client=0", "data.train_per_client")):
+        with pytest.raises(train.ConfigError, match=key):
+            train.load_config(os.path.join(ROOT, "config.yaml"), [override, "model.llava=/nonexistent"])
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(data.DataError, match="empty.json: no records"):
+        data.load_llava_json(str(empty), str(tmp_path))
