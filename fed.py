@@ -204,6 +204,13 @@ def total_loss(out: model_mod.Output, weights: dict[str, float]) -> torch.Tensor
     return out.ce + sum(weights[k] * out.aux[k] for k in pilot.AUX_KEYS)
 
 
+def autocast(model: model_mod.PilotLlava):
+    """bf16/fp16 autocast on CUDA when the base is in half precision; a no-op on CPU."""
+    p = next(model.lm.parameters())
+    enabled = p.device.type == "cuda" and p.dtype != torch.float32
+    return torch.autocast("cuda", dtype=p.dtype, enabled=enabled)
+
+
 def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
                 prox_mu: float = 0.0, where: str = "", progress=None) -> dict[str, float]:
@@ -232,8 +239,9 @@ def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Seq
         chunk = micro[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
         for idx in chunk:
             batch = {k: v.to(dev) for k, v in enc.collate([samples[i] for i in idx]).items()}
-            out = model(**batch)
-            loss = total_loss(out, loss_weights)
+            with autocast(model):
+                out = model(**batch)
+                loss = total_loss(out, loss_weights)
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for (_, p), a in zip(params, anchor)) * (prox_mu / 2)
                 loss = loss + prox
@@ -265,8 +273,9 @@ def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequen
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         batch = {k: v.to(dev) for k, v in enc.collate_prompts(chunk).items()}
-        seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id)
+        with autocast(model):
+            seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
         for s, seq in zip(chunk, seqs):
             score += data_mod.METRICS[metric](tok.decode(seq, skip_special_tokens=True), s.turns[0][1])
     return score / len(samples)

@@ -51,6 +51,7 @@ class ModelConfig:
     lora_alpha: float = 16.0         # paper: 128
     lora_dropout: float = 0.0        # paper: 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(pilot.DEFAULT_LORA_TARGETS))
+    gradient_checkpointing: bool = False   # recompute LLM layers in backward (on for 7B)
     cache_dir: str = ".cache"        # where the embedded base is built and kept
     embedded_pretrain_steps: int = 600   # central caption pretraining of the embedded base
 
@@ -92,7 +93,9 @@ class PilotLlava(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor):
         """Text embeddings with the image tokens scattered into the `<image>` positions."""
-        conn = self.connector(self.image_features(pixel_values))          # tokens (B, N, C)
+        h = self.image_features(pixel_values)                              # (B, N, C_v), frozen dtype
+        # trainable connector weights stay fp32 on a bf16 base (under autocast on GPU)
+        conn = self.connector(h.to(next(self.connector.parameters()).dtype))   # tokens (B, N, C)
         is_img = input_ids == self.image_token_id                         # (B, L)
         n_img, n_tok = int(is_img.sum()), conn.tokens.shape[0] * conn.tokens.shape[1]
         if n_img != n_tok:
@@ -286,9 +289,8 @@ def build_connector(kind: str, base: Base, released_init: bool = False) -> nn.Mo
 def build_model(base: Base, connector: nn.Module, cfg: ModelConfig) -> PilotLlava:
     """Wrap the LM's linears with LoRA (freezing the rest) and assemble the model."""
     pilot.add_lora(base.lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    for m in base.lm.modules():  # LoRA factors on the model's device
-        if isinstance(m, pilot.LoRALinear):
-            m.to(m.base.weight.device)
+    if cfg.gradient_checkpointing:   # recompute each decoder layer in backward (7B on one GPU)
+        base.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return PilotLlava(base.vision, base.lm, connector, base.image_token_id, base.feature_layer, base.drop_cls)
 
 
@@ -385,3 +387,87 @@ def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, l
         shutil.rmtree(tmp)   # another process built it meanwhile
     else:
         os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Sizing without weights (train.py --dry-run): parameter groups, traffic, GPU memory estimate
+
+
+def llava_15_7b_config():
+    """LLaVA-1.5-7B's shape (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14, projection_dim=768)
+    tc = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, image_seq_length=576)
+
+
+def meta_config(cfg: ModelConfig):
+    """The LlavaConfig a run would load, without weights or downloads: the embedded recipe,
+    a local (or already cached) checkpoint's config, else LLaVA-1.5-7B's built-in shape."""
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+    import data
+    if cfg.llava == "embedded":
+        return tiny_llava_config(len(data.vocabulary()) + 5, 4, 0), "embedded recipe"
+    try:
+        if cfg.llava:
+            return AutoConfig.from_pretrained(cfg.llava, local_files_only=True), cfg.llava
+        vision = CLIPVisionConfig.from_pretrained(cfg.vision, local_files_only=True)
+        text = AutoConfig.from_pretrained(cfg.llm, local_files_only=True)
+        return LlavaConfig(vision_config=vision, text_config=text), f"{cfg.vision} + {cfg.llm}"
+    except (OSError, ValueError):
+        return llava_15_7b_config(), "built-in LLaVA-1.5-7B shape (checkpoint config not available offline)"
+
+
+def size_report(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> dict:
+    """Parameter counts by group, bytes a client sends and receives per round, and an estimate
+    of peak GPU memory for one local step, per stage, built on the meta device."""
+    from transformers import LlavaForConditionalGeneration
+    config, source = meta_config(cfg)
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+    total_base = sum(p.numel() for p in llava.parameters())
+    proj = sum(p.numel() for p in llava.model.multi_modal_projector.parameters())
+    lm = llava.model.language_model
+    with torch.device("meta"):
+        lora = sum(p.numel() for n, p in _lora_on_meta(lm, cfg).items())
+    cv, c, tc = config.vision_config.hidden_size, config.text_config.hidden_size, config.text_config
+    adapter = cv * c + c + c * c + c               # Linear(C_v, C) + Linear(C, C)
+    wbytes = DTYPES[cfg.dtype].itemsize
+    stages = {}
+    if method.startswith("pilot"):
+        T = num_tasks
+        stages["pilot stage 1"] = dict(lora=lora, psi_t=adapter, psi_s=adapter)
+        stages["pilot stage 2"] = dict(lora=lora, psi_t=adapter, psi_t_other_frozen=(T - 1) * adapter,
+                                       psi_c=(T - 1) * adapter, router=cv * T, psi_s_frozen=adapter)
+    else:
+        stages[f"{method} (plain LLaVA)"] = dict(lora=lora, projector=adapter)
+    out = {"source": source, "base_parameters": total_base, "projector_parameters": proj, "stages": {}}
+    a, L, B, layers = tc.num_attention_heads, seq_len, batch_size, tc.num_hidden_layers
+    for name, groups in stages.items():
+        trainable = sum(v for k, v in groups.items() if not k.endswith("_frozen"))
+        client_side = sum(groups.values())
+        if name.startswith("pilot"):
+            up = 4 * (groups["lora"] + groups["psi_t"])
+            down = 4 * (groups["lora"] + (num_tasks if "2" in name else 1) * adapter)
+        else:
+            up = down = 0 if method == "local" else 4 * (groups["lora"] + groups["projector"])
+        frozen = total_base - proj                   # the projector's weights become the connector's
+        # activations (Korthikanti et al. 2022, bf16, flash/SDPA attention: 34 s b h bytes per layer);
+        # with checkpointing only each layer's input is kept, plus one layer being recomputed
+        per_layer = 34 * L * B * c
+        acts = (layers * 2 * L * B * c + per_layer) if cfg.gradient_checkpointing else layers * per_layer
+        logits = L * B * tc.vocab_size * (2 + 4 + 4)  # bf16 logits, fp32 upcast for the loss, its grad
+        mem = {"frozen_weights": frozen * wbytes, "client_weights_fp32": client_side * 4,
+               "gradients_fp32": trainable * 4, "adamw_state_fp32": trainable * 8,
+               "activations": acts, "logits": logits}
+        mem["total"] = sum(mem.values())
+        out["stages"][name] = {"parameters": {"total": frozen + client_side, "trainable": trainable, **groups},
+                               "bytes_up_per_round": up, "bytes_down_per_round": down, "memory_bytes": mem}
+    return out
+
+
+def _lora_on_meta(lm: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    pilot.add_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_targets)
+    return pilot.lora_state_dict(lm)

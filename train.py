@@ -270,6 +270,23 @@ def results_table(final: dict, cross: dict, clients, comm_total: dict) -> str:
 # Main
 
 
+def dry_run(cfg: Config) -> str:
+    """A readable size report of the configured run (model.size_report), no weights loaded."""
+    n_tasks = len(data_mod.SCENARIOS.get(cfg.data.scenario, ())) or 3
+    rep = model_mod.size_report(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
+    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
+    lines = [f"model: {rep['source']}; base parameters {rep['base_parameters']:,}",
+             f"assumed: {n_tasks} tasks, micro-batch {cfg.fed.batch_size}, sequence {cfg.data.max_length} tokens, "
+             f"dtype {cfg.model.dtype}, gradient checkpointing {cfg.model.gradient_checkpointing}"]
+    for name, st in rep["stages"].items():
+        lines.append(f"\n{name}")
+        lines += [f"  {k:>20}: {v:,}" for k, v in st["parameters"].items()]
+        lines.append(f"  per client per round: sends {gib(st['bytes_up_per_round'])}, "
+                     f"receives {gib(st['bytes_down_per_round'])}")
+        lines += [f"  memory {k:>20}: {gib(v)}" for k, v in st["memory_bytes"].items()]
+    return "\n".join(lines)
+
+
 def build(cfg: Config):
     """Load data (fails fast on bad records), then the base model, then the federation."""
     clients = data_mod.load_clients(cfg.data, cfg.seed)
@@ -292,13 +309,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="config.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print parameters, traffic and a GPU memory estimate; load no weights")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         sys.exit(f"{args.config}: {e}")
+    if args.dry_run:
+        report = dry_run(cfg)
+        print(report)
+        return {"dry_run": report}
     run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for what runs in fp32 on Ampere+ GPUs
+    torch.backends.cudnn.allow_tf32 = True
     try:
         fedn = build(cfg)
     except (ConfigError, data_mod.DataError) as e:

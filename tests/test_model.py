@@ -170,3 +170,40 @@ def test_embedded_base_is_built_once_and_loads_through_path_a(embedded_dir):
     cfg = model.ModelConfig(cache_dir=os.path.dirname(embedded_dir), embedded_pretrain_steps=5)
     assert model.embedded_checkpoint(cfg) == embedded_dir     # cached: not rebuilt
     assert os.path.getmtime(os.path.join(embedded_dir, "config.json")) == before
+
+
+def test_bf16_base_with_fp32_trainables_and_gradient_checkpointing(tiny_llava_dir):
+    """A bf16 base (the GPU setting) runs with fp32 connector/LoRA; checkpointing changes no gradient."""
+    grads = {}
+    for ckpt in (False, True):
+        base = model.load_llava(tiny_llava_dir, dtype=torch.bfloat16)
+        cfg = model.ModelConfig(lora_r=4, gradient_checkpointing=ckpt)
+        torch.manual_seed(0)
+        m = model.build_model(base, model.build_connector("stage1", base), cfg).train()
+        assert m.connector.psi_t.linear_1.weight.dtype == torch.float32
+        assert next(m.lm.parameters()).dtype == torch.bfloat16
+        enc, samples = _batch(base)
+        out = m(**enc.collate(samples))
+        out.ce.backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        assert all(torch.isfinite(g).all() for g in grads[ckpt].values())
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n])
+
+
+def test_size_report_of_llava_15_7b_offline():
+    cfg = model.ModelConfig(llava="llava-hf/llava-1.5-7b-hf", dtype="bfloat16", lora_r=64, lora_alpha=128,
+                            gradient_checkpointing=True)
+    rep = model.size_report(cfg, "pilot", num_tasks=3, batch_size=1, seq_len=1024)
+    assert rep["base_parameters"] == 7_063_427_072          # llava-hf/llava-1.5-7b-hf
+    s1, s2 = rep["stages"]["pilot stage 1"], rep["stages"]["pilot stage 2"]
+    assert s1["parameters"]["lora"] == 159_907_840          # r=64 on q,k,v,o,gate,up,down x 32 layers
+    adapter = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert rep["projector_parameters"] == adapter
+    assert s1["parameters"]["trainable"] == 159_907_840 + 2 * adapter
+    assert s2["parameters"]["trainable"] == 159_907_840 + 3 * adapter + 1024 * 3
+    assert s1["bytes_up_per_round"] == 4 * (159_907_840 + adapter)
+    assert s2["bytes_down_per_round"] == 4 * (159_907_840 + 3 * adapter)
+    assert s1["memory_bytes"]["adamw_state_fp32"] == 8 * s1["parameters"]["trainable"]
+    plain = model.size_report(cfg, "fedavg", 3, 1, 1024)["stages"]["fedavg (plain LLaVA)"]
+    assert plain["parameters"]["trainable"] == 159_907_840 + adapter

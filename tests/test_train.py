@@ -102,3 +102,11 @@ def test_every_method_runs_end_to_end(tmp_path, embedded_dir):
         assert res["method"] == method and len(res["rounds"]) == 2
         if method == "local":
             assert res["comm_bytes"] == {}
+
+
+def test_dry_run_loads_no_weights_and_prints_the_groups(capsys):
+    out = train.main(["--config", os.path.join(ROOT, "config.yaml"), "--dry-run", "--set", "model.llava=/no/such/llava"])
+    text = capsys.readouterr().out
+    assert "built-in LLaVA-1.5-7B shape" in text and "7,063,427,072" in text
+    assert "pilot stage 2" in text and "router" in text and "sends" in text
+    assert "dry_run" in out
