@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -365,15 +366,17 @@ class Federation:
         lr_lora = c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2
         prox = c.prox_mu if c.method == "fedprox" else 0.0
         chosen = self.sample_clients(r)
-        losses, uploads, excluded = {}, {}, []
+        losses, uploads, excluded, t_local = {}, {}, [], 0.0
         for k in chosen:
             client = self.clients[k]
             model_mod.load_client_state(self.model, self.states[k])
+            t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]):   # dropout etc.: a stream per (round, client)
                 torch.manual_seed(derive_seed(self.seed, "dropout", r, k))
                 losses[client.name] = local_train(self.model, self.enc, client.train, c, lr_lora,
                                                   self.loss_weights(stage), generator(self.seed, "data", r, k),
                                                   prox, where=f"client {client.name} round {r}", progress=progress)
+            t_local += time.perf_counter() - t0
             new_state = model_mod.client_state(self.model)
             if not all(torch.isfinite(v).all() for v in new_state.values()):
                 excluded.append(client.name)   # keep its previous state; upload nothing
@@ -391,7 +394,7 @@ class Federation:
             self.states[k] = apply_download(self.states[k], msg, self.clients[k].task, self.tasks)
             comm[self.clients[k].name] = {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
         return {"round": r, "stage": stage, "clients": [self.clients[k].name for k in chosen],
-                "excluded": excluded, "losses": losses, "comm": comm}
+                "excluded": excluded, "losses": losses, "comm": comm, "seconds_local_training": round(t_local, 4)}
 
     def evaluate_own(self) -> dict[str, float]:
         """Each client, with its own state, on its own held-out test split."""

@@ -1,0 +1,37 @@
+"""Smoke test of benchmarks/: each script runs at its smallest setting and prints one JSON
+line whose correctness figures hold (timings are reported, never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(name):
+    out = subprocess.run([sys.executable, os.path.join("benchmarks", f"bench_{name}.py"), "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("name", ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead"])
+def test_benchmark_smoke(name):
+    res = _run(name)
+    if name == "ctmoa":
+        assert res["top_k=3"]["max_abs_diff"] < 1e-5 and res["top_k=1"]["max_abs_diff"] < 1e-5
+    if name == "difference_loss":
+        assert all(row["rel_diff"] < 1e-4 for row in res["rows"])
+    if name == "ata":
+        assert res["rows"][0]["K"] == 3
+    if name == "memory":
+        assert [row["K"] for row in res["rows"]] == [1, 3]
+    if name == "step":
+        assert set(res["tiny"]) >= {"plain_s", "pilot_stage1_s", "pilot_stage2_s"}
+    if name == "round_overhead":
+        assert 0 <= res["overhead_fraction"] < 1 and [r["stage"] for r in res["rows"]] == [1, 2]
