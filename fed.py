@@ -322,10 +322,10 @@ class Federation:
         adapters (SPEC section 4); the shared model's connector becomes a CT-MoA."""
         c = self.cfg
         moa = None
+        prefix = "connector.psi_t."   # the wire names of a task adapter -> Adapter state_dict names
+        adapters = {t: {name[len(prefix):]: v for name, v in s.items()} for t, s in self.server.task_adapters.items()}
         for k, client in enumerate(self.clients):
             model_mod.load_client_state(self.model, self.states[k])
-            prefix = "connector.psi_t."   # the wire names of a task adapter
-            adapters = {t: {k[len(prefix):]: v for k, v in s.items()} for t, s in self.server.task_adapters.items()}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, "init-stage2"))   # same init on every client
                 moa = pilot.ctmoa_from_stage1(self.model.connector, adapters, client.task, c.top_k,

@@ -13,20 +13,18 @@ import pilot
 
 
 def loop_forward(moa: pilot.CTMoA, h: torch.Tensor) -> torch.Tensor:
-    """The released code's shape: for each image, route its tokens, then for each expert run it
-    on that image's tokens and weigh the result (here on the selected tokens only, which is the
-    faster variant of that loop)."""
+    """The released code's structure: for each image, for each expert, run the expert on all
+    of that image's tokens and weigh it by the (renormalised top-k) router weight, zero for
+    the experts a token did not select."""
     outs = []
     for b in range(h.shape[0]):
         x = h[b]                                                      # (N, C_v)
         p = moa.router(x).float().softmax(-1)                         # (N, T)
-        top_p, top_i = p.topk(moa.top_k, dim=-1)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
+        top_p, top_i = p.topk(moa.top_k, dim=-1)                      # (N, k)
+        w = torch.zeros_like(p).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))  # (N, T)
         y = moa.psi_s(x)                                              # (N, C)
         for i in range(moa.num_tasks):
-            tok, slot = (top_i == i).nonzero(as_tuple=True)
-            if tok.numel():
-                y = y.index_add(0, tok, top_p[tok, slot, None].to(y.dtype) * moa.expert(i, x[tok]))
+            y = y + w[:, i:i + 1].to(y.dtype) * moa.expert(i, x)      # (N, C)
         outs.append(y)
     return torch.stack(outs)                                          # (B, N, C)
 
