@@ -191,27 +191,32 @@ def _patches(vision_config) -> int:
 
 
 def load_llava(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
-    """Path (a): a transformers LLaVA checkpoint. Its language model (the bare decoder in
-    transformers 5) and lm_head are put into a causal-LM shell built on the meta device, so
-    no frozen weight is ever held twice."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+    """Path (a): a transformers LLaVA checkpoint directory or hub id."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
     llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    return base_from_llava(llava, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), path)
+
+
+def base_from_llava(llava, tokenizer, image_processor, name: str = "llava") -> Base:
+    """Split an in-memory LlavaForConditionalGeneration into a Base. Its language model (the
+    bare decoder in transformers 5) and lm_head go into a causal-LM shell built on the meta
+    device, so no frozen weight is ever held twice."""
+    from transformers import AutoModelForCausalLM
     cfg = llava.config
     if cfg.vision_feature_select_strategy not in ("default", "full"):
-        raise ValueError(f"{path}: unsupported vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+        raise ValueError(f"{name}: unsupported vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(cfg.text_config, dtype=dtype)
+        lm = AutoModelForCausalLM.from_config(cfg.text_config, dtype=llava.lm_head.weight.dtype)
     setattr(lm, lm.base_model_prefix, llava.model.language_model)   # e.g. lm.model for Llama
     lm.lm_head = llava.lm_head
     lm.generation_config = llava.generation_config
     left = [n for n, p in lm.named_parameters() if p.is_meta]
     if left:
-        raise RuntimeError(f"{path}: causal-LM shell kept meta parameters {left[:3]}")
+        raise RuntimeError(f"{name}: causal-LM shell kept meta parameters {left[:3]}")
     projector = {k: v.detach().clone() for k, v in llava.model.multi_modal_projector.state_dict().items()}
     layer = cfg.vision_feature_layer
-    return Base(llava.model.vision_tower, lm, AutoTokenizer.from_pretrained(path),
-                AutoImageProcessor.from_pretrained(path), cfg.image_token_id, _patches(cfg.vision_config),
-                projector, layer if isinstance(layer, int) else layer[-1],
+    return Base(llava.model.vision_tower, lm, tokenizer, image_processor, cfg.image_token_id,
+                _patches(cfg.vision_config), projector, layer if isinstance(layer, int) else layer[-1],
                 cfg.vision_feature_select_strategy == "default")
 
 

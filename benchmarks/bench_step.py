@@ -1,75 +1,102 @@
 """Step cost of the connector: one training step (forward, backward, AdamW) of pilot stage 1,
-pilot stage 2 (CT-MoA, T=3) and plain LLaVA (fedavg) on the same random base, at the tiny
-default size and at LLaVA-like proportions of connector to LLM; reported as ratios to plain.
+pilot stage 2 (CT-MoA, T=3) and plain LLaVA (fedavg) on the same RANDOM base (no download),
+reported as time, tokens per second, achieved TFLOP/s (and model FLOPs utilisation when
+--peak-tflops is given), peak GPU memory, and ratios to plain LLaVA.
 
-    python benchmarks/bench_step.py [--device cuda]
+Shapes: `tiny` (the embedded default's), `llava_like` (LLaVA-1.5-7B / 8 in width and / 4 in
+depth: C_v:C = 1:4, MLP 2.7 C, 64 image tokens) and `7b` (LLaVA-1.5-7B itself: 576 image
+tokens, bf16, gradient checkpointing; needs a GPU with ~40 GB).
+
+    python benchmarks/bench_step.py                                   # tiny + llava_like, CPU
+    python benchmarks/bench_step.py --device cuda --shapes 7b --peak-tflops 989   # H100 bf16 dense
 """
-
-import tempfile
 
 import torch
 
 from common import best_time, dtype_for, emit, parser
 
-import data
 import model
 import pilot
 
 SIZES = {
     "tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=4,
                  llm_width=128, llm_layers=4, llm_heads=4, llm_mlp=256),
-    # LLaVA-1.5-7B / 8 in width, / 4 in depth: C_v:C = 1:4, MLP = 2.7 C, 576/9 = 64 image tokens
     "llava_like": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=6, vision_heads=4,
                        llm_width=512, llm_layers=8, llm_heads=8, llm_mlp=1376),
 }
 
 
-def build_base(sizes: dict, device: str) -> model.Base:
-    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
-    tok = model.word_tokenizer(data.vocabulary())
-    cfg = model.tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, **sizes)
-    with tempfile.TemporaryDirectory() as d:
+def random_base(shape: str, device: str) -> model.Base:
+    from transformers import LlavaForConditionalGeneration
+    if shape == "7b":
+        config = model.llava_15_7b_config()
+    else:
+        config = model.tiny_llava_config(100, 4, 0, **SIZES[shape])
+    with torch.device(device):   # built in place, in the final dtype: no fp32 copy of 7B
         torch.manual_seed(0)
-        LlavaForConditionalGeneration(cfg).save_pretrained(d)
-        tok.save_pretrained(d)
-        s = sizes["image_size"]
-        CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(d)
-        return model.load_llava(d, dtype_for(device), device)
+        llava = LlavaForConditionalGeneration._from_config(config, dtype=dtype_for(device))
+    return model.base_from_llava(llava, None, None, shape)
 
 
 def main():
     ap = parser(__doc__)
+    ap.add_argument("--shapes", nargs="+", default=["tiny", "llava_like"], choices=["tiny", "llava_like", "7b"])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--text-tokens", type=int, default=64, help="prompt + answer tokens beside the image")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     args = ap.parse_args()
     dev = args.device
-    figures = {"device": dev}
-    for size in (["tiny"] if args.smoke else ["tiny", "llava_like"]):
-        sizes = dict(SIZES[size], image_size=32) if args.smoke else SIZES[size]
-        base = build_base(sizes, dev)
+    figures = {"device": dev, "batch_size": args.batch_size}
+    for shape in (["tiny"] if args.smoke else args.shapes):
+        base = random_base(shape, dev)
         plain = model.build_connector("plain", base)
-        m = model.build_model(base, plain, model.ModelConfig(lora_r=8))
-        enc = data.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens)
-        clients = data.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=8,
-                                                              image_size=sizes["image_size"]), 0)
-        batch = {k: v.to(dev) for k, v in enc.collate(clients[0].train[:8]).items()}
+        cfg = model.ModelConfig(lora_r=64 if shape == "7b" else 8, lora_alpha=16.0,
+                                gradient_checkpointing=shape == "7b")
+        m = model.build_model(base, plain, cfg)
+        B, N, L = args.batch_size, base.n_image_tokens, args.text_tokens
+        vc = base.vision.config
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, base.lm.config.vocab_size, (B, L + N), generator=g)
+        ids[:, 4:4 + N] = base.image_token_id                    # the image sits after a short prefix
+        labels = torch.full_like(ids, -100)
+        labels[:, -L // 2:] = ids[:, -L // 2:]                   # supervise the last half of the text
+        batch = dict(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), labels=labels.to(dev),
+                     pixel_values=torch.randn(B, 3, vc.image_size, vc.image_size, generator=g).to(dev))
         stage1 = model.build_connector("stage1", base)
-        adapters = {t: stage1.psi_t.state_dict() for t in ("a", "b", "c")}
-        stage2 = pilot.ctmoa_from_stage1(stage1, adapters, "a")
-        row = {}
+        stage2 = pilot.ctmoa_from_stage1(stage1, {t: stage1.psi_t.state_dict() for t in "abc"}, "a")
+        p_lm = sum(p.numel() for p in base.lm.parameters())
+        p_vision = sum(p.numel() for p in base.vision.parameters())
+        # frozen weights: forward 2 P t, backward only activation gradients 2 P t (no weight grads);
+        # gradient checkpointing adds one more LLM forward; vision runs forward only
+        passes = 6 if cfg.gradient_checkpointing else 4
+        flops = passes * p_lm * B * (L + N) + 2 * p_vision * B * (N + 1)
+        row = {"image_tokens": N, "tokens_per_step": B * (L + N)}
         for name, conn in (("plain", plain), ("pilot_stage1", stage1), ("pilot_stage2", stage2)):
             m.set_connector(conn.to(dev))
-            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
 
             def step():
-                out = m(**batch)
-                (out.ce + sum(out.aux.values())).backward()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+                    out = m(**batch)
+                    loss = out.ce + sum(out.aux.values())
+                loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            row[name + "_s"] = round(best_time(step, dev, repeats=3 if args.smoke else 10), 5)
-        row["stage1_over_plain"] = round(row["pilot_stage1_s"] / row["plain_s"], 3)
-        row["stage2_over_plain"] = round(row["pilot_stage2_s"] / row["plain_s"], 3)
-        lm_params = sum(p.numel() for p in base.lm.parameters())
-        row["connector_over_llm_params"] = round(sum(p.numel() for p in plain.parameters()) / lm_params, 4)
-        figures[size] = row
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t = best_time(step, dev, repeats=3 if args.smoke or shape == "7b" else 10)
+            r = {"step_s": round(t, 5), "tokens_per_s": round(B * (L + N) / t, 1),
+                 "achieved_tflops": round(flops / t / 1e12, 4)}
+            if args.peak_tflops:
+                r["mfu"] = round(flops / t / 1e12 / args.peak_tflops, 4)
+            if dev.startswith("cuda"):
+                r["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            row[name] = r
+        row["stage1_over_plain"] = round(row["pilot_stage1"]["step_s"] / row["plain"]["step_s"], 3)
+        row["stage2_over_plain"] = round(row["pilot_stage2"]["step_s"] / row["plain"]["step_s"], 3)
+        row["connector_over_llm_params"] = round(sum(p.numel() for p in plain.parameters()) / p_lm, 4)
+        figures[shape] = row
+        del m, base, plain, stage1, stage2
     emit("step_cost", **figures)
 
 

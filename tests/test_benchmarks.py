@@ -32,6 +32,6 @@ def test_benchmark_smoke(name):
     if name == "memory":
         assert [row["K"] for row in res["rows"]] == [1, 3]
     if name == "step":
-        assert set(res["tiny"]) >= {"plain_s", "pilot_stage1_s", "pilot_stage2_s"}
+        assert set(res["tiny"]) >= {"plain", "pilot_stage1", "pilot_stage2"} and res["tiny"]["image_tokens"] == 16
     if name == "round_overhead":
         assert 0 <= res["overhead_fraction"] < 1 and [r["stage"] for r in res["rows"]] == [1, 2]
