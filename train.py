@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import operator
 import os
 import resource
 import shutil
@@ -137,7 +138,7 @@ def validate(cfg: Config) -> None:
     ]
     for ok, key, allowed in checks:
         if not ok:
-            value = eval(f"cfg.{key}", {"cfg": cfg})  # noqa: S307 -- key is from the list above
+            value = operator.attrgetter(key)(cfg)
             raise ConfigError(f"{key} = {value!r}: must be {allowed}")
 
 
@@ -196,6 +197,16 @@ def save_checkpoint(run_dir: str, r: int, fedn: fed_mod.Federation, cfg: Config)
         os.close(dir_fd)
     for old in sorted(d for d in os.listdir(root) if d.startswith("round_"))[:-2]:
         shutil.rmtree(os.path.join(root, old))
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write a text file via temp file, fsync and rename: readers see the old or the new file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _load_copy(name: str) -> dict[str, torch.Tensor]:
@@ -336,10 +347,13 @@ def main(argv=None) -> dict:
     records = []
     if start and os.path.exists(log_path):   # keep the log of completed rounds only
         with open(log_path) as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
+            for line in fh:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:   # a line torn by a kill mid-write: its round reruns
+                    pass
         records = [rec for rec in records if rec["round"] <= start]
-    with open(log_path, "w") as fh:
-        fh.writelines(json.dumps(rec) + "\n" for rec in records)
+    write_atomic(log_path, "".join(json.dumps(rec) + "\n" for rec in records))   # a kill here loses nothing
     with open(os.path.join(run_dir, "config.resolved.yaml"), "w") as fh:
         yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
 
@@ -377,14 +391,12 @@ def main(argv=None) -> dict:
     table = results_table(final, cross, fedn.clients, comm_total)
     header = (f"# {cfg.fed.method}, scenario {cfg.data.scenario}, seed {cfg.seed}, "
               f"{fedn.total_rounds} rounds\n\n")
-    with open(os.path.join(run_dir, "results.md"), "w") as fh:
-        fh.write(header + table)
+    write_atomic(os.path.join(run_dir, "results.md"), header + table)
     results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed,
                "own": final, "mean": sum(final.values()) / len(final), "cross": cross,
                "comm_bytes": comm_total, "rounds": [rec["mean_metric"] for rec in records],
                "skipped_records": {c.name: c.skipped for c in fedn.clients if c.skipped}}
-    with open(os.path.join(run_dir, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+    write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
     print(header + table)
     return results
 

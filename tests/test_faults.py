@@ -44,20 +44,40 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, 
     subprocess.run(_cli(ref_cfg), cwd=ROOT, check=True, capture_output=True, timeout=600)
     reference = json.load(open(ref_dir / "run" / "results.json"))
 
-    proc = subprocess.Popen(_cli(kill_cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill it three times: in round 2's local training, then at two other moments of the
+    # resumed runs (start-up, training, aggregation or checkpoint writing, wherever they land)
     log = kill_dir / "run" / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
-        time.sleep(0.05)
-    time.sleep(0.5)                       # well into round 2's local training
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (kill_dir / "run" / "results.json").exists()
-    subprocess.run(_cli(kill_cfg, "--resume"), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    for i, delay in enumerate((0.5, 4.0, 6.5)):
+        proc = subprocess.Popen(_cli(kill_cfg, *(["--resume"] if i else [])), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if i == 0:
+            deadline = time.time() + 300
+            while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+                time.sleep(0.05)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break                             # it finished before this kill: nothing left to kill
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if i == 0:   # later kills may land after the results were written, which is fine
+            assert not (kill_dir / "run" / "results.json").exists()
+    done = subprocess.run(_cli(kill_cfg, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.load(open(kill_dir / "run" / "results.json"))
     assert resumed["own"] == reference["own"] and resumed["rounds"] == reference["rounds"]
     assert _same(_final_states(kill_dir / "run"), _final_states(ref_dir / "run"))
+
+
+def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path, embedded_dir):
+    config = _write_config(tmp_path, embedded_dir)
+    reference = train.main(["--config", config])
+    run = tmp_path / "run"
+    shutil.rmtree(run / "ckpt" / "round_003")
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"round": 3, "stage": 2, "los')              # a kill in the middle of a write
+    resumed = train.main(["--config", config, "--resume"])
+    assert resumed["rounds"] == reference["rounds"]
+    assert [json.loads(line)["round"] for line in open(run / "log.jsonl")] == [1, 2, 3]
 
 
 def test_corrupted_checkpoint_is_named_and_resume_falls_back(tmp_path, embedded_dir, capsys):
