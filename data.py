@@ -45,12 +45,12 @@ class DataConfig:
     scenario: str = "A"              # "A" | "B" (synthetic) | "manifest" (LLaVA JSON files)
     manifest: str | None = None      # path of the client manifest when scenario == "manifest"
     clients_per_task: int = 3        # synthetic: clients holding each task
-    train_per_client: int = 64       # synthetic: training samples per client
+    train_per_client: int = 32       # synthetic: training samples per client
     test_per_client: int = 32        # synthetic: held-out test samples per client
     image_size: int = 32             # synthetic: side of the square images, in pixels
     system_prompt: str = ""          # text before the first turn; LLaVA-1.5 uses Vicuna's
     max_length: int = 2048           # longest tokenised sample (error beyond it)
-    max_new_tokens: int = 12         # generation length at evaluation
+    max_new_tokens: int = 8          # generation length at evaluation
     skip_bad_records: bool = False   # manifest: leave bad records out (reported) instead of failing
 
 

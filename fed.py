@@ -52,13 +52,13 @@ class FedConfig:
     method: str = "pilot"            # one of METHODS
     stage1_rounds: int = 3           # paper: stage 1 warms up once (1 round at 7B)
     stage2_rounds: int = 3           # paper: 3 rounds
-    local_epochs: int = 1            # paper: 1
+    local_epochs: int = 4            # paper: 1
     client_fraction: float = 1.0     # fraction of clients sampled each round
     batch_size: int = 8              # paper: 16 x 2 accumulation per GPU
     grad_accum: int = 1              # micro-batches per optimizer step
-    lr_connector: float = 1e-3       # paper: 2e-5
-    lr_lora_stage1: float = 1e-3     # paper: 2e-5
-    lr_lora_stage2: float = 1e-3     # paper: 4e-5
+    lr_connector: float = 3e-3       # paper: 2e-5
+    lr_lora_stage1: float = 3e-3     # paper: 2e-5
+    lr_lora_stage2: float = 3e-3     # paper: 4e-5
     warmup_ratio: float = 0.03       # paper: 3%, cosine schedule
     weight_decay: float = 0.0        # paper: 0
     grad_clip: float = 1.0
@@ -67,7 +67,7 @@ class FedConfig:
     lambda_b: float = 0.1            # balance loss (released script: 0.1)
     lambda_z: float = 0.01           # router z-loss (released script: 0.01)
     top_k: int | None = None         # CT-MoA experts per token; null = T (dense, released script)
-    ata_top_m: int | None = None     # ATA neighbours M; null = K - 1
+    ata_top_m: int | None = 1        # ATA neighbours M; null = K - 1
     prox_mu: float = 0.01            # fedprox only
     released_init: bool = False      # psi_s starts as a copy of the projector (released code)
     eval_batch_size: int = 32

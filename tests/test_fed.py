@@ -15,7 +15,7 @@ def _cfg(llava_dir, method="pilot", **fed_kw):
     cfg.data.clients_per_task = 2
     cfg.data.train_per_client = 4
     cfg.data.test_per_client = 2
-    cfg.fed = fed.FedConfig(method=method, stage1_rounds=1, stage2_rounds=1, batch_size=2,
+    cfg.fed = fed.FedConfig(method=method, stage1_rounds=1, stage2_rounds=1, batch_size=2, local_epochs=1,
                             lr_connector=1e-2, lr_lora_stage1=1e-2, lr_lora_stage2=1e-2, **fed_kw)
     return cfg
 
