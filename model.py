@@ -133,28 +133,28 @@ class PilotLlava(nn.Module):
 # Client state: what a client owns, as {name: tensor}
 
 
+def _owned(model: PilotLlava) -> dict[str, torch.Tensor]:
+    """The live tensors a client owns: its whole connector (trainable or frozen: psi_s in
+    stage 2 is frozen but personal) and its LoRA factors, under their client-state names."""
+    owned = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
+    owned.update({f"lm.{k}": v for k, v in pilot.lora_state_dict(model.lm).items()})
+    return owned
+
+
 def client_state(model: PilotLlava) -> dict[str, torch.Tensor]:
-    """Everything a client owns: its whole connector (trainable or frozen: psi_s in stage 2 is
-    frozen but personal) and its LoRA factors; detached CPU copies."""
-    state = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
-    state.update({f"lm.{k}": v for k, v in pilot.lora_state_dict(model.lm).items()})
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    """A client's state as detached CPU copies of what it owns (see _owned)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in _owned(model).items()}
 
 
 @torch.no_grad()
 def load_client_state(model: PilotLlava, state: dict[str, torch.Tensor]) -> None:
     """Copy a client's state into the shared model; the key sets must match exactly."""
-    params = {f"connector.{k}": v for k, v in model.connector.state_dict().items()}
-    params.update({f"lm.{k}": v for k, v in pilot.lora_state_dict(model.lm).items()})
+    params = _owned(model)
     if set(state) != set(params):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise KeyError(f"client state does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
     for k, v in state.items():
         params[k].copy_(v)
-
-
-def trainable_parameters(model: PilotLlava) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 # -----------------------------------------------------------------------------
