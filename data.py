@@ -6,8 +6,12 @@ Two sources, one in-memory form (`Sample`: an image and its human/gpt turns):
        A: three VQA-style tasks            colour, shape, count
        B: three mixed tasks                caption, grounding (position), vqa (colour)
      Several clients per task; each client has its own visual style (background tint,
-     object sizes), its own label prior and its own answer phrasing, so personalisation
-     matters; small train sets so collaboration matters; a held-out test split per client.
+     object sizes) and label prior; with `minority_phrasing` one client in two (clients 1,
+     3, ...) answers in its task's second phrasing, so personalisation matters; small train
+     sets so collaboration matters; a held-out test split per client.
+     D: real handwritten digits (scikit-learn's bundled 8 x 8 digits, an optional extra):
+       one visual skill asked in three formats, digit ("7"), parity ("odd"), greater than
+       four ("yes"); the clients of a task hold IID, disjoint splits of the digits.
   2. LLaVA conversation JSON (records with id, image, conversations of human/gpt turns,
      `<image>` in the first human turn) plus an image folder, one file per client, listed in
      a manifest (YAML/JSON: a list of {name, task, train, test, image_folder}).
@@ -15,7 +19,10 @@ Two sources, one in-memory form (`Sample`: an image and its human/gpt turns):
 
 Then: tokenisation in the LLaVA-1.5 (Vicuna v1) conversation format with the `<image>`
 placeholder expanded to N image tokens, labels masked to the answers only, padding collate.
-Every bad record is an error naming the file and record, never a silent drop.
+Every bad record is an error naming the file and record, never a silent drop; image paths
+must stay inside their image folder; check_encodable finds over-long samples and words the
+tokenizer cannot represent before any model loads (`python data.py --vocabulary` lists the
+embedded base's words).
 
 Shape legend: B batch, L text length, N image tokens.
 """
@@ -27,11 +34,13 @@ import json
 import os
 import random
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 IMAGE = "<image>"
 IGNORE = -100
@@ -42,12 +51,15 @@ IGNORE = -100
 
 @dataclass
 class DataConfig:
-    scenario: str = "A"              # "A" | "B" (synthetic) | "manifest" (LLaVA JSON files)
+    scenario: str = "A"              # "A" | "B" | "D" (synthetic) | "manifest" (LLaVA JSON files)
     manifest: str | None = None      # path of the client manifest when scenario == "manifest"
     clients_per_task: int = 3        # synthetic: clients holding each task
     train_per_client: int = 32       # synthetic: training samples per client
     test_per_client: int = 32        # synthetic: held-out test samples per client
+    val_per_client: int = 0          # held out of each client's own training data, for model selection
+    minority_phrasing: bool = True   # A/B: clients 1, 3, ... of a task answer in its second phrasing
     image_size: int = 32             # synthetic: side of the square images, in pixels
+    max_image_side: int = 1024       # manifest: larger images are shrunk at load time (memory)
     system_prompt: str = ""          # text before the first turn; LLaVA-1.5 uses Vicuna's
     max_length: int = 2048           # longest tokenised sample (error beyond it)
     max_new_tokens: int = 8          # generation length at evaluation
@@ -63,6 +75,7 @@ class Sample:
     id: str
     image: Image.Image
     turns: list[tuple[str, str]]     # [(human, gpt), ...]; `<image>` in the first human turn
+    source: str = ""                 # where it came from, for error messages ("file: record i")
 
 
 @dataclass
@@ -73,6 +86,7 @@ class ClientData:
     test: list[Sample]
     metric: str = "exact"            # "exact" (exact match) | "f1" (token F1, captions)
     skipped: list[str] = field(default_factory=list)   # bad records left out (skip_bad_records)
+    val: list[Sample] = field(default_factory=list)    # validation split, carved from its training data
 
 
 # -----------------------------------------------------------------------------
@@ -94,11 +108,17 @@ TASKS = {
     "grounding": ("Where is the {colour} {shape}?", ("{cell}", "at the {cell}")),
     "vqa": ("Which colour is the {shape}?", ("{colour}", "it is {colour}")),
 }
-SCENARIOS = {"A": ("colour", "shape", "count"), "B": ("caption", "grounding", "vqa")}
+SCENARIOS = {"A": ("colour", "shape", "count"), "B": ("caption", "grounding", "vqa"),
+             "D": ("digit", "parity", "greater")}
+# scenario D: one question per task and its answer as a function of the digit
+DIGIT_TASKS = {"digit": ("Which digit is this?", str),
+               "parity": ("Is the digit odd or even?", lambda d: "odd" if d % 2 else "even"),
+               "greater": ("Is the digit greater than four?", lambda d: "yes" if d > 4 else "no")}
 # the label each task's clients skew their prior over
 PRIOR_ON = {"colour": "colour", "shape": "shape", "count": "count", "caption": "shape",
             "grounding": "cell", "vqa": "colour"}
 PRETRAIN_PROMPT = "Describe the image in detail."
+REPEAT_PROMPT = "Repeat these words:"
 
 
 def draw_scene(rng: random.Random, size: int, colour: str, shape: str, cells: Sequence[int],
@@ -131,12 +151,13 @@ class ClientStyle:
     phrasing: int                    # which answer template of its task it uses
 
 
-def client_style(rng: random.Random, task: str, index: int) -> ClientStyle:
+def client_style(rng: random.Random, task: str, index: int, minority_phrasing: bool = True) -> ClientStyle:
     labels = {"colour": list(COLOURS), "shape": list(SHAPES), "count": ["1", "2", "3"],
               "cell": list(CELLS)}[PRIOR_ON[task]]
     tint = [rng.randint(0, 90) for _ in range(3)] if index % 2 == 0 else [rng.randint(150, 230)] * 3
     lo = rng.uniform(0.45, 0.7)
-    return ClientStyle(tuple(tint), (lo, lo + 0.25), labels[index % len(labels)], index % 2)
+    return ClientStyle(tuple(tint), (lo, lo + 0.25), labels[index % len(labels)],
+                       index % 2 if minority_phrasing else 0)
 
 
 def _pick(rng: random.Random, options: Sequence[str], favourite: str) -> str:
@@ -157,25 +178,64 @@ def synthetic_sample(rng: random.Random, task: str, style: ClientStyle, size: in
     words = dict(colour=colour, shape=shape, count=str(count), count_word=COUNT_WORDS[count - 1],
                  shape_n=shape + ("s" if count > 1 else ""), cell=CELLS[cells[0]])
     question, answers = TASKS[task]
-    return Sample(sid, image, [(f"{IMAGE}\n{question.format(**words)}", answers[style.phrasing].format(**words))])
+    return Sample(sid, image, [(f"{IMAGE}\n{question.format(**words)}", answers[style.phrasing].format(**words))],
+                  f"synthetic sample {sid}")
 
 
 def synthetic_clients(scenario: str, cfg: DataConfig, seed: int) -> list[ClientData]:
     """The clients of a synthetic scenario: `clients_per_task` per task, tasks in the order of
     SCENARIOS[scenario]. Deterministic in (scenario, cfg, seed), on any machine: every
-    client draws from its own random.Random seeded by a string."""
+    client draws from its own random.Random seeded by a string. Train, then test, then
+    validation samples are drawn, so adding a validation split changes neither of the others."""
     if scenario not in SCENARIOS:
-        raise ValueError(f"data.scenario must be one of {sorted(SCENARIOS)} or 'manifest', got {scenario!r}")
+        raise DataError(f"data.scenario must be one of {sorted(SCENARIOS)} or 'manifest', got {scenario!r}")
+    if scenario == "D":
+        return digit_clients(cfg, seed)
     clients = []
+    tr, te = cfg.train_per_client, cfg.test_per_client
     for task in SCENARIOS[scenario]:
         for i in range(cfg.clients_per_task):
             rng = random.Random(f"pilot-{seed}-{scenario}-{task}-{i}")
-            style = client_style(rng, task, i)
+            style = client_style(rng, task, i, cfg.minority_phrasing)
             name = f"{task}{i}"
-            n = cfg.train_per_client + cfg.test_per_client
-            samples = [synthetic_sample(rng, task, style, cfg.image_size, f"{name}-{j}") for j in range(n)]
-            clients.append(ClientData(name, task, samples[:cfg.train_per_client],
-                                      samples[cfg.train_per_client:], "f1" if task == "caption" else "exact"))
+            n = tr + te + cfg.val_per_client
+            s = [synthetic_sample(rng, task, style, cfg.image_size, f"{name}-{j}") for j in range(n)]
+            clients.append(ClientData(name, task, s[:tr], s[tr:tr + te], "f1" if task == "caption" else "exact",
+                                      val=s[tr + te:]))
+    return clients
+
+
+def digit_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
+    """Scenario D: scikit-learn's 1,797 real handwritten 8 x 8 digits (bundled with the package,
+    no download), upscaled to image_size. One shuffled pool, cut into disjoint slices, one per
+    client and split: no image is in two splits or two clients, and none was in the embedded
+    base's pretraining (which draws only synthetic shapes)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("data.scenario D needs scikit-learn's bundled digits: "
+                        "pip install -r requirements-digits.txt") from None
+    pixels, labels = load_digits(return_X_y=True)                           # (1797, 64) in 0..16, (1797,)
+    tasks = SCENARIOS["D"]
+    tr, te, va = cfg.train_per_client, cfg.test_per_client, cfg.val_per_client
+    need = len(tasks) * cfg.clients_per_task * (tr + te + va)
+    if need > len(labels):
+        raise DataError(f"data: scenario D has {len(labels)} digits, but clients_per_task x 3 tasks x "
+                        f"(train_per_client + test_per_client + val_per_client) = {need}")
+    pool = random.Random(f"pilot-{seed}-D").sample(range(len(labels)), need)
+    clients = []
+    for t, task in enumerate(tasks):
+        question, answer = DIGIT_TASKS[task]
+        for i in range(cfg.clients_per_task):
+            name = f"{task}{i}"
+            first = (t * cfg.clients_per_task + i) * (tr + te + va)
+            s = []
+            for j, idx in enumerate(pool[first:first + tr + te + va]):
+                grey = Image.frombytes("L", (8, 8), bytes(int(v * 255 / 16) for v in pixels[idx]))
+                image = grey.resize((cfg.image_size, cfg.image_size), Image.NEAREST).convert("RGB")
+                s.append(Sample(f"{name}-{j}", image, [(f"{IMAGE}\n{question}", answer(int(labels[idx])))],
+                                f"digit {idx} of sklearn.datasets.load_digits"))
+            clients.append(ClientData(name, task, s[:tr], s[tr:tr + te], val=s[tr + te:]))
     return clients
 
 
@@ -183,6 +243,7 @@ def pretrain_samples(n: int, size: int, seed: int) -> list[Sample]:
     """Detailed captions of random scenes in random styles, for the embedded base's central
     pretraining (standing in for LLaVA's caption pretraining): every attribute named."""
     rng = random.Random(f"pilot-pretrain-{seed}")
+    vocab = vocabulary()
     out = []
     for j in range(n):
         colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3)
@@ -193,6 +254,9 @@ def pretrain_samples(n: int, size: int, seed: int) -> list[Sample]:
         where = " and ".join(CELLS[c] for c in cells)
         text = f"{COUNT_WORDS[count - 1]} {colour} {shape}{'s' if count > 1 else ''} at {where}"
         out.append(Sample(f"pretrain-{j}", image, [(f"{IMAGE}\n{PRETRAIN_PROMPT}", text)]))
+        if j % 4 == 3:   # a quarter: copy words, so that every word of the vocabulary is known
+            words = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 4)))
+            out[-1] = Sample(f"pretrain-{j}", image, [(f"{IMAGE}\n{REPEAT_PROMPT} {words}", words)])
     return out
 
 
@@ -200,7 +264,9 @@ def vocabulary() -> list[str]:
     """Every word the synthetic world and the conversation format can produce."""
     text = " ".join([" ".join(q for q, _ in TASKS.values()), " ".join(" ".join(a) for _, a in TASKS.values()),
                      " ".join(COLOURS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES),
-                     " ".join(COUNT_WORDS), " ".join(CELLS), "1 2 3 and at", PRETRAIN_PROMPT, "USER: ASSISTANT:"])
+                     " ".join(COUNT_WORDS), " ".join(CELLS), "1 2 3 and at", PRETRAIN_PROMPT, "USER: ASSISTANT:",
+                     " ".join(q for q, _ in DIGIT_TASKS.values()), "0 1 2 3 4 5 6 7 8 9 odd even yes no",
+                     REPEAT_PROMPT])
     text = re.sub(r"\{[a-z_]+\}", " ", text)
     return sorted(set(re.findall(r"\w+|[^\w\s]", text)))
 
@@ -218,8 +284,47 @@ def _record_error(path: str, index: int, rec, why: str) -> DataError:
     return DataError(f"{path}: record {index}{f' (id {rid!r})' if rid is not None else ''}: {why}")
 
 
-def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
-    """One LLaVA record -> Sample, or a DataError naming file and record."""
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_name(name, what: str, where: str) -> str:
+    """Client and task names become file names and message keys: letters, digits, _ and -."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise DataError(f"{where}: {what} {name!r} must be letters, digits, '_' or '-' (it becomes a file name)")
+    return name
+
+
+def read_image(file: str, max_side: int) -> Image.Image:
+    """An image file as the RGB picture it shows: EXIF rotation applied, the first frame of an
+    animation, transparency composited on white (not the black that convert("RGB") leaves),
+    16-bit and float greyscale rescaled to 0..255, and the longest side shrunk to max_side so
+    a folder of large photos is not held in memory at full size. Raises ValueError saying why
+    for a mode that has no faithful RGB reading."""
+    with Image.open(file) as im:
+        im.draft("RGB", (max_side, max_side))                  # JPEG: decode at reduced size
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            lo, hi = im.getextrema()
+            scale = 255 / 65535 if im.mode.startswith("I;16") else (255.0 if im.mode == "F" and hi <= 1 else 1.0)
+            if im.mode == "I" and hi > 255:
+                scale = 255 / 65535 if hi <= 65535 else 0
+            if lo < 0 or scale == 0 or hi * scale > 255.5:
+                raise ValueError(f"mode {im.mode} with values in [{lo}, {hi}] has no known 8-bit reading")
+            im = im.point(lambda v: v * scale, "F").convert("L")
+        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        elif im.mode not in ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"):
+            raise ValueError(f"mode {im.mode} is not a picture this loader can turn into RGB faithfully")
+        image = im.convert("RGB")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.LANCZOS)
+    return image
+
+
+def parse_record(rec, path: str, index: int, image_folder: str, max_image_side: int = 1024) -> Sample:
+    """One LLaVA record -> Sample, or a DataError naming file and record. The image must be a
+    file inside image_folder (no absolute paths, no '..', no symlink that leads out)."""
     if not isinstance(rec, dict):
         raise _record_error(path, index, rec, f"expected an object, got {type(rec).__name__}")
     conv = rec.get("conversations")
@@ -243,28 +348,34 @@ def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
     name = rec.get("image")
     if not isinstance(name, str) or not name:
         raise _record_error(path, index, rec, "'image' must be a file name")
+    folder = os.path.realpath(image_folder)
     file = os.path.join(image_folder, name)
+    if os.path.isabs(name) or os.path.commonpath([folder, os.path.realpath(file)]) != folder:
+        raise _record_error(path, index, rec, f"image {name!r} lies outside the image folder {image_folder}")
     try:
-        with Image.open(file) as im:
-            image = im.convert("RGB")
+        image = read_image(file, max_image_side)
     except FileNotFoundError:
         raise _record_error(path, index, rec, f"image file not found: {file}") from None
     except Exception as e:  # PIL raises several types for unreadable files
         raise _record_error(path, index, rec, f"cannot read image {file}: {e}") from None
-    return Sample(str(rec.get("id", index)), image, turns)
+    rid = rec.get("id", index)
+    return Sample(str(rid), image, turns, f"{path}: record {index} (id {rid!r})")
 
 
-def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = None) -> list[Sample]:
+def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = None,
+                    max_image_side: int = 1024) -> list[Sample]:
     """Read a LLaVA conversation JSON file (a list of records). A bad record is a DataError
     naming the file and record, unless `skipped` is a list: then the record is left out and
     its error message appended there (data.skip_bad_records), so nothing is dropped silently."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             records = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     if not records:
@@ -272,7 +383,7 @@ def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = No
     samples = []
     for i, rec in enumerate(records):
         try:
-            samples.append(parse_record(rec, path, i, image_folder))
+            samples.append(parse_record(rec, path, i, image_folder, max_image_side))
         except DataError as e:
             if skipped is None:
                 raise
@@ -280,29 +391,52 @@ def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = No
     return samples
 
 
-def load_manifest(path: str, skip_bad_records: bool = False) -> list[ClientData]:
-    """A client manifest: YAML or JSON list of {name, task, train, test, image_folder[, metric]};
-    relative paths are relative to the manifest. With skip_bad_records, each client's
-    `skipped` lists the records left out and why."""
+MANIFEST_KEYS = {"name", "task", "train", "test", "image_folder", "metric"}
+
+
+def read_yaml(path: str, what: str):
+    """A YAML (or JSON) file, or a DataError naming it: missing, not UTF-8, not YAML."""
     import yaml
-    with open(path) as f:
-        entries = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: {what} is not valid YAML: {' '.join(str(e).split())}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what}: {e}") from None
+
+
+def load_manifest(path: str, skip_bad_records: bool = False, max_image_side: int = 1024) -> list[ClientData]:
+    """A client manifest: YAML or JSON list of {name, task, train, test, image_folder[, metric]};
+    relative paths are relative to the manifest; unknown keys are errors. With
+    skip_bad_records, each client's `skipped` lists the records left out and why."""
+    entries = read_yaml(path, "manifest")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: a manifest is a non-empty list of clients")
     root = os.path.dirname(os.path.abspath(path))
     clients = []
     for i, e in enumerate(entries):
-        need = {"name", "task", "train", "test", "image_folder"}
+        need = MANIFEST_KEYS - {"metric"}
         if not isinstance(e, dict) or need - set(e):
             raise DataError(f"{path}: client {i} needs keys {sorted(need)}, has {sorted(e) if isinstance(e, dict) else e!r}")
+        if set(e) - MANIFEST_KEYS:
+            raise DataError(f"{path}: client {i}: unknown keys {sorted(set(e) - MANIFEST_KEYS)}; allowed: {sorted(MANIFEST_KEYS)}")
+        check_name(e["name"], "client name", f"{path}: client {i}")
+        check_name(e["task"], "task name", f"{path}: client {i}")
         if e.get("metric", "exact") not in METRICS:
             raise DataError(f"{path}: client {i} metric {e['metric']!r} is not one of {sorted(METRICS)}")
+        for key in ("train", "test", "image_folder"):
+            if not isinstance(e[key], str):
+                raise DataError(f"{path}: client {i}: {key} must be a path, got {e[key]!r}")
         images = os.path.join(root, e["image_folder"])
         skipped = [] if skip_bad_records else None
-        train = load_llava_json(os.path.join(root, e["train"]), images, skipped)
-        test = load_llava_json(os.path.join(root, e["test"]), images, skipped)
-        clients.append(ClientData(str(e["name"]), str(e["task"]), train, test, e.get("metric", "exact"),
-                                  skipped or []))
+        train = load_llava_json(os.path.join(root, e["train"]), images, skipped, max_image_side)
+        test = load_llava_json(os.path.join(root, e["test"]), images, skipped, max_image_side)
+        clients.append(ClientData(e["name"], e["task"], train, test, e.get("metric", "exact"), skipped or []))
     names = [c.name for c in clients]
     if len(set(names)) != len(names):
         raise DataError(f"{path}: client names must be unique, got {names}")
@@ -332,16 +466,65 @@ def export_llava(clients: Sequence[ClientData], out_dir: str) -> str:
 
 
 def load_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
+    """Every client's data, checked: non-empty splits; with val_per_client, a manifest
+    client's validation split is carved from the end of its training file."""
     if cfg.scenario == "manifest":
         if not cfg.manifest:
-            raise ValueError("data.manifest: a path is required when data.scenario is 'manifest'")
-        clients = load_manifest(cfg.manifest, cfg.skip_bad_records)
+            raise DataError("data.manifest: a path is required when data.scenario is 'manifest'")
+        clients = load_manifest(cfg.manifest, cfg.skip_bad_records, cfg.max_image_side)
+        for c in clients:
+            if cfg.val_per_client and len(c.train) <= cfg.val_per_client:
+                raise DataError(f"client {c.name!r}: {len(c.train)} training records leave none after "
+                                f"data.val_per_client = {cfg.val_per_client}")
+            if cfg.val_per_client:
+                c.train, c.val = c.train[:-cfg.val_per_client], c.train[-cfg.val_per_client:]
     else:
         clients = synthetic_clients(cfg.scenario, cfg, seed)
     for c in clients:
         if not c.train or not c.test:
             raise DataError(f"client {c.name!r} has an empty {'train' if not c.train else 'test'} split")
     return clients
+
+
+def unknown_words(tokenizer, texts: Sequence[str]) -> Counter:
+    """Words (whitespace/punctuation split) that the tokenizer maps to its unknown token, with
+    how often each occurs. Empty for tokenizers without an unknown token (byte-level BPE)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return Counter()
+    words = Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.replace(IMAGE, " ")))
+    return Counter({w: n for w, n in words.items() if unk in tokenizer(w, add_special_tokens=False).input_ids})
+
+
+def check_encodable(clients: Sequence[ClientData], enc: "Encoder", skip_bad_records: bool = False) -> list[str]:
+    """Before any model loads: every sample of every split fits data.max_length (else a
+    DataError naming its file and record, or, with skip_bad_records, it is left out and
+    reported in the client's `skipped`), and every answer word is one the tokenizer knows
+    (else a DataError listing the words). Returns warnings for unknown words in prompts."""
+    for c in clients:
+        for split in ("train", "val", "test"):
+            kept = []
+            for s in getattr(c, split):
+                n = len(enc.encode(s, check=False)[0])
+                if n <= enc.max_length:
+                    kept.append(s)
+                    continue
+                why = f"{s.source or s.id}: {n} tokens > data.max_length {enc.max_length}"
+                if not skip_bad_records:
+                    raise DataError(why)
+                c.skipped.append(why)
+            setattr(c, split, kept)
+        if not c.train or not c.test:
+            raise DataError(f"client {c.name!r}: no {'train' if not c.train else 'test'} sample fits data.max_length")
+    samples = [s for c in clients for s in c.train + c.val + c.test]
+    answers = unknown_words(enc.tokenizer, [g for s in samples for _, g in s.turns])
+    if answers:
+        listed = ", ".join(f"{w!r} x{n}" for w, n in answers.most_common(20))
+        raise DataError(f"answers use words the model's tokenizer cannot represent ({listed}): they would train and "
+                        "score as <unk>. Use a real checkpoint (model.llava), or the words of the embedded base "
+                        "(python data.py --vocabulary)")
+    prompts = unknown_words(enc.tokenizer, [h for s in samples for h, _ in s.turns])
+    return [f"prompts use words the tokenizer maps to <unk>: " + ", ".join(f"{w!r} x{n}" for w, n in prompts.most_common(20))] if prompts else []
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +561,7 @@ class Encoder:
             ids += [self.image_token_id] * self.n_image_tokens
         return ids + self._ids(after.strip() + " ASSISTANT:")
 
-    def encode(self, s: Sample) -> tuple[list[int], list[int]]:
+    def encode(self, s: Sample, check: bool = True) -> tuple[list[int], list[int]]:
         """Full conversation -> (input_ids, labels)."""
         ids, labels = [], []
         for t, (human, gpt) in enumerate(s.turns):
@@ -386,8 +569,8 @@ class Encoder:
             a = self._ids(" " + gpt.strip()) + [self.tokenizer.eos_token_id]
             ids += p + a
             labels += [IGNORE] * len(p) + a
-        if len(ids) > self.max_length:
-            raise DataError(f"sample {s.id!r}: {len(ids)} tokens > data.max_length {self.max_length}")
+        if check and len(ids) > self.max_length:
+            raise DataError(f"{s.source or s.id}: {len(ids)} tokens > data.max_length {self.max_length}")
         return ids, labels
 
     def encode_prompt(self, s: Sample) -> list[int]:
@@ -442,9 +625,15 @@ METRICS = {"exact": exact_match, "f1": token_f1}
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write a synthetic scenario as LLaVA JSON + images + manifest.")
-    ap.add_argument("--export", required=True, help="output folder")
+    ap = argparse.ArgumentParser(description="Export a synthetic scenario as LLaVA JSON, or list the embedded base's words.")
+    ap.add_argument("--export", metavar="DIR", help="write the scenario as LLaVA JSON + images + manifest.yaml")
     ap.add_argument("--scenario", default="A", choices=sorted(SCENARIOS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocabulary", action="store_true", help="print every word the embedded base knows")
     args = ap.parse_args()
-    print(export_llava(synthetic_clients(args.scenario, DataConfig(scenario=args.scenario), args.seed), args.export))
+    if args.vocabulary:
+        print(" ".join(vocabulary()))
+    elif args.export:
+        print(export_llava(synthetic_clients(args.scenario, DataConfig(scenario=args.scenario), args.seed), args.export))
+    else:
+        sys.exit("nothing to do: give --export DIR or --vocabulary")

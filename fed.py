@@ -67,7 +67,9 @@ class FedConfig:
     lambda_b: float = 0.1            # balance loss (released script: 0.1)
     lambda_z: float = 0.01           # router z-loss (released script: 0.01)
     top_k: int | None = None         # CT-MoA experts per token; null = T (dense, released script)
-    ata_top_m: int | None = 1        # ATA neighbours M; null = K - 1
+    ata_form: str = "kernel"         # ATA weights: kernel (from the distances) | top_m (earlier form)
+    ata_top_m: int | None = None     # ATA neighbours M; null (or > K-1) = all other clients
+    continuous_stage2: bool = True   # CT-MoA gate g = 0 at init: stage 2 starts where stage 1 ended
     prox_mu: float = 0.01            # fedprox only
     released_init: bool = False      # psi_s starts as a copy of the projector (released code)
     eval_batch_size: int = 32
@@ -84,26 +86,46 @@ def generator(seed: int, purpose: str, *keys) -> torch.Generator:
 
 
 # -----------------------------------------------------------------------------
-# Messages: exactly what travels
+# A client's state: its layout, and where each received task adapter goes
+#
+# What a client owns is model.client_state's business (its whole connector + its LoRA, as
+# {client-state name: tensor}). This section is the one place that maps wire names to
+# client-state names; pilot.expert_tasks is the one place that orders the CT-MoA's experts.
+
+OWN_ADAPTER = "connector.psi_t."        # psi_t in stage 1, h_0 in stage 2
+PROJECTOR = "connector.projector."      # the baselines' single LLaVA projector
 
 
-def pick(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.startswith(prefix)}
+def adapter_prefix(own_task: str, tasks: Sequence[str], task: str) -> str:
+    """Client-state prefix of `task`'s global adapter for a client of `own_task` in stage 2:
+    expert i of pilot.expert_tasks sits at psi_t (i = 0) or psi_t_other.{i-1}."""
+    i = pilot.expert_tasks(tasks, own_task).index(task)
+    return OWN_ADAPTER if i == 0 else f"connector.psi_t_other.{i - 1}."
 
 
-def lora_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.startswith("lm.") and k.endswith(("lora_A", "lora_B"))}
+def adapter_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The Adapter state_dict (linear_1.*, linear_2.*) stored under `prefix` in a client state."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def lora_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A client's LoRA factors, under their client-state names (the wire names of LoRA)."""
+    return {k: v for k, v in state.items() if pilot.is_lora(k)}
+
+
+# -----------------------------------------------------------------------------
+# Messages: exactly what travels, {group: {name: tensor}}
 
 
 def make_upload(method: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """A client's message to the server: {group: {name: tensor}} (SPEC section 5).
-    pilot*: its task adapter psi_t (h_0 in stage 2) and its LoRA; fedavg/fedprox: the projector
-    and LoRA; local: nothing. psi_s, psi_c and the router never leave the client."""
+    """A client's message to the server (SPEC section 5). pilot*: its task adapter psi_t (h_0
+    in stage 2) and its LoRA; fedavg/fedprox: the projector and LoRA; local: nothing. psi_s,
+    psi_c, the gate and the router never leave the client."""
     if method == "local":
         return {}
     if method in ("fedavg", "fedprox"):
-        return {"projector": pick(state, "connector.projector."), "lora": lora_keys(state)}
-    return {"task_adapter": pick(state, "connector.psi_t."), "lora": lora_keys(state)}
+        return {"projector": adapter_tensors(state, PROJECTOR), "lora": lora_tensors(state)}
+    return {"task_adapter": adapter_tensors(state, OWN_ADAPTER), "lora": lora_tensors(state)}
 
 
 def message_bytes(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
@@ -115,31 +137,37 @@ def message_bytes(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
     return out
 
 
+def received_adapters(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{task: Adapter state} of the task adapters in a server message."""
+    return {g.split(".", 1)[1]: t for g, t in msg.items() if g.startswith("task_adapter.")}
+
+
 def apply_download(state: dict[str, torch.Tensor], msg: dict[str, dict[str, torch.Tensor]],
-                   own_task: str, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
-    """A client's state after taking the server's message: its LoRA, its own task adapter into
-    psi_t (h_0) and, in stage 2, the other tasks' adapters into the frozen experts."""
+                   own_task: str, tasks: Sequence[str], stage: int) -> dict[str, torch.Tensor]:
+    """A client's state after taking the server's message: LoRA and the projector by name; its
+    own task's adapter into psi_t (h_0); in stage 2 every other task's adapter into its frozen
+    expert (adapter_prefix). In stage 1 a client has no place for other tasks' adapters: the
+    caller builds the stage-2 state from them first (Federation.receive)."""
     state = dict(state)
 
-    def put(prefix: str, tensors: dict[str, torch.Tensor], src_prefix: str) -> None:
+    def put(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         for k, v in tensors.items():
-            dst = prefix + k[len(src_prefix):]
-            if dst not in state:
-                raise KeyError(f"download key {k} has no place {dst} in the client state")
-            state[dst] = v.clone()
+            if prefix + k not in state:
+                raise KeyError(f"download key {k} has no place {prefix + k} in the client state")
+            state[prefix + k] = v.clone()
 
     for group, tensors in msg.items():
-        if group in ("lora", "projector"):
-            put("", tensors, "")
-        elif group.startswith("task_adapter."):
-            task = group[len("task_adapter."):]
-            order = pilot.expert_tasks(tasks, own_task)
-            if task == own_task:
-                put("connector.psi_t.", tensors, "connector.psi_t.")
-            elif any(k.startswith("connector.psi_t_other.") for k in state):
-                put(f"connector.psi_t_other.{order.index(task) - 1}.", tensors, "connector.psi_t.")
-        else:
+        if group == "lora":
+            put("", tensors)
+        elif group == "projector":
+            put(PROJECTOR, tensors)
+        elif not group.startswith("task_adapter."):
             raise KeyError(f"unknown message group {group!r}")
+    for task, tensors in received_adapters(msg).items():
+        if task == own_task:
+            put(OWN_ADAPTER, tensors)
+        elif stage == 2:
+            put(adapter_prefix(own_task, tasks, task), tensors)
     return state
 
 
@@ -151,39 +179,46 @@ class Server:
     """Holds the global task adapters; aggregates uploads into per-client downloads.
     Pure tensor arithmetic over the messages: it never sees data or anything else."""
 
-    def __init__(self, method: str, tasks: Sequence[str], n_samples: Sequence[int], ata_top_m: int | None):
+    def __init__(self, method: str, tasks: Sequence[str], n_samples: Sequence[int], ata_top_m: int | None,
+                 ata_form: str = "kernel"):
         self.method, self.tasks, self.n_samples = method, list(tasks), list(n_samples)
-        self.ata_top_m = ata_top_m
+        self.ata_top_m, self.ata_form = ata_top_m, ata_form
         self.task_adapters: dict[str, dict[str, torch.Tensor]] = {}
 
     def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], send_all_tasks: bool):
-        """uploads {client: message} -> downloads {client: message}."""
+        """uploads {client: message} -> downloads {client: message}, for EVERY client: the
+        global parts (fedavg's model, the task adapters) go to all, as a client not sampled
+        this round would fetch them when next sampled; a personalised LoRA goes only to the
+        clients that uploaded one. [choice] stage 1 sends a client its own task's adapter;
+        `send_all_tasks` (the last stage-1 round and every stage-2 round) sends all T."""
+        everyone = range(len(self.tasks))
         ids = sorted(uploads)
-        if not ids or self.method == "local":
+        if self.method == "local" or (not ids and self.method in ("fedavg", "fedprox")):
             return {k: {} for k in ids}
         n = [self.n_samples[k] for k in ids]
         loras = [uploads[k]["lora"] for k in ids]
         if self.method in ("fedavg", "fedprox"):
             w = torch.tensor(n, dtype=torch.float32) / sum(n)
-            lora = pilot.weighted_average(loras, w)
-            proj = pilot.weighted_average([uploads[k]["projector"] for k in ids], w)
-            return {k: {"lora": lora, "projector": proj} for k in ids}
-        # task-aware visual aggregation: global psi_t per task (tasks with no upload keep theirs)
-        self.task_adapters.update(pilot.task_average([uploads[k]["task_adapter"] for k in ids], n,
-                                                     [self.tasks[k] for k in ids]))
-        # adaptive text aggregation: one personalised LoRA per client
-        if self.method == "pilot_fedavg_lora":
-            W = (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(len(ids), len(ids))
-        else:
-            m = len(ids) - 1 if self.ata_top_m is None else min(self.ata_top_m, len(ids) - 1)
-            W = pilot.ata_weights(loras, n, m)
-        personal = pilot.weighted_average(loras, W)
+            glob = {"lora": pilot.weighted_average(loras, w),
+                    "projector": pilot.weighted_average([uploads[k]["projector"] for k in ids], w)}
+            return {k: glob for k in everyone}
+        personal = {}
+        if ids:
+            # task-aware visual aggregation: global psi_t per task (tasks with no upload keep theirs)
+            self.task_adapters.update(pilot.task_average([uploads[k]["task_adapter"] for k in ids], n,
+                                                         [self.tasks[k] for k in ids]))
+            # adaptive text aggregation: one personalised LoRA per uploading client
+            if self.method == "pilot_fedavg_lora":
+                W = (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(len(ids), len(ids))
+            else:
+                W = pilot.ata_weights(loras, n, self.ata_top_m, self.ata_form)
+            personal = dict(zip(ids, pilot.weighted_average(loras, W)))
         downloads = {}
-        for row, k in enumerate(ids):
+        for k in everyone:
             wanted = sorted(self.task_adapters) if send_all_tasks else [self.tasks[k]]
-            msg = {f"task_adapter.{t}": self.task_adapters[t] for t in wanted}
-            msg["lora"] = personal[row]
-            downloads[k] = msg
+            downloads[k] = {f"task_adapter.{t}": self.task_adapters[t] for t in wanted}
+            if k in personal:
+                downloads[k]["lora"] = personal[k]
         return downloads
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -197,7 +232,7 @@ class Server:
 
 
 # -----------------------------------------------------------------------------
-# Local training and evaluation on the shared model
+# Local training: optimiser, schedule, batches, then the step loop alone
 
 
 def total_loss(out: model_mod.Output, weights: dict[str, float]) -> torch.Tensor:
@@ -212,55 +247,76 @@ def autocast(model: model_mod.PilotLlava):
     return torch.autocast("cuda", dtype=p.dtype, enabled=enabled)
 
 
+def make_optimizer(model: model_mod.PilotLlava, cfg: FedConfig, lr_lora: float):
+    """AdamW over the trainable parameters, connector and LoRA with their own learning rates.
+    [choice] A fresh optimiser every round (AdamW's moments are not carried across rounds,
+    as in FedIT-style federated LoRA; carrying them would be client state that the server's
+    download makes stale)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if not pilot.is_lora(n)], "lr": cfg.lr_connector},
+              {"params": [p for n, p in params if pilot.is_lora(n)], "lr": lr_lora}]
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay), [p for _, p in params]
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup_ratio: float):
+    """Linear warmup over round(warmup_ratio * steps) steps, then cosine to 0 (paper: 3%).
+    [choice] The schedule restarts every round, over that round's local steps."""
+    warm = int(round(warmup_ratio * steps))
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def plan_batches(n: int, cfg: FedConfig, gen: torch.Generator) -> list[list[list[int]]]:
+    """The round's optimiser steps, each a list of micro-batches of sample indices. Epoch by
+    epoch: a fresh permutation, cut into micro-batches of batch_size (the last may be
+    smaller), grouped grad_accum at a time. No step is empty and no micro-batch straddles two
+    epochs: epochs x ceil(ceil(n / batch_size) / grad_accum) steps."""
+    steps = []
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        steps += [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    return steps
+
+
 def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
                 prox_mu: float = 0.0, where: str = "", progress=None) -> dict[str, float]:
-    """One client's local epochs on the shared model (its state already loaded). AdamW with
-    separate learning rates for the connector and LoRA, cosine schedule with warmup (paper).
-    Returns the mean of each loss term over the steps."""
+    """One client's local epochs on the shared model (its state already loaded). Returns the
+    mean of each loss term over the steps, and the number of steps."""
     model.train()
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    conn = [p for n, p in params if n.startswith("connector.")]
-    lora = [p for n, p in params if not n.startswith("connector.")]
-    opt = torch.optim.AdamW([{"params": conn, "lr": cfg.lr_connector}, {"params": lora, "lr": lr_lora}],
-                            weight_decay=cfg.weight_decay)
-    per_epoch = math.ceil(len(samples) / (cfg.batch_size * cfg.grad_accum))
-    steps = max(1, cfg.local_epochs * per_epoch)
-    warm = int(round(cfg.warmup_ratio * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(1, warm) if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-    anchor = [p.detach().clone() for _, p in params] if prox_mu > 0 else None   # w_global (fedprox)
-    sums = {k: 0.0 for k in ("loss", "ce", *pilot.AUX_KEYS, "prox")}
-    order = []
-    for _ in range(cfg.local_epochs):
-        order += torch.randperm(len(samples), generator=gen).tolist()
-    micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    plan = plan_batches(len(samples), cfg, gen)
+    opt, params = make_optimizer(model, cfg, lr_lora)
+    sched = cosine_schedule(opt, len(plan), cfg.warmup_ratio)
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None   # w_global (fedprox)
+    sums = dict.fromkeys(("loss", "ce", *pilot.AUX_KEYS, "prox"), 0.0)
     dev = next(model.lm.parameters()).device
-    for step in range(steps):
-        chunk = micro[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
-        for idx in chunk:
+    for step, micro in enumerate(plan):
+        for idx in micro:
             batch = {k: v.to(dev) for k, v in enc.collate([samples[i] for i in idx]).items()}
             with autocast(model):
                 out = model(**batch)
                 loss = total_loss(out, loss_weights)
+            terms = {"ce": out.ce, **out.aux}
             if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for (_, p), a in zip(params, anchor)) * (prox_mu / 2)
-                loss = loss + prox
-                sums["prox"] += prox.item() / len(chunk)
+                terms["prox"] = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)) * (prox_mu / 2)
+                loss = loss + terms["prox"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at {where} step {step}")
-            (loss / len(chunk)).backward()
-            sums["loss"] += loss.item() / len(chunk)
-            sums["ce"] += out.ce.item() / len(chunk)
-            for k in pilot.AUX_KEYS:
-                sums[k] += out.aux[k].item() / len(chunk)
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+            (loss / len(micro)).backward()
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] += v.item() / len(micro)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if progress is not None:
             progress.update(1)
-    return {k: v / steps for k, v in sums.items()} | {"steps": steps}
+    return {k: v / len(plan) for k, v in sums.items()} | {"steps": len(plan)}
 
 
 @torch.no_grad()
@@ -285,11 +341,18 @@ def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequen
 # -----------------------------------------------------------------------------
 # The federation: K clients' states, one shared model, a server
 
+EVAL_POINTS = ("after_download", "after_local")
+
 
 class Federation:
     """K clients (their data and their state as CPU tensors), one shared model, one server.
-    `run_round(r)` is one communication round; the state to checkpoint is `states` plus the
-    server's `state()`; everything random is derived from (seed, round, client)."""
+    `run_round(r)` is one communication round; the state to checkpoint is `states`, `stage`
+    and the server's `state()`; everything random is derived from (seed, purpose, round, client).
+
+    [choice] When a client is scored (SPEC 5b): every round, every method, at two points:
+    `after_local` (the state after its own local training of the round, as personalised-FL
+    papers score it) and `after_download` (the state the server's reply leaves it with), on
+    its test split and, when it has one, its validation split."""
 
     def __init__(self, cfg: FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
                  clients: Sequence[data_mod.ClientData], enc: data_mod.Encoder, seed: int, max_new_tokens: int):
@@ -299,13 +362,15 @@ class Federation:
         self.seed, self.max_new_tokens = seed, max_new_tokens
         self.tasks = sorted({c.task for c in clients})
         self.pilot = cfg.method.startswith("pilot")
-        self.server = Server(cfg.method, [c.task for c in clients], [len(c.train) for c in clients], cfg.ata_top_m)
-        # every client starts from the same initial state (as if broadcast by the server)
+        self.server = Server(cfg.method, [c.task for c in clients], [len(c.train) for c in clients],
+                             cfg.ata_top_m, cfg.ata_form)
+        # [choice] every client starts from the same initial state (as if broadcast by the server)
         self.states = [model_mod.client_state(model) for _ in clients]
+        self.initial_keys = frozenset(self.states[0])
         self.stage = 1
-        if self.pilot:   # the server starts every task's global adapter from the initial psi_t
-            init = pick(self.states[0], "connector.psi_t.")
-            self.server.task_adapters = {t: dict(init) for t in self.tasks}
+        if self.pilot:   # [choice] every task's global adapter starts as the initial psi_t (own copy each)
+            init = adapter_tensors(self.states[0], OWN_ADAPTER)
+            self.server.task_adapters = {t: {k: v.clone() for k, v in init.items()} for t in self.tasks}
 
     @property
     def total_rounds(self) -> int:
@@ -317,37 +382,40 @@ class Federation:
             return 2
         return 1
 
-    def enter_stage2(self) -> None:
-        """Every client builds its CT-MoA from its stage-1 connector and the T global task
-        adapters (SPEC section 4); the shared model's connector becomes a CT-MoA."""
-        c = self.cfg
-        moa = None
-        prefix = "connector.psi_t."   # the wire names of a task adapter -> Adapter state_dict names
-        adapters = {t: {name[len(prefix):]: v for name, v in s.items()} for t, s in self.server.task_adapters.items()}
-        for k, client in enumerate(self.clients):
-            model_mod.load_client_state(self.model, self.states[k])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.seed, "init-stage2"))   # same init on every client
-                moa = pilot.ctmoa_from_stage1(self.model.connector, adapters, client.task, c.top_k,
-                                              use_difference=c.lambda_d_stage2 > 0)
-            lora = lora_keys(self.states[k])
-            self.states[k] = {f"connector.{n}": v.detach().clone().cpu() for n, v in moa.state_dict().items()} | lora
-        self.model.set_connector(moa)
-        self.stage = 2
+    def set_stage(self, stage: int) -> None:
+        """Give the shared model the connector structure of `stage` (its weights come from the
+        client states loaded into it); used when stage 2 starts and when resuming in stage 2."""
+        if stage == 2 and self.stage != 2:
+            c, b = self.cfg, self.base
+            moa = pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), c.top_k, c.lambda_d_stage2 > 0,
+                              c.continuous_stage2)
+            self.model.set_connector(moa.to(next(self.model.lm.parameters()).device))
+        self.stage = stage
 
-    def enter_stage2_structure(self) -> None:
-        """For resuming in stage 2: give the shared model a CT-MoA (weights come from the
-        checkpoint's client states) and stage-2-shaped placeholder states."""
-        b, c = self.base, self.cfg
-        moa = pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), c.top_k, c.lambda_d_stage2 > 0)
-        self.model.set_connector(moa.to(next(self.model.lm.parameters()).device))
-        self.states = [model_mod.client_state(self.model) for _ in self.clients]
-        self.stage = 2
+    def state_keys(self, stage: int) -> set[str]:
+        """The key set of a client state in `stage` (to check a checkpoint before loading it)."""
+        keys = set(self.initial_keys)
+        if stage == 2:
+            c, b = self.cfg, self.base
+            moa = pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), c.top_k, continuous=c.continuous_stage2)
+            keys = {k for k in keys if pilot.is_lora(k)} | {f"connector.{n}" for n in moa.state_dict()}
+        return keys
+
+    def stage2_state(self, k: int, adapters: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Client k's first stage-2 state, built from its stage-1 state and the T task adapters
+        IT RECEIVED (SPEC section 4): own adapter -> h_0, the others -> frozen experts, psi_s
+        carried over; router, psi_c and gate from one generator, the same on every client."""
+        c, b = self.cfg, self.base
+        stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
+        stage1.load_state_dict(adapter_tensors(self.states[k], "connector."))
+        moa = pilot.ctmoa_from_stage1(stage1, adapters, self.clients[k].task, c.top_k, c.lambda_d_stage2 > 0,
+                                      c.continuous_stage2, generator(self.seed, "init-stage2"))
+        return {f"connector.{n}": v.detach().clone() for n, v in moa.state_dict().items()} | lora_tensors(self.states[k])
 
     def loss_weights(self, stage: int) -> dict[str, float]:
         c = self.cfg
         if stage == 1:
-            return {"difference": 0.0 if self.cfg.method == "pilot_no_diff" else c.lambda_d,
+            return {"difference": 0.0 if c.method == "pilot_no_diff" else c.lambda_d,
                     "balance": 0.0, "router_z": 0.0}
         return {"difference": c.lambda_d_stage2, "balance": c.lambda_b, "router_z": c.lambda_z}
 
@@ -357,52 +425,78 @@ class Federation:
         perm = torch.randperm(K, generator=generator(self.seed, "sample", r)).tolist()
         return sorted(perm[:m])
 
-    def run_round(self, r: int, progress=None) -> dict:
-        """One communication round r (1-based). Returns the round's log record."""
-        stage = self.stage_of(r)
-        if stage == 2 and self.stage == 1:
-            self.enter_stage2()
+    def train_client(self, k: int, r: int, stage: int, progress=None) -> dict[str, float]:
+        """Client k's local training of round r on the shared model (its state loaded first)."""
         c = self.cfg
-        lr_lora = c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2
-        prox = c.prox_mu if c.method == "fedprox" else 0.0
+        client = self.clients[k]
+        model_mod.load_client_state(self.model, self.states[k])
+        dev = next(self.model.lm.parameters()).device
+        pilot.set_dropout_generator(self.model, torch.Generator(dev).manual_seed(derive_seed(self.seed, "dropout", r, k)))
+        try:
+            return local_train(self.model, self.enc, client.train, c,
+                               c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2, self.loss_weights(stage),
+                               generator(self.seed, "data", r, k), c.prox_mu if c.method == "fedprox" else 0.0,
+                               where=f"client {client.name} round {r}", progress=progress)
+        finally:
+            pilot.set_dropout_generator(self.model, None)
+
+    def run_round(self, r: int, progress=None) -> dict:
+        """One communication round r (1-based): local training and `after_local` scores, uploads,
+        aggregation, downloads and `after_download` scores. Returns the round's log record."""
+        stage = self.stage_of(r)
+        c = self.cfg
         chosen = self.sample_clients(r)
         losses, uploads, excluded, t_local = {}, {}, [], 0.0
-        for k in chosen:
-            client = self.clients[k]
-            model_mod.load_client_state(self.model, self.states[k])
-            t0 = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):   # dropout etc.: a stream per (round, client)
-                torch.manual_seed(derive_seed(self.seed, "dropout", r, k))
-                losses[client.name] = local_train(self.model, self.enc, client.train, c, lr_lora,
-                                                  self.loss_weights(stage), generator(self.seed, "data", r, k),
-                                                  prox, where=f"client {client.name} round {r}", progress=progress)
-            t_local += time.perf_counter() - t0
-            new_state = model_mod.client_state(self.model)
-            if not all(torch.isfinite(v).all() for v in new_state.values()):
-                excluded.append(client.name)   # keep its previous state; upload nothing
-                continue
-            self.states[k] = new_state
-            uploads[k] = make_upload(c.method, self.states[k])
+        after_local = {}
+        for k in range(len(self.clients)):
+            if k in chosen:
+                t0 = time.perf_counter()
+                losses[self.clients[k].name] = self.train_client(k, r, stage, progress)
+                t_local += time.perf_counter() - t0
+                new_state = model_mod.client_state(self.model)
+                if all(torch.isfinite(v).all() for v in new_state.values()):
+                    self.states[k] = new_state
+                    uploads[k] = make_upload(c.method, new_state)
+                else:
+                    excluded.append(self.clients[k].name)   # keep its previous state; upload nothing
+            after_local[k] = self.score(k)
         # the last stage-1 round sends every task's adapter: stage 2 builds its experts from them
-        send_all = stage == 2 or (self.pilot and r == c.stage1_rounds and self.stage_of(r + 1) == 2)
-        downloads = self.server.aggregate(uploads, send_all)
-        if send_all and stage == 1:   # clients that sat this round out need the adapters too
-            for k in range(len(self.clients)):
-                downloads.setdefault(k, {f"task_adapter.{t}": s for t, s in self.server.task_adapters.items()})
-        comm = {}
-        for k, msg in downloads.items():
-            self.states[k] = apply_download(self.states[k], msg, self.clients[k].task, self.tasks)
-            comm[self.clients[k].name] = {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
-        return {"round": r, "stage": stage, "clients": [self.clients[k].name for k in chosen],
-                "excluded": excluded, "losses": losses, "comm": comm, "seconds_local_training": round(t_local, 4)}
+        enter2 = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
+        downloads = self.server.aggregate(uploads, send_all_tasks=stage == 2 or enter2)
+        new_states = {k: self.receive(k, msg, enter2) for k, msg in downloads.items()}
+        self.states = [new_states.get(k, s) for k, s in enumerate(self.states)]
+        if enter2:
+            self.set_stage(2)
+        after_download = {k: self.score(k) if downloads.get(k) else after_local[k] for k in range(len(self.clients))}
+        comm = {self.clients[k].name: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
+                for k, msg in downloads.items()}
+        names = [cl.name for cl in self.clients]
+        record = {"round": r, "stage": stage, "clients": [names[k] for k in chosen], "excluded": excluded,
+                  "losses": losses, "comm": comm, "seconds_local_training": round(t_local, 4)}
+        for point, scores in (("after_download", after_download), ("after_local", after_local)):
+            record[point] = {names[k]: s["test"] for k, s in scores.items()}
+            if any("val" in s for s in scores.values()):
+                record.setdefault("val", {})[point] = {names[k]: s["val"] for k, s in scores.items() if "val" in s}
+        return record
 
-    def evaluate_own(self) -> dict[str, float]:
-        """Each client, with its own state, on its own held-out test split."""
-        out = {}
-        for k, client in enumerate(self.clients):
-            model_mod.load_client_state(self.model, self.states[k])
-            out[client.name] = evaluate(self.model, self.enc, client.test, client.metric,
-                                        self.cfg.eval_batch_size, self.max_new_tokens)
+    def receive(self, k: int, msg: dict[str, dict[str, torch.Tensor]], enter_stage2: bool) -> dict[str, torch.Tensor]:
+        """Client k takes the server's message; with the last stage-1 message it first builds
+        its stage-2 state from the task adapters in that message."""
+        state, stage = self.states[k], self.stage
+        if enter_stage2:
+            self.states[k] = state = self.stage2_state(k, received_adapters(msg))
+            stage = 2
+        return apply_download(state, msg, self.clients[k].task, self.tasks, stage)
+
+    def score(self, k: int) -> dict[str, float]:
+        """Client k's state scored on its own test split (and validation split, if any)."""
+        model_mod.load_client_state(self.model, self.states[k])
+        client, c = self.clients[k], self.cfg
+        out = {"test": evaluate(self.model, self.enc, client.test, client.metric, c.eval_batch_size,
+                                self.max_new_tokens)}
+        if client.val:
+            out["val"] = evaluate(self.model, self.enc, client.val, client.metric, c.eval_batch_size,
+                                  self.max_new_tokens)
         return out
 
     def evaluate_cross(self) -> dict[str, dict[str, float]]:
@@ -415,8 +509,8 @@ class Federation:
             for task in self.tasks:
                 if task == client.task:
                     continue
-                others = [c for c in self.clients if c.task == task]
-                samples = [s for c in others for s in c.test]
+                others = [o for o in self.clients if o.task == task]
+                samples = [s for o in others for s in o.test]
                 out[client.name][task] = evaluate(self.model, self.enc, samples, others[0].metric,
                                                   self.cfg.eval_batch_size, self.max_new_tokens)
         return out

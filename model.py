@@ -272,16 +272,50 @@ def load_base(cfg: ModelConfig) -> Base:
     return load_pair(cfg.vision, cfg.llm, cfg.projector, dtype, cfg.device)
 
 
-def build_connector(kind: str, base: Base, released_init: bool = False) -> nn.Module:
+def load_text_side(cfg: ModelConfig):
+    """(tokenizer, image_token_id, n_image_tokens) of the configured base, without loading any
+    weights: what data checks need before the model loads (data.check_encodable)."""
+    from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig
+    import data
+    if cfg.llava == "embedded":
+        tok = word_tokenizer(data.vocabulary())
+        return tok, tok.convert_tokens_to_ids("<image>"), (EMBEDDED["image_size"] // EMBEDDED["patch_size"]) ** 2
+    if cfg.llava:
+        config = AutoConfig.from_pretrained(cfg.llava)
+        return AutoTokenizer.from_pretrained(cfg.llava), config.image_token_id, _patches(config.vision_config)
+    if not (cfg.vision and cfg.llm):
+        raise ValueError("model: set model.llava, or both model.vision and model.llm")
+    tok = AutoTokenizer.from_pretrained(cfg.llm)
+    if "<image>" not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok, tok.convert_tokens_to_ids("<image>"), _patches(CLIPVisionConfig.from_pretrained(cfg.vision))
+
+
+def missing_lora_targets(cfg: ModelConfig) -> list[str]:
+    """The names in model.lora_targets that match no nn.Linear of the configured LM (built on
+    the meta device from its config: no weights, no download)."""
+    from transformers import AutoModelForCausalLM
+    config, _ = meta_config(cfg)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config.text_config)
+    found = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if type(m) is nn.Linear}
+    return [t for t in cfg.lora_targets if t not in found]
+
+
+def build_connector(kind: str, base: Base, released_init: bool = False,
+                    generator: torch.Generator | None = None) -> nn.Module:
     """kind 'plain' (baselines) or 'stage1' (Pilot), psi_t / the projector initialised from
-    the checkpoint's projector when it has one (SPEC section 3 [choice])."""
+    the checkpoint's projector when it has one (SPEC section 3 [choice]), the rest drawn from
+    `generator`."""
     dev = next(base.lm.parameters()).device
     if kind == "plain":
-        conn = pilot.PlainConnector(base.vision_width, base.llm_width)
+        conn = pilot.PlainConnector(base.vision_width, base.llm_width, generator)
         if base.projector is not None:
             conn.projector.load_state_dict(base.projector)
     elif kind == "stage1":
-        conn = pilot.TaskClientConnector(base.vision_width, base.llm_width, released_init)
+        conn = pilot.TaskClientConnector(base.vision_width, base.llm_width, released_init, generator)
         if base.projector is not None:
             conn.psi_t.load_state_dict(base.projector)
             if released_init:  # the released code loads the projector into psi_s as well
@@ -291,11 +325,13 @@ def build_connector(kind: str, base: Base, released_init: bool = False) -> nn.Mo
     return conn.to(dev)
 
 
-def build_model(base: Base, connector: nn.Module, cfg: ModelConfig) -> PilotLlava:
-    """Wrap the LM's linears with LoRA (freezing the rest) and assemble the model."""
-    pilot.add_lora(base.lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+def build_model(base: Base, connector: nn.Module, cfg: ModelConfig,
+                generator: torch.Generator | None = None) -> PilotLlava:
+    """Wrap the LM's linears with LoRA (freezing the rest; A drawn from `generator`) and
+    assemble the model."""
+    pilot.add_lora(base.lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, generator)
     if cfg.gradient_checkpointing:   # recompute each decoder layer in backward (7B on one GPU)
-        base.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return PilotLlava(base.vision, base.lm, connector, base.image_token_id, base.feature_layer, base.drop_cls)
 
 
@@ -339,7 +375,7 @@ def word_tokenizer(words: list[str]):
 def embedded_checkpoint(cfg: ModelConfig) -> str:
     """Path of the embedded base, built on first use (about a minute on 2 CPU cores)."""
     import data
-    recipe = dict(EMBEDDED, steps=cfg.embedded_pretrain_steps, vocab=data.vocabulary(), version=1)
+    recipe = dict(EMBEDDED, steps=cfg.embedded_pretrain_steps, vocab=data.vocabulary(), version=2)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cfg.cache_dir, f"embedded-llava-{digest}")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -350,7 +386,12 @@ def embedded_checkpoint(cfg: ModelConfig) -> str:
 def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 2e-3) -> None:
     """Build the tiny LLaVA, pretrain it centrally on synthetic captions (every weight trains:
     this stands in for CLIP's, Vicuna's and LLaVA's pretraining together), save it as a normal
-    transformers LLaVA checkpoint. Written to a temp dir and renamed, so a crash leaves none."""
+    transformers LLaVA checkpoint. Written to a temp dir and renamed, so a crash leaves none.
+    Deterministic: one thread during the build (a CPU matmul's sum order depends on the
+    thread count), every draw from the CPU generator seeded here inside fork_rng (CUDA's RNG
+    is never touched)."""
+    if steps < 1:
+        raise ValueError(f"model.embedded_pretrain_steps must be >= 1, got {steps}")
     import shutil
     import tempfile
 
@@ -361,9 +402,36 @@ def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, l
     size = EMBEDDED["image_size"]
     proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     config = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        llava = LlavaForConditionalGeneration(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)   # CPU only: transformers' init draws from it
+            llava = LlavaForConditionalGeneration(config)
+        loss = _pretrain(llava, tok, proc, config, steps, seed, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
+    try:
+        llava.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+        with open(os.path.join(tmp, "pretraining.json"), "w") as f:
+            json.dump(dict(steps=steps, seed=seed, batch_size=batch_size, lr=lr, final_loss=loss), f)
+        if os.path.exists(path):
+            shutil.rmtree(tmp)   # another process built it meanwhile
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pretrain(llava, tok, proc, config, steps: int, seed: int, batch_size: int, lr: float) -> float:
+    """Central caption pretraining of the embedded base; returns the last step's loss."""
+    import data
+    size = EMBEDDED["image_size"]
     llava.train()
     enc = data.Encoder(tok, proc, config.image_token_id, config.image_seq_length)
     samples = data.pretrain_samples(4096, size, seed)
@@ -380,18 +448,7 @@ def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, l
         opt.step()
         sched.step()
     llava.eval()
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
-    llava.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    proc.save_pretrained(tmp)
-    with open(os.path.join(tmp, "pretraining.json"), "w") as f:
-        json.dump(dict(steps=steps, seed=seed, batch_size=batch_size, lr=lr, final_loss=loss.item()), f)
-    if os.path.exists(path):
-        shutil.rmtree(tmp)   # another process built it meanwhile
-    else:
-        os.replace(tmp, path)
+    return loss.item()
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,10 @@ transformers import):
 Every connector returns the same NamedTuple, ConnectorOutput(tokens, aux), where aux always
 holds the keys of AUX_KEYS (zeros where a loss is unused), so training code never branches
 on the connector type. The loss coefficients (lambda_d, lambda_b, lambda_z) are applied by
-the caller (model.py), not here: these modules return raw loss values.
+the caller (fed.total_loss), not here: these modules return raw loss values.
+
+Randomness: every initialiser takes an optional torch.Generator (None = torch's global RNG),
+so a caller can make a whole run a function of its seed without reseeding the global RNG.
 
 Shape legend: B batch, N image tokens per image, C_v vision width, C LLM width,
 T number of tasks = number of CT-MoA experts, K clients, r LoRA rank, D = N * C.
@@ -38,40 +41,61 @@ import torch.nn.functional as F
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@torch.no_grad()
+def reset_linear(linear: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
+    """nn.Linear's own default init (Kaiming-uniform weight, a = sqrt(5); bias uniform in
+    +-1/sqrt(fan_in)), drawn from `generator` on the CPU and then copied to the layer's device."""
+    w = torch.empty(linear.weight.shape)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+    linear.weight.copy_(w)
+    if linear.bias is not None:
+        bound = 1 / math.sqrt(linear.in_features) if linear.in_features > 0 else 0.0
+        linear.bias.copy_(torch.empty(linear.bias.shape).uniform_(-bound, bound, generator=generator))
+    return linear
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021, eq. 3).
 
         h = W0 x + b + (alpha / r) * B A dropout(x)
 
     A (r, in) is initialised like nn.Linear (Kaiming-uniform), B (out, r) with zeros, so the
-    wrapped layer starts exactly equal to the base layer. Dropout acts on the LoRA path only.
+    wrapped layer starts exactly equal to the base layer. Dropout acts on the LoRA path only;
+    its masks come from `self.generator` when one is set (fed.py sets one per round and
+    client), else from torch's global RNG.
     LoRA factors are kept in float32 whatever the base dtype (bf16 bases train their LoRA in
     fp32, as PEFT does under autocast); the update is cast back to the base output's dtype.
     State-dict keys: `base.weight`, `base.bias`, `lora_A`, `lora_B`.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same rule as nn.Linear's weight
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.scale, self.dropout = r, alpha, alpha / r, dropout
+        self.generator: torch.Generator | None = None     # dropout masks; see fed.local_train
+        a = torch.empty(r, base.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # same rule as nn.Linear's weight
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)                                              # (..., out)
-        xa = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
+        if self.training and self.dropout > 0:                        # inverted dropout, LoRA path only
+            keep = torch.empty_like(x).bernoulli_(1 - self.dropout, generator=self.generator)
+            x = x * keep / (1 - self.dropout)                         # (..., in)
+        xa = x.to(self.lora_A.dtype) @ self.lora_A.t()                # (..., r)
         return y + (xa @ self.lora_B.t() * self.scale).to(y.dtype)    # (..., out)
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-             targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> list[str]:
+             targets: Sequence[str] = DEFAULT_LORA_TARGETS, generator: torch.Generator | None = None) -> list[str]:
     """Freeze `model` and wrap every nn.Linear whose attribute name is in `targets` in a
     LoRALinear. SPEC section 2: LoRA on q, k, v, o, gate, up, down of every decoder layer,
     never on lm_head or the embeddings (those names are refused even if listed).
@@ -85,16 +109,28 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, generator))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ValueError(f"add_lora found no nn.Linear named any of {list(targets)}")
     return wrapped
 
 
+def is_lora(name: str) -> bool:
+    """The one rule that tells a LoRA factor by its name (module, state-dict or wire name)."""
+    return name.endswith(("lora_A", "lora_B"))
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: tensor} of every LoRA factor in `model` (keys end in lora_A / lora_B)."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+    """{name: tensor} of every LoRA factor in `model`."""
+    return {k: v for k, v in model.state_dict().items() if is_lora(k)}
+
+
+def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Draw every LoRALinear's dropout masks from `generator` (None: torch's global RNG)."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.generator = generator
 
 
 @torch.no_grad()
@@ -120,13 +156,17 @@ class Adapter(nn.Module):
     Parameter names match transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`),
     so a llava-hf projector loads with a plain strict load_state_dict. `zero_last=True`
     zeroes the last layer so the adapter outputs exactly 0 at init (used for psi_s and
-    psi_c, SPEC sections 3-4 [choice])."""
+    psi_c, SPEC sections 3-4 [choice]). `generator` draws the init (None: global RNG)."""
 
-    def __init__(self, in_dim: int, out_dim: int, zero_last: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, zero_last: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, out_dim)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(out_dim, out_dim)
+        if generator is not None:
+            reset_linear(self.linear_1, generator)
+            reset_linear(self.linear_2, generator)
         if zero_last:
             nn.init.zeros_(self.linear_2.weight)
             nn.init.zeros_(self.linear_2.bias)
@@ -154,9 +194,9 @@ def _aux(h: torch.Tensor, **losses: torch.Tensor) -> dict[str, torch.Tensor]:
 class PlainConnector(nn.Module):
     """The baselines' connector (local / fedavg / fedprox): one LLaVA projector, no aux loss."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, generator: torch.Generator | None = None):
         super().__init__()
-        self.projector = Adapter(in_dim, out_dim)
+        self.projector = Adapter(in_dim, out_dim, generator=generator)
 
     def forward(self, h: torch.Tensor) -> ConnectorOutput:
         return ConnectorOutput(self.projector(h), _aux(h))  # (B, N, C)
@@ -195,10 +235,11 @@ class TaskClientConnector(nn.Module):
     projector output at step 0).
     aux["difference"] = difference_loss(psi_t(H), psi_s(H)); the caller weighs it by lambda_d."""
 
-    def __init__(self, in_dim: int, out_dim: int, released_init: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, released_init: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.psi_t = Adapter(in_dim, out_dim)
-        self.psi_s = Adapter(in_dim, out_dim, zero_last=not released_init)
+        self.psi_t = Adapter(in_dim, out_dim, generator=generator)
+        self.psi_s = Adapter(in_dim, out_dim, zero_last=not released_init, generator=generator)
 
     def forward(self, h: torch.Tensor) -> ConnectorOutput:
         t = self.psi_t(h)                                   # (B, N, C)
@@ -211,18 +252,36 @@ class TaskClientConnector(nn.Module):
 
 
 class CTMoA(nn.Module):
-    """Stage-2 connector: x_img = psi_s(H) + sum_i P_i(H) h_i(H)   (SPEC section 4).
+    """Stage-2 connector (SPEC section 4):
 
-    Experts (T of them, own task first, then the other tasks in a fixed order):
+        x_img = psi_s(H) + CT-MoA(H),   CT-MoA(H) = sum_i P_i(H) h_i(H)          (paper)
+
+    Experts (T of them, own task first, then the other tasks: expert_tasks gives the order):
         h_0 = psi_t                      own task's adapter, trainable
         h_i = psi_t_other[i-1] + psi_c[i-1]   another task's adapter, FROZEN, plus a trainable
                                          cross-task adapter psi_c on top ("adapter on adapter")
     Router phi = Linear(C_v, T, bias=False) per image token; P = softmax(phi(H)), keep the
     top-k, renormalise. psi_s (the stage-1 client adapter) is frozen and added.
     [choice] psi_s is used in the output: the released code computes it and drops it, the
-    paper keeps it as the client's personal features.
+    paper keeps it as the client's personal features. A CTMoA built directly starts psi_s at
+    zero output; ctmoa_from_stage1 copies the client's stage-1 psi_s into it.
     [choice] psi_c starts with its last layer zeroed (released code: a copy of the projector),
     so at the start of stage 2 expert i equals the other task's global adapter.
+
+    [choice] Continuous stage 2 (`continuous=True`, the default): a learned scalar gate g,
+    initialised at 0, blends from the own expert to the paper's mixture,
+
+        CT-MoA(H) = h_0(H) + g * (sum_i P_i(H) h_i(H) - h_0(H)),
+
+    so at g = 0 the connector's output is exactly the stage-1 output with psi_t = the own
+    task's global adapter, and at g = 1 it is exactly the paper's sum_i P_i h_i (the P_i sum to
+    1). Why: in the federated setting the experts are *different* tasks' adapters, so a fresh
+    router mixing them moves every client's visual tokens at the boundary (25-38% on the
+    default run), while in the released single-machine code all experts start as the same
+    projector copy and the mix changes nothing. The router keeps learning: its auxiliary
+    losses act from step 0, and the output's gradient reaches it as soon as g moves (g's own
+    gradient, <dL/dx, mixture - h_0>, is non-zero at g = 0). `continuous=False` is the paper's
+    formula from the first step (no gate).
 
     Auxiliary losses, raw (the caller weighs them; released script: lambda_b 0.1, lambda_z 0.01):
         balance  = T^2 * mean_{b,i}( mean_n P[b,n,i] * frac_n(top1[b,n] == i) )  (Switch, per
@@ -233,23 +292,30 @@ class CTMoA(nn.Module):
 
     Vectorised over batch and tokens; loops over the T experts only. top_k == T: every expert
     runs densely on all tokens. top_k < T: each expert runs only on the tokens that selected
-    it, gathered from the whole batch and scattered back with index_add_ (litgpt-style), so an
-    unselected expert costs nothing and contributes exactly zero. Note: with top_k = 1 the
+    it, gathered from the whole batch and scattered back with index_add (litgpt-style) into a
+    float32 accumulator (so bf16 autocast outputs and the fp32 weights never meet in index_add),
+    so an unselected expert costs nothing and contributes exactly zero. Note: with top_k = 1 the
     renormalised weight is p/p = 1, so the router learns only through the auxiliary losses
     (Switch keeps the raw p instead; SPEC follows the released code's renormalisation)."""
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
-                 use_difference: bool = False):
+                 use_difference: bool = False, continuous: bool = True,
+                 generator: torch.Generator | None = None):
         super().__init__()
         top_k = num_tasks if top_k is None else top_k
         if not 1 <= top_k <= num_tasks:
             raise ValueError(f"top_k must be in [1, {num_tasks}] (number of tasks), got {top_k}")
         self.num_tasks, self.top_k, self.use_difference = num_tasks, top_k, use_difference
-        self.psi_t = Adapter(in_dim, out_dim)                                       # h_0, trainable
-        self.psi_t_other = nn.ModuleList(Adapter(in_dim, out_dim) for _ in range(num_tasks - 1))
-        self.psi_c = nn.ModuleList(Adapter(in_dim, out_dim, zero_last=True) for _ in range(num_tasks - 1))
+        g = generator
+        self.psi_t = Adapter(in_dim, out_dim, generator=g)                          # h_0, trainable
+        self.psi_t_other = nn.ModuleList(Adapter(in_dim, out_dim, generator=g) for _ in range(num_tasks - 1))
+        self.psi_c = nn.ModuleList(Adapter(in_dim, out_dim, zero_last=True, generator=g)
+                                   for _ in range(num_tasks - 1))
         self.router = nn.Linear(in_dim, num_tasks, bias=False)                       # phi
-        self.psi_s = Adapter(in_dim, out_dim)
+        if g is not None:
+            reset_linear(self.router, g)
+        self.gate = nn.Parameter(torch.zeros(())) if continuous else None           # g, continuous stage 2
+        self.psi_s = Adapter(in_dim, out_dim, zero_last=True, generator=g)          # frozen
         for p in [*self.psi_t_other.parameters(), *self.psi_s.parameters()]:
             p.requires_grad_(False)
 
@@ -266,22 +332,27 @@ class CTMoA(nn.Module):
         probs = logits.softmax(dim=-1)                                  # (B, N, T)
         top_p, top_i = probs.topk(self.top_k, dim=-1)                   # (B, N, k), (B, N, k)
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)                 # renormalise over top-k
+        own = self.psi_t(h)                                             # (B, N, C) h_0, used twice
 
         if self.top_k == T:  # dense: the renormalised weights are the full softmax
-            moa = sum(probs[..., i:i + 1].to(h.dtype) * self.expert(i, h) for i in range(T))  # (B, N, C)
+            moa = probs[..., :1] * own                                  # (B, N, C), fp32
+            for i in range(1, T):
+                moa = moa + probs[..., i:i + 1] * self.expert(i, h)     # (B, N, C)
         else:  # sparse: per-expert gather of the selected tokens from the whole batch
             flat_h = h.reshape(B * N, Cv)                               # (BN, C_v)
+            flat_own = own.reshape(B * N, -1)                           # (BN, C)
             flat_i = top_i.reshape(B * N, self.top_k)                   # (BN, k)
-            flat_p = top_p.reshape(B * N, self.top_k)                   # (BN, k)
-            C = self.psi_t.linear_2.out_features
-            moa = h.new_zeros(B * N, C)                                 # (BN, C)
+            flat_p = top_p.reshape(B * N, self.top_k)                   # (BN, k), fp32
+            moa = h.new_zeros(B * N, own.shape[-1], dtype=torch.float32)   # (BN, C) fp32 accumulator
             for i in range(T):
                 tok, slot = (flat_i == i).nonzero(as_tuple=True)        # (n_i,), (n_i,)
                 if tok.numel() == 0:
                     continue                                            # unselected: no compute, no grad
-                out_i = self.expert(i, flat_h[tok])                     # (n_i, C)
-                moa = moa.index_add(0, tok, flat_p[tok, slot, None].to(out_i.dtype) * out_i)
+                out_i = flat_own[tok] if i == 0 else self.expert(i, flat_h[tok])   # (n_i, C)
+                moa = moa.index_add(0, tok, flat_p[tok, slot, None] * out_i.float())
             moa = moa.reshape(B, N, -1)                                 # (B, N, C)
+        if self.gate is not None:   # continuous stage 2 [choice]: exactly h_0 at g = 0
+            moa = own + self.gate * (moa - own)                         # (B, N, C)
 
         s = self.psi_s(h)                                               # (B, N, C), frozen
         # Switch balance loss per image: f = fraction of its tokens whose top-1 is expert i
@@ -290,34 +361,34 @@ class CTMoA(nn.Module):
         router_z = torch.logsumexp(logits, dim=-1).pow(2).mean()        # (B, N) -> ()
         losses = dict(balance=balance, router_z=router_z)
         if self.use_difference:
-            losses["difference"] = difference_loss(s, self.psi_t(h))
-        return ConnectorOutput(s + moa, _aux(h, **losses))
+            losses["difference"] = difference_loss(s, own)
+        return ConnectorOutput((s + moa).to(own.dtype), _aux(h, **losses))
+
+
+def expert_tasks(tasks: Sequence[str], own_task: str) -> list[str]:
+    """THE expert order of a CT-MoA for a client of `own_task`: own task first (h_0), then the
+    other tasks sorted by name (h_1 .. h_{T-1}). Everything that places an expert uses this."""
+    if own_task not in tasks:
+        raise KeyError(f"own task {own_task!r} is not among the tasks {sorted(tasks)}")
+    return [own_task] + [t for t in sorted(set(tasks)) if t != own_task]
 
 
 @torch.no_grad()
 def ctmoa_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict[str, torch.Tensor]],
-                      own_task: str, top_k: int | None = None, use_difference: bool = False) -> CTMoA:
-    """Build client k's stage-2 CT-MoA from its stage-1 connector and the server's T global
-    task adapters {task: Adapter state_dict} (SPEC section 4). Expert order: own task first,
-    then the other tasks in sorted order (fixed, the same on every client). psi_s is carried
-    over from stage 1 (then frozen); the router and psi_c's first layer get torch's default init
-    from the global RNG, so build under torch.random.fork_rng with a seed (as fed.py does) for
-    reproducibility."""
-    tasks = sorted(task_adapters)
-    if own_task not in task_adapters:
-        raise KeyError(f"own task {own_task!r} not among the server's task adapters {tasks}")
+                      own_task: str, top_k: int | None = None, use_difference: bool = False,
+                      continuous: bool = True, generator: torch.Generator | None = None) -> CTMoA:
+    """Build client k's stage-2 CT-MoA from its stage-1 connector and the T global task
+    adapters it received {task: Adapter state_dict} (SPEC section 4). Experts in the order of
+    expert_tasks; psi_s is carried over from stage 1 (then frozen); the router and psi_c's first
+    layers are drawn from `generator`. With continuous=True (default) the result's output equals
+    the stage-1 output with psi_t = task_adapters[own_task] exactly."""
+    order = expert_tasks(list(task_adapters), own_task)
     in_dim, out_dim = stage1.psi_t.linear_1.in_features, stage1.psi_t.linear_1.out_features
-    moa = CTMoA(in_dim, out_dim, len(tasks), top_k, use_difference).to(stage1.psi_t.linear_1.weight.device)
-    moa.psi_t.load_state_dict(task_adapters[own_task])
-    for adapter, task in zip(moa.psi_t_other, [t for t in tasks if t != own_task]):
+    moa = CTMoA(in_dim, out_dim, len(order), top_k, use_difference, continuous, generator)
+    for adapter, task in zip([moa.psi_t, *moa.psi_t_other], order):
         adapter.load_state_dict(task_adapters[task])
     moa.psi_s.load_state_dict(stage1.psi_s.state_dict())
-    return moa
-
-
-def expert_tasks(tasks: Sequence[str], own_task: str) -> list[str]:
-    """The task behind each CT-MoA expert for a client of `own_task`: own first, rest sorted."""
-    return [own_task] + [t for t in sorted(tasks) if t != own_task]
+    return moa.to(stage1.psi_t.linear_1.weight.device)
 
 
 # -----------------------------------------------------------------------------
@@ -386,32 +457,66 @@ def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tenso
     return d2.sqrt()
 
 
+ATA_FORMS = ("kernel", "top_m")
+
+
+def _neighbours(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
+    """The top_m nearest other clients of client k (ties broken by client index)."""
+    K = d.shape[0]
+    others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
+    order = torch.sort(d[k, others], stable=True).indices
+    return others[order[:top_m]]                                            # (M,)
+
+
 @torch.no_grad()
 def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
-                top_m: int, eps: float = 1e-8) -> torch.Tensor:
+                top_m: int | None = None, form: str = "kernel", eps: float = 1e-8) -> torch.Tensor:
     """Adaptive text aggregation (ATA) of LoRA, as a (K, K) matrix W, rows sum to 1
-    (SPEC section 5). For client k:
-      1. d_kj = Euclidean distance between the LoRA vectors of clients k and j;
-      2. N_k = the M = top_m nearest other clients (ties broken by client index);
-      3. a_kj = (n_j / (d_kj + eps)) / sum_{j' in N_k} n_j' / (d_kj' + eps);
-      4. LoRA_k <- (n_k LoRA_k + n_N sum_{j in N_k} a_kj LoRA_j) / (n_k + n_N), n_N = sum of
-         the neighbours' counts; i.e. W_kk = n_k/(n_k+n_N), W_kj = n_N a_kj/(n_k+n_N).
-    [choice] The paper does not publish the exact normalisation; this form is scale-free and
-    reduces to FedAvg when all distances are equal and M = K-1.
-    Apply with weighted_average(lora_states, W)."""
+    (SPEC section 5); apply with weighted_average(lora_states, W). d_kj is the Euclidean
+    distance between the LoRA vectors of clients k and j (pairwise_distances); N_k the
+    M = top_m nearest other clients (ties by index). top_m None, or more than the K - 1 other
+    clients there are (client sampling makes K vary), means all of them: this is the one
+    place that rule lives.
+
+    form "kernel" (default) [choice]: the weights come from the distances themselves, as the
+    abstract says ("calculated based on the euclidean distance between parameters"):
+        d_ref = median over clients k of min_{j != k} d_kj   (how near clients' nearest
+                neighbours typically are; a scale of the federation, so W is scale-free)
+        s_kk = n_k,   s_kj = n_j * exp(-d_kj / d_ref) for j in N_k,   W_kj = s_kj / sum_j s_kj
+      A client whose neighbours are far (relative to d_ref) keeps more of its own LoRA;
+      identical clients (all d = 0) get FedAvg, n_j / sum n; d_ref = 0 with some d > 0 gives
+      those clients weight 0.
+
+    form "top_m" (the earlier default, kept as an option):
+        a_kj = (n_j / (d_kj + eps)) / sum_{j' in N_k} n_j' / (d_kj' + eps)
+        W_kk = n_k / (n_k + n_N),   W_kj = n_N a_kj / (n_k + n_N),   n_N = sum_{j in N_k} n_j
+      Scale-free and FedAvg when all distances are equal and M = K-1; but with M = 1 the
+      self-weight is a constant 1/2 and distance only picks the neighbour.
+    [choice] The paper publishes neither form's exact normalisation."""
     K = len(lora_states)
-    if not 0 <= top_m <= K - 1:
-        raise ValueError(f"ata_top_m must be in [0, {K - 1}] for {K} clients, got {top_m}")
+    if form not in ATA_FORMS:
+        raise ValueError(f"ATA form must be one of {ATA_FORMS}, got {form!r}")
+    if top_m is not None and top_m < 0:
+        raise ValueError(f"ata_top_m must be >= 0 or None, got {top_m}")
+    m = K - 1 if top_m is None else min(top_m, K - 1)
     n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
     d = pairwise_distances(lora_states)                                     # (K, K)
     W = torch.zeros(K, K, dtype=torch.float64)
+    if form == "kernel":
+        if K > 1:
+            nearest = (d + torch.diag(torch.full((K,), float("inf"), dtype=torch.float64))).min(dim=1).values
+            d_ref = nearest.median()                                        # ()
+            ratio = torch.where(d == 0, torch.zeros_like(d), d / d_ref)     # (K, K), inf where d_ref = 0 < d
+        for k in range(K):
+            W[k, k] = n[k]
+            nbrs = _neighbours(d, k, m) if m > 0 else torch.zeros(0, dtype=torch.long)
+            W[k, nbrs] = n[nbrs] * torch.exp(-ratio[k, nbrs])
+        return (W / W.sum(dim=1, keepdim=True)).float()
     for k in range(K):
-        others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
-        order = torch.sort(d[k, others], stable=True).indices
-        nbrs = others[order[:top_m]]                                        # (M,)
+        nbrs = _neighbours(d, k, m)
         score = n[nbrs] / (d[k, nbrs] + eps)                                # (M,)
         n_nbr = n[nbrs].sum()
         W[k, k] = n[k] / (n[k] + n_nbr)
-        if top_m > 0:
+        if m > 0:
             W[k, nbrs] = n_nbr * (score / score.sum()) / (n[k] + n_nbr)
     return W.float()

@@ -20,9 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import fcntl
+import hashlib
 import json
+import math
 import operator
 import os
+import re
 import resource
 import shutil
 import sys
@@ -39,6 +43,7 @@ from tqdm import tqdm
 import data as data_mod
 import fed as fed_mod
 import model as model_mod
+import pilot
 
 # -----------------------------------------------------------------------------
 # Config
@@ -54,7 +59,11 @@ class Config:
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad config value, file or command line: exit code 2."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, an unreadable run directory): exit code 1."""
 
 
 def _check_type(value, tp, key: str):
@@ -113,8 +122,9 @@ def from_dict(cls, d: dict, prefix: str = ""):
 
 
 def validate(cfg: Config) -> None:
-    """Impossible values fail before any model is loaded, naming the key."""
-    f, m = cfg.fed, cfg.model
+    """Every value that could only fail later fails here, before any model loads, naming the key."""
+    f, m, d = cfg.fed, cfg.model, cfg.data
+    finite = math.isfinite
     checks = [
         (f.method in fed_mod.METHODS, "fed.method", f"one of {fed_mod.METHODS}"),
         (f.stage1_rounds >= 0, "fed.stage1_rounds", ">= 0"),
@@ -123,18 +133,37 @@ def validate(cfg: Config) -> None:
         (not (f.method.startswith("pilot") and f.method != "pilot_no_moa" and f.stage2_rounds > 0
               and f.stage1_rounds < 1), "fed.stage1_rounds", ">= 1 when stage 2 runs (it needs stage-1 adapters)"),
         (f.local_epochs >= 1, "fed.local_epochs", ">= 1"),
-        (cfg.data.clients_per_task >= 1, "data.clients_per_task", ">= 1 (a task needs clients)"),
-        (cfg.data.train_per_client >= 1, "data.train_per_client", ">= 1 (a client needs data)"),
-        (cfg.data.test_per_client >= 1, "data.test_per_client", ">= 1 (a client needs a test split)"),
         (0 < f.client_fraction <= 1, "fed.client_fraction", "in (0, 1]"),
         (f.batch_size >= 1, "fed.batch_size", ">= 1"),
         (f.grad_accum >= 1, "fed.grad_accum", ">= 1"),
+        (f.eval_batch_size >= 1, "fed.eval_batch_size", ">= 1"),
+        *[(finite(getattr(f, k)) and getattr(f, k) >= 0, f"fed.{k}", "a finite number >= 0")
+          for k in ("lr_connector", "lr_lora_stage1", "lr_lora_stage2", "weight_decay", "prox_mu",
+                    "lambda_d", "lambda_d_stage2", "lambda_b", "lambda_z")],
+        (finite(f.grad_clip) and f.grad_clip > 0, "fed.grad_clip", "a finite number > 0 (a negative norm flips the gradients)"),
+        (0 <= f.warmup_ratio <= 1, "fed.warmup_ratio", "in [0, 1]"),
         (f.top_k is None or f.top_k >= 1, "fed.top_k", ">= 1 or null"),
         (f.ata_top_m is None or f.ata_top_m >= 0, "fed.ata_top_m", ">= 0 or null"),
+        (f.ata_form in pilot.ATA_FORMS, "fed.ata_form", f"one of {pilot.ATA_FORMS}"),
         (m.lora_r > 0, "model.lora_r", "> 0"),
+        (finite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", "a finite number > 0"),
+        (0 <= m.lora_dropout < 1, "model.lora_dropout", "in [0, 1)"),
+        (bool(m.lora_targets) and not {"lm_head", "embed_tokens"} & set(m.lora_targets), "model.lora_targets",
+         "a non-empty list of decoder linear names, never lm_head or embed_tokens (SPEC section 2)"),
         (m.dtype in model_mod.DTYPES, "model.dtype", f"one of {sorted(model_mod.DTYPES)}"),
-        (cfg.data.scenario in (*data_mod.SCENARIOS, "manifest"), "data.scenario",
-         f"one of {sorted(data_mod.SCENARIOS) + ['manifest']}"),
+        (m.device == "cpu" or m.device.startswith("cuda"), "model.device", "cpu or cuda[:N]"),
+        (m.embedded_pretrain_steps >= 1, "model.embedded_pretrain_steps", ">= 1"),
+        (d.scenario in (*data_mod.SCENARIOS, "manifest"), "data.scenario", f"one of {sorted(data_mod.SCENARIOS) + ['manifest']}"),
+        (d.manifest is None or d.scenario == "manifest", "data.manifest", "null unless data.scenario is 'manifest'"),
+        (d.scenario != "manifest" or bool(d.manifest), "data.manifest", "a path when data.scenario is 'manifest'"),
+        (d.clients_per_task >= 1, "data.clients_per_task", ">= 1 (a task needs clients)"),
+        (d.train_per_client >= 1, "data.train_per_client", ">= 1 (a client needs data)"),
+        (d.test_per_client >= 1, "data.test_per_client", ">= 1 (a client needs a test split)"),
+        (d.val_per_client >= 0, "data.val_per_client", ">= 0"),
+        (d.image_size >= 1, "data.image_size", ">= 1"),
+        (d.max_image_side >= 1, "data.max_image_side", ">= 1"),
+        (d.max_length >= 1, "data.max_length", ">= 1"),
+        (d.max_new_tokens >= 1, "data.max_new_tokens", ">= 1"),
     ]
     for ok, key, allowed in checks:
         if not ok:
@@ -143,8 +172,11 @@ def validate(cfg: Config) -> None:
 
 
 def load_config(path: str, overrides: list[str]) -> Config:
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
+    """config.yaml plus --set overrides -> a checked Config; every failure names the file or key."""
+    try:
+        raw = data_mod.read_yaml(path, "config") or {}
+    except data_mod.DataError as e:
+        raise ConfigError(str(e)) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. fed.method=fedavg")
@@ -155,14 +187,122 @@ def load_config(path: str, overrides: list[str]) -> Config:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: {value!r} is not a YAML value") from None
     cfg = from_dict(Config, raw)
     validate(cfg)
     return cfg
 
 
 # -----------------------------------------------------------------------------
+# The run directory: one run owns it (a lock, and refusal to mix runs), and what defines a run
+
+# What defines a run: a resume must match these exactly. Every other key (the rounds of stage
+# 2, learning rates, loss weights, epochs, ATA's settings, evaluation) may change on resume;
+# the change is printed and applies from the next round on.
+IDENTITY_KEYS = ("seed", "fed.method", "fed.stage1_rounds", "fed.top_k", "fed.continuous_stage2",
+                 "fed.released_init", "model.llava", "model.vision", "model.llm", "model.projector",
+                 "model.lora_r", "model.lora_alpha", "model.lora_targets", "model.dtype",
+                 "model.embedded_pretrain_steps", "data.scenario", "data.manifest")
+
+
+def claim_run_dir(run_dir: str, resume: bool, overwrite: bool):
+    """Lock run_dir for this process (a second process is refused at once) and make sure a
+    fresh run does not write over another run's files. Returns the open lock file: keep it
+    open for the whole run (the OS releases the lock if the process dies)."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ConfigError(f"run_dir {run_dir} is in use by another running process (pid {holder})") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    others = sorted(f for f in os.listdir(run_dir) if f != ".lock")
+    if others and not resume:
+        if not overwrite:
+            lock.close()
+            raise ConfigError(f"run_dir {run_dir} already holds a run ({', '.join(others[:5])}): continue it with "
+                              "--resume, replace it with --overwrite, or set another run_dir")
+        for name in others:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    return lock
+
+
+def run_identity(cfg: Config, clients) -> dict:
+    """The keys that define a run, its clients (name, task, split sizes) and a digest of their data."""
+    flat = {k: operator.attrgetter(k)(cfg) for k in IDENTITY_KEYS}
+    digest = hashlib.sha256()
+    for c in clients:
+        for s in c.train + c.val + c.test:
+            digest.update(repr((c.name, s.id, s.turns)).encode())
+            digest.update(s.image.tobytes())
+    flat["clients"] = [[c.name, c.task, len(c.train), len(c.val), len(c.test)] for c in clients]
+    flat["data_sha256"] = digest.hexdigest()
+    return flat
+
+
+def check_resume(run_dir: str, cfg: Config, clients) -> None:
+    """Refuse a resume whose config or data differ from the run's in what defines it, naming
+    each key; print the other keys that changed. Only then write config.resolved.yaml."""
+    now = run_identity(cfg, clients)
+    path = os.path.join(run_dir, "run.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)
+            before, old_cfg = saved["identity"], saved["config"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{path} is unreadable ({type(e).__name__}: {e}): cannot check what --resume would continue") from None
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if diff:
+            shown = "; ".join(f"{k}: {_short(before.get(k))} in the run, {_short(now.get(k))} now" for k in diff)
+            raise ConfigError(f"--resume refused: {run_dir} holds a different run ({shown}). "
+                              "Use another run_dir, or --overwrite to replace it")
+        changed = _changed_keys(old_cfg, dataclasses.asdict(cfg))
+        if changed:
+            print(f"resume: changed since the run started, applied from the next round: {', '.join(changed)}",
+                  file=sys.stderr)
+    elif any(os.path.isdir(os.path.join(run_dir, d)) for d in ("ckpt",)):
+        raise RunError(f"{run_dir} has checkpoints but no run.json: cannot check what --resume would continue")
+    write_atomic(path, json.dumps({"identity": now, "config": dataclasses.asdict(cfg)}, indent=1))
+    write_atomic(os.path.join(run_dir, "config.resolved.yaml"), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: <run_dir>/ckpt/round_XXX/{client_<name>.safetensors, server.safetensors, meta.json}
+
+
+def _rounds(root: str) -> list[str]:
+    """Complete round directories, oldest first (by number, not by name)."""
+    if not os.path.isdir(root):
+        return []
+    names = [d for d in os.listdir(root) if re.fullmatch(r"round_\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("_")[1]))
 
 
 def save_checkpoint(run_dir: str, r: int, fedn: fed_mod.Federation, cfg: Config) -> None:
@@ -195,7 +335,7 @@ def save_checkpoint(run_dir: str, r: int, fedn: fed_mod.Federation, cfg: Config)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in sorted(d for d in os.listdir(root) if d.startswith("round_"))[:-2]:
+    for old in _rounds(root)[:-2]:
         shutil.rmtree(os.path.join(root, old))
 
 
@@ -215,46 +355,51 @@ def _load_copy(name: str) -> dict[str, torch.Tensor]:
 
 
 def _read_round(path: str, fedn: fed_mod.Federation) -> tuple[dict, dict, list]:
-    """Read one round's checkpoint completely, or raise naming the bad file."""
+    """Read one round's checkpoint completely and check it, or raise ValueError naming the bad file."""
     name = os.path.join(path, "meta.json")
     try:
         with open(name) as fh:
             meta = json.load(fh)
+        if not isinstance(meta, dict) or not isinstance(meta.get("round"), int) or meta.get("stage") not in (1, 2):
+            raise ValueError("meta.json lacks an integer 'round' or a 'stage' of 1 or 2")
         name = os.path.join(path, "server.safetensors")
         server = _load_copy(name)
-        states = []
+        states, want = [], fedn.state_keys(meta["stage"])
         for client in fedn.clients:
             name = os.path.join(path, f"client_{client.name}.safetensors")
             states.append(_load_copy(name))
-    except Exception as e:  # truncated or corrupted: json, safetensors and OS errors alike
+            if set(states[-1]) != want:
+                raise ValueError(f"its keys are not those of a stage-{meta['stage']} client state of this run")
+    except Exception as e:  # truncated, corrupted or incomplete: json, safetensors and OS errors alike
         raise ValueError(f"checkpoint file {name} is unreadable ({type(e).__name__}: {e})") from None
     return meta, server, states
 
 
 def load_checkpoint(run_dir: str, fedn: fed_mod.Federation) -> int:
-    """Restore the newest readable round into `fedn`; returns that round (0 if none). A
-    truncated or corrupted checkpoint is reported by file name and the previous round is used."""
+    """Restore the newest readable round into `fedn`; returns that round (0 if there is none).
+    A bad checkpoint is reported by file name and the previous round is used; if rounds exist
+    but none is readable, stop (RunError) rather than start over and lose the log."""
     root = os.path.join(run_dir, "ckpt")
-    rounds = sorted(d for d in os.listdir(root) if d.startswith("round_")) if os.path.isdir(root) else []
+    rounds = _rounds(root)
     for d in reversed(rounds):
         try:
             meta, server, states = _read_round(os.path.join(root, d), fedn)
         except ValueError as e:
             print(f"warning: {e}; falling back to the previous round", file=sys.stderr)
             continue
-        if meta["stage"] == 2 and fedn.stage == 1:
-            fedn.enter_stage2_structure()
-        for client, state, current in zip(fedn.clients, states, fedn.states):
-            if set(state) != set(current):
-                raise KeyError(f"{root}/{d}: client {client.name} state keys do not fit this config's model")
+        fedn.set_stage(meta["stage"])
         fedn.server.load_state(server)
         fedn.states = states
         return meta["round"]
+    if rounds:
+        raise RunError(f"no checkpoint in {root} is readable; nothing was changed (start over with --overwrite)")
     return 0
 
 
 # -----------------------------------------------------------------------------
 # Results
+
+HEADLINE = "after_local"   # [choice] the score the README and results.json's "mean" report; see README
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -264,21 +409,26 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def results_table(final: dict, cross: dict, clients, comm_total: dict) -> str:
+def _mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)
+
+
+def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
     tasks = sorted({c.task for c in clients})
-    lines = ["| client | task | own test | " + " | ".join(f"on {t}" for t in tasks) + " |",
-             "|---|---|---|" + "---|" * len(tasks)]
+    lines = ["| client | task | after local training | after download | " + " | ".join(f"on {t}" for t in tasks) + " |",
+             "|---|---|---|---|" + "---|" * len(tasks)]
     for c in clients:
         cells = [f"{cross[c.name][t]:.3f}" if t in cross.get(c.name, {}) else "-" for t in tasks]
-        lines.append(f"| {c.name} | {c.task} | {final[c.name]:.3f} | " + " | ".join(cells) + " |")
-    mean = sum(final.values()) / len(final)
-    lines.append(f"| **mean** | | **{mean:.3f}** |" + " |" * len(tasks))
+        lines.append(f"| {c.name} | {c.task} | {last['after_local'][c.name]:.3f} | "
+                     f"{last['after_download'][c.name]:.3f} | " + " | ".join(cells) + " |")
+    lines.append(f"| **mean** | | **{_mean(last['after_local']):.3f}** | **{_mean(last['after_download']):.3f}** |"
+                 + " |" * len(tasks))
     comm = ", ".join(f"{g} {b / 2 ** 20:.2f} MiB" for g, b in sorted(comm_total.items())) or "none"
     return "\n".join(lines) + f"\n\nCommunication, all clients and rounds, up + down: {comm}\n"
 
 
 # -----------------------------------------------------------------------------
-# Main
+# Main: the story of a run, each step a named function
 
 
 def dry_run(cfg: Config) -> str:
@@ -298,65 +448,56 @@ def dry_run(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def build(cfg: Config):
-    """Load data (fails fast on bad records), then the base model, then the federation."""
+def load_data(cfg: Config):
+    """The clients' data, checked against the configured base's tokenizer, before any weight
+    loads: bad records, over-long samples, unknown answer words, top_k and LoRA targets."""
     clients = data_mod.load_clients(cfg.data, cfg.seed)
     n_tasks = len({c.task for c in clients})
     if cfg.fed.top_k is not None and cfg.fed.top_k > n_tasks:
         raise ConfigError(f"fed.top_k = {cfg.fed.top_k}: must be <= the number of tasks ({n_tasks})")
+    missing = model_mod.missing_lora_targets(cfg.model)
+    if missing:
+        raise ConfigError(f"model.lora_targets: {missing} match no linear layer of the language model")
+    tok, image_token_id, n_image_tokens = model_mod.load_text_side(cfg.model)
+    text_enc = data_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
+    for warning in data_mod.check_encodable(clients, text_enc, cfg.data.skip_bad_records):
+        print(f"warning: {warning}", file=sys.stderr)
+    return clients
+
+
+def build(cfg: Config, clients=None) -> fed_mod.Federation:
+    """Data (checked first), then the base model, then the federation. The initial connector
+    and LoRA come from one generator derived from the seed, the same for every client."""
+    clients = load_data(cfg) if clients is None else clients
     base = model_mod.load_base(cfg.model)
     kind = "stage1" if cfg.fed.method.startswith("pilot") else "plain"
-    with torch.random.fork_rng(devices=[]):   # initial connector + LoRA: one draw, shared by all clients
-        torch.manual_seed(fed_mod.derive_seed(cfg.seed, "init"))
-        connector = model_mod.build_connector(kind, base, cfg.fed.released_init)
-        model = model_mod.build_model(base, connector, cfg.model)
+    init = fed_mod.generator(cfg.seed, "init")
+    connector = model_mod.build_connector(kind, base, cfg.fed.released_init, init)
+    model = model_mod.build_model(base, connector, cfg.model, init)
     enc = data_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
                            cfg.data.system_prompt, cfg.data.max_length)
     return fed_mod.Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="config.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    ap.add_argument("--resume", action="store_true", help="continue from the last completed round")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="print parameters, traffic and a GPU memory estimate; load no weights")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        sys.exit(f"{args.config}: {e}")
-    if args.dry_run:
-        report = dry_run(cfg)
-        print(report)
-        return {"dry_run": report}
-    run_dir = cfg.run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for what runs in fp32 on Ampere+ GPUs
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        fedn = build(cfg)
-    except (ConfigError, data_mod.DataError) as e:
-        sys.exit(f"{args.config}: {e}")
-    for c in fedn.clients:
-        if c.skipped:
-            print(f"client {c.name}: skipped {len(c.skipped)} bad records:\n  " + "\n  ".join(c.skipped), file=sys.stderr)
-    log_path = os.path.join(run_dir, "log.jsonl")
-    start = load_checkpoint(run_dir, fedn) if args.resume else 0
+def resume_log(run_dir: str, start: int) -> list[dict]:
+    """The log records of the rounds up to `start`; the log is rewritten to hold exactly those
+    (a line torn by a kill mid-write is dropped: its round reruns)."""
+    path = os.path.join(run_dir, "log.jsonl")
     records = []
-    if start and os.path.exists(log_path):   # keep the log of completed rounds only
-        with open(log_path) as fh:
+    if start and os.path.exists(path):
+        with open(path) as fh:
             for line in fh:
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError:   # a line torn by a kill mid-write: its round reruns
+                except json.JSONDecodeError:
                     pass
-        records = [rec for rec in records if rec["round"] <= start]
-    write_atomic(log_path, "".join(json.dumps(rec) + "\n" for rec in records))   # a kill here loses nothing
-    with open(os.path.join(run_dir, "config.resolved.yaml"), "w") as fh:
-        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
+        records = [rec for rec in records if isinstance(rec, dict) and rec.get("round", start + 1) <= start]
+    write_atomic(path, "".join(json.dumps(rec) + "\n" for rec in records))   # a kill here loses nothing
+    return records
 
+
+def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[dict]) -> list[dict]:
+    """Rounds start+1 .. total: train, score, log one JSON line, checkpoint."""
     rounds = tqdm(range(start + 1, fedn.total_rounds + 1), desc="rounds", initial=start,
                   total=fedn.total_rounds, disable=None)
     for r in rounds:
@@ -365,22 +506,28 @@ def main(argv=None) -> dict:
             try:
                 record = fedn.run_round(r, progress=steps)
             except FloatingPointError as e:   # the last good checkpoint stays as it is
-                sys.exit(f"stopped: {e}; the last complete round's checkpoint is in {run_dir}/ckpt")
+                raise RunError(f"stopped: {e}; the last complete round's checkpoint is in {cfg.run_dir}/ckpt") from None
         for name in record["excluded"]:
             print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation",
                   file=sys.stderr)
-        t_train = time.perf_counter() - t0
-        record["metrics"] = fedn.evaluate_own()
-        record["mean_metric"] = sum(record["metrics"].values()) / len(record["metrics"])
+        record["mean"] = {p: _mean(record[p]) for p in fed_mod.EVAL_POINTS}
         record["memory"] = peak_memory_mb()
-        record["seconds"] = {"round": round(t_train, 3), "eval": round(time.perf_counter() - t0 - t_train, 3)}
-        rounds.set_postfix(stage=record["stage"], mean=f"{record['mean_metric']:.3f}")
-        with open(log_path, "a") as fh:
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        rounds.set_postfix(stage=record["stage"], mean=f"{record['mean'][HEADLINE]:.3f}")
+        with open(os.path.join(cfg.run_dir, "log.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
         records.append(record)
-        save_checkpoint(run_dir, r, fedn, cfg)
+        save_checkpoint(cfg.run_dir, r, fedn, cfg)
+    return records
 
-    final = records[-1]["metrics"] if records else fedn.evaluate_own()
+
+def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
+    """Cross-task evaluation, then results.md and results.json (both evaluation points)."""
+    if records:
+        last = {p: records[-1][p] for p in fed_mod.EVAL_POINTS}
+    else:   # zero rounds left to run: score the states as they are
+        scores = {c.name: fedn.score(k)["test"] for k, c in enumerate(fedn.clients)}
+        last = {p: scores for p in fed_mod.EVAL_POINTS}
     cross = fedn.evaluate_cross()
     comm_total: dict[str, int] = {}
     for rec in records:
@@ -388,18 +535,82 @@ def main(argv=None) -> dict:
             for direction in ("up", "down"):
                 for g, b in per[direction].items():
                     comm_total[g] = comm_total.get(g, 0) + b
-    table = results_table(final, cross, fedn.clients, comm_total)
-    header = (f"# {cfg.fed.method}, scenario {cfg.data.scenario}, seed {cfg.seed}, "
-              f"{fedn.total_rounds} rounds\n\n")
-    write_atomic(os.path.join(run_dir, "results.md"), header + table)
-    results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed,
-               "own": final, "mean": sum(final.values()) / len(final), "cross": cross,
-               "comm_bytes": comm_total, "rounds": [rec["mean_metric"] for rec in records],
+    header = (f"# {cfg.fed.method}, scenario {cfg.data.scenario}, seed {cfg.seed}, {fedn.total_rounds} rounds; "
+              f"headline: {HEADLINE}\n\n")
+    table = results_table(last, cross, fedn.clients, comm_total)
+    write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)
+    results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed, "headline": HEADLINE,
+               "own": last[HEADLINE], "mean": _mean(last[HEADLINE]),
+               **{p: {"own": last[p], "mean": _mean(last[p]),
+                      "rounds": [rec["mean"][p] for rec in records],
+                      "val_mean": _mean(records[-1]["val"][p]) if records and "val" in records[-1] else None}
+                  for p in fed_mod.EVAL_POINTS},
+               "cross": cross, "comm_bytes": comm_total, "rounds": [rec["mean"][HEADLINE] for rec in records],
                "skipped_records": {c.name: c.skipped for c in fedn.clients if c.skipped}}
-    write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
+    write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
     print(header + table)
     return results
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="config.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last completed round")
+    ap.add_argument("--overwrite", action="store_true", help="replace whatever run run_dir holds")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print parameters, traffic and a GPU memory estimate; load no weights")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """The run, as a story: config -> run_dir -> data -> (resume check) -> model -> rounds -> results.
+    Failures raise ConfigError / DataError (exit 2) or RunError (exit 1); see cli()."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        report = dry_run(cfg)
+        print(report)
+        return {"dry_run": report}
+    torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for what runs in fp32 on Ampere+ GPUs
+    torch.backends.cudnn.allow_tf32 = True
+    lock = claim_run_dir(cfg.run_dir, args.resume, args.overwrite)
+    try:
+        clients = load_data(cfg)
+        check_resume(cfg.run_dir, cfg, clients)   # also records a fresh run's identity
+        for c in clients:
+            if c.skipped:
+                print(f"client {c.name}: skipped {len(c.skipped)} bad records:\n  " + "\n  ".join(c.skipped),
+                      file=sys.stderr)
+        fedn = build(cfg, clients)
+        start = load_checkpoint(cfg.run_dir, fedn) if args.resume else 0
+        records = run_rounds(cfg, fedn, start, resume_log(cfg.run_dir, start))
+        return finish(cfg, fedn, records)
+    finally:
+        lock.close()
+
+
+def cli(argv=None) -> None:
+    """`python train.py ...`: every failure is one line naming the file, key or record; exit
+    code 2 for config and data, 1 for a run that cannot go on; --debug shows the traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (ConfigError, data_mod.DataError, RunError) as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, RunError) else 2)
+    except KeyboardInterrupt:
+        print("interrupted: the last complete round's checkpoint is kept; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:   # anything unforeseen still ends in one line (the traceback with --debug)
+        if "--debug" in argv:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

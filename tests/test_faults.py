@@ -100,8 +100,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, e
     run = tmp_path / "run"
     train.main(["--config", config, "--set", "fed.stage1_rounds=1", "--set", "fed.stage2_rounds=0"])
     before = _final_states(run)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--config", config, "--resume", "--set", "fed.lr_connector=1e30", "--set", "fed.lr_lora_stage1=1e30"])
+    with pytest.raises(train.RunError) as e:
+        train.main(["--config", config, "--resume", "--set", "fed.stage1_rounds=1", "--set", "fed.lr_connector=1e30",
+                    "--set", "fed.lr_lora_stage2=1e30"])
     assert "non-finite loss" in str(e.value) and "round 2 step" in str(e.value) and "client colour0" in str(e.value)
     assert sorted(os.listdir(run / "ckpt")) == ["round_001"]
     assert _same(_final_states(run), before)
@@ -122,14 +123,17 @@ def test_a_non_finite_update_is_left_out_of_aggregation(tiny_llava_dir, monkeypa
     monkeypatch.setattr(fed, "local_train", poisoned)
     rec = f.run_round(1)
     assert rec["excluded"] == [f.clients[0].name]
-    assert f.clients[0].name not in rec["comm"]
-    assert all(torch.equal(before[k], v) for k, v in f.states[0].items())
+    assert rec["comm"][f.clients[0].name] == {"up": {}, "down": {"task_adapter": rec["comm"][f.clients[0].name]["down"]["task_adapter"]}}
+    # it uploaded nothing and got no LoRA back; only its task's global adapter (made from the others)
+    assert all(torch.equal(before[k], v) for k, v in f.states[0].items() if not k.startswith(fed.OWN_ADAPTER))
+    mate = next(k for k, c in enumerate(f.clients) if k and c.task == f.clients[0].task)
+    assert all(torch.equal(f.states[0][k], f.states[mate][k]) for k in f.states[0] if k.startswith(fed.OWN_ADAPTER))
     assert all(torch.isfinite(v).all() for s in f.states for v in s.values())
 
 
 def test_the_server_sees_only_uploads_and_answers_as_a_function_of_them():
     server = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1)
-    assert set(vars(server)) == {"method", "tasks", "n_samples", "ata_top_m", "task_adapters"}
+    assert set(vars(server)) == {"method", "tasks", "n_samples", "ata_top_m", "ata_form", "task_adapters"}
     uploads = {k: {"lora": {"lm.x.lora_A": torch.randn(4)},
                    "task_adapter": {"connector.psi_t.w": torch.randn(2)}} for k in range(3)}
     first = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1).aggregate(copy.deepcopy(uploads), True)

@@ -57,7 +57,7 @@ def _equidistant_uploads(K, with_adapter):
 def test_pilot_with_equal_distances_and_m_k_minus_1_aggregates_lora_like_fedavg():
     n = [3, 1, 2, 6]
     tasks = ["a", "a", "b", "b"]
-    pil = fed.Server("pilot", tasks, n, ata_top_m=None).aggregate(_equidistant_uploads(4, True), False)
+    pil = fed.Server("pilot", tasks, n, ata_top_m=None, ata_form="top_m").aggregate(_equidistant_uploads(4, True), False)
     avg = fed.Server("fedavg", tasks, n, None).aggregate(_equidistant_uploads(4, False), False)
     for k in range(4):
         torch.testing.assert_close(pil[k]["lora"], avg[k]["lora"])

@@ -48,6 +48,24 @@ def test_lora_dropout_acts_on_lora_path_only():
     assert torch.equal(layer.train()(x), base(x))
 
 
+def test_lora_dropout_masks_come_from_the_set_generator():
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 8)
+    pilot.set_dropout_generator(layer, _g(3))
+    a = layer(x)
+    pilot.set_dropout_generator(layer, _g(3))
+    torch.manual_seed(123)                              # the global RNG plays no part
+    assert torch.equal(a, layer(x))
+    pilot.set_dropout_generator(layer, _g(4))
+    assert not torch.equal(a, layer(x))
+    # expectation: the mean over many masks approaches the dropout-free output (inverted dropout)
+    pilot.set_dropout_generator(layer, _g(0))
+    mean = torch.stack([layer(x) for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, layer.eval()(x), rtol=0.1, atol=0.1)
+
+
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -145,12 +163,11 @@ def test_stage1_starts_equal_to_the_task_adapter():
     assert released.psi_s(h).abs().sum() > 0
 
 
-def _random_ctmoa(T=3, top_k=None, seed=0):
-    torch.manual_seed(seed)
-    moa = CTMoA(4, 6, T, top_k)
+def _random_ctmoa(T=3, top_k=None, seed=0, continuous=True):
+    moa = CTMoA(4, 6, T, top_k, continuous=continuous, generator=_g(seed))
     with torch.no_grad():
         for p in moa.parameters():
-            p.normal_(std=0.5)     # non-zero psi_c and a non-uniform router
+            p.normal_(std=0.5, generator=_g(seed + 1))     # non-zero psi_c, gate, a non-uniform router
     return moa
 
 
@@ -164,25 +181,101 @@ def _slow_ctmoa(moa, h):
             p = torch.softmax(moa.router(x), dim=-1)
             top = torch.topk(p, moa.top_k).indices.tolist()
             z = sum(p[i] for i in top)
-            out[b, n] = moa.psi_s(x)
+            mix = torch.zeros(out.shape[-1])
             for i in top:
                 if i == 0:
                     e = moa.psi_t(x)
                 else:
                     e = moa.psi_t_other[i - 1](x) + moa.psi_c[i - 1](x)
-                out[b, n] += p[i] / z * e
+                mix += p[i] / z * e
+            if moa.gate is not None:   # continuous stage 2: h_0 + g (mixture - h_0)
+                mix = moa.psi_t(x) + moa.gate * (mix - moa.psi_t(x))
+            out[b, n] = moa.psi_s(x) + mix
     return out
 
 
+@pytest.mark.parametrize("continuous", [True, False])
 @pytest.mark.parametrize("top_k", [3, 2, 1])
-def test_ctmoa_equals_a_slow_loop_reference(top_k):
-    moa = _random_ctmoa(top_k=top_k)
-    h = torch.randn(2, 5, 4)
+def test_ctmoa_equals_a_slow_loop_reference(top_k, continuous):
+    moa = _random_ctmoa(top_k=top_k, continuous=continuous)
+    h = torch.randn(2, 5, 4, generator=_g(7))
     torch.testing.assert_close(moa(h).tokens, _slow_ctmoa(moa, h), rtol=1e-5, atol=1e-5)
 
 
+def _stage1_and_adapters(seed=0):
+    """A trained-looking stage-1 connector and three task adapters that all differ."""
+    stage1 = TaskClientConnector(4, 6, generator=_g(seed))
+    with torch.no_grad():
+        stage1.psi_s.linear_2.weight.normal_(generator=_g(seed + 1))
+    adapters = {t: pilot.Adapter(4, 6, generator=_g(seed + 2 + i)).state_dict()
+                for i, t in enumerate(("count", "colour", "shape"))}
+    return stage1, adapters
+
+
+@pytest.mark.parametrize("top_k", [3, 2, 1])
+def test_continuous_stage2_starts_exactly_where_stage1_ended(top_k):
+    stage1, adapters = _stage1_and_adapters()
+    h = torch.randn(2, 5, 4, generator=_g(9))
+    with torch.no_grad():
+        stage1.psi_t.load_state_dict(adapters["colour"])      # stage 1 with psi_t = own global adapter
+        before = stage1(h).tokens
+        after = ctmoa_from_stage1(stage1, adapters, "colour", top_k, generator=_g(3))(h).tokens
+        jump = ctmoa_from_stage1(stage1, adapters, "colour", top_k, continuous=False, generator=_g(3))(h).tokens
+    assert ((after - before).norm() / before.norm()).item() <= 1e-5
+    assert ((jump - before).norm() / before.norm()).item() > 1e-2   # the paper's mix from step 0 jumps
+
+
+def test_continuous_stage2_keeps_the_router_and_the_gate_learning():
+    stage1, adapters = _stage1_and_adapters()
+    moa = ctmoa_from_stage1(stage1, adapters, "colour", generator=_g(3))
+    h = torch.randn(2, 5, 4, generator=_g(9))
+    out = moa(h)
+    (out.tokens.pow(2).sum() + out.aux["balance"] + out.aux["router_z"]).backward()
+    assert moa.gate.grad.abs().item() > 0                          # the output moves g away from 0
+    assert moa.router.weight.grad.abs().sum().item() > 0          # aux losses train the router from step 0
+    moa.zero_grad()
+    with torch.no_grad():
+        moa.gate.fill_(0.5)
+    moa(h).tokens.pow(2).sum().backward()                          # once g != 0 the output reaches it too
+    assert moa.router.weight.grad.abs().sum().item() > 0
+
+
+def test_a_directly_built_ctmoa_adds_nothing_from_psi_s():
+    moa = CTMoA(4, 6, 3, continuous=False)
+    h = torch.randn(2, 3, 4)
+    assert torch.equal(moa.psi_s(h), torch.zeros(2, 3, 6))
+
+
+@pytest.mark.parametrize("top_k", [3, 2, 1])
+def test_ctmoa_forward_and_backward_under_bf16_autocast(top_k):
+    moa = _random_ctmoa(top_k=top_k)
+    h = torch.randn(2, 5, 4, generator=_g(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moa(h)
+        loss = out.tokens.float().pow(2).mean() + out.aux["balance"]
+    loss.backward()
+    ref = _slow_ctmoa(moa, h)
+    torch.testing.assert_close(out.tokens.float(), ref, rtol=0.05, atol=0.05)   # bf16 precision
+    assert moa.psi_t.linear_1.weight.grad is not None and torch.isfinite(moa.psi_t.linear_1.weight.grad).all()
+
+
+def test_init_comes_from_the_generator_not_the_global_rng():
+    stage1, adapters = _stage1_and_adapters()
+    torch.manual_seed(1)
+    a = ctmoa_from_stage1(stage1, adapters, "shape", generator=_g(5)).state_dict()
+    torch.manual_seed(2)
+    b = ctmoa_from_stage1(stage1, adapters, "shape", generator=_g(5)).state_dict()
+    c = ctmoa_from_stage1(stage1, adapters, "shape", generator=_g(6)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["router.weight"], c["router.weight"])
+    torch.manual_seed(1)
+    l1 = LoRALinear(nn.Linear(4, 4), 2, 2.0, generator=_g(5)).lora_A
+    torch.manual_seed(2)
+    assert torch.equal(l1, LoRALinear(nn.Linear(4, 4), 2, 2.0, generator=_g(5)).lora_A)
+
+
 def test_ctmoa_top1_sends_each_token_to_one_expert_and_grads_only_to_trainables():
-    moa = _random_ctmoa(top_k=1)
+    moa = _random_ctmoa(top_k=1, continuous=False)   # the paper's mixture, no gate
     h = torch.randn(2, 5, 4)
     with torch.no_grad():
         chosen = moa.router(h).argmax(-1)                        # (B, N)
@@ -204,6 +297,8 @@ def test_ctmoa_top1_sends_each_token_to_one_expert_and_grads_only_to_trainables(
 
 def test_ctmoa_trainable_parameters_are_own_adapter_cross_adapters_and_router():
     names = sorted(n.split(".")[0] for n, p in CTMoA(4, 6, 3).named_parameters() if p.requires_grad)
+    assert set(names) == {"psi_t", "psi_c", "router", "gate"}
+    names = sorted(n.split(".")[0] for n, p in CTMoA(4, 6, 3, continuous=False).named_parameters() if p.requires_grad)
     assert set(names) == {"psi_t", "psi_c", "router"}
 
 
@@ -284,14 +379,14 @@ def test_ata_reduces_to_fedavg_when_all_distances_are_equal():
     K = 4
     states = _states(torch.eye(K, 5) * 3.0)          # every pairwise distance is 3 * sqrt(2)
     n = [1, 2, 3, 4]
-    W = ata_weights(states, n, top_m=K - 1)
+    W = ata_weights(states, n, top_m=K - 1, form="top_m")
     fedavg = torch.tensor(n, dtype=torch.float32) / sum(n)
     torch.testing.assert_close(W, fedavg.expand(K, K))
 
 
 def test_ata_puts_more_weight_on_nearer_clients_and_only_top_m():
     v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4, [10.0] + [0.0] * 4])
-    W = ata_weights(_states(v), [1, 1, 1, 1], top_m=2)
+    W = ata_weights(_states(v), [1, 1, 1, 1], top_m=2, form="top_m")
     torch.testing.assert_close(W.sum(1), torch.ones(4))
     assert W[0, 1] > W[0, 2] > 0 and W[0, 3] == 0      # client 0: neighbours 1 (d=1), 2 (d=3)
     # by hand: a_01 = (1/1)/(1/1 + 1/3) = 0.75; W_00 = 1/3, W_01 = 2/3 * 0.75, W_02 = 2/3 * 0.25
@@ -302,9 +397,10 @@ def test_ata_is_invariant_to_scaling_all_lora_tensors():
     torch.manual_seed(0)
     v = torch.randn(5, 5)
     n = [3, 1, 4, 1, 5]
-    W = ata_weights(_states(v), n, top_m=2)
-    torch.testing.assert_close(ata_weights(_states(v * 1000.0), n, top_m=2), W)
-    torch.testing.assert_close(ata_weights(_states(v * 1e-3), n, top_m=2), W)
+    for form in pilot.ATA_FORMS:
+        W = ata_weights(_states(v), n, top_m=2, form=form)
+        torch.testing.assert_close(ata_weights(_states(v * 1000.0), n, top_m=2, form=form), W)
+        torch.testing.assert_close(ata_weights(_states(v * 1e-3), n, top_m=2, form=form), W)
 
 
 def test_ata_matches_a_direct_computation_with_cdist():
@@ -322,10 +418,58 @@ def test_ata_matches_a_direct_computation_with_cdist():
         W[k, k] = n[k] / (n[k] + n_nbr)
         for j in nbrs:
             W[k, j] = n_nbr * score[j] / total / (n[k] + n_nbr)
-    torch.testing.assert_close(ata_weights(_states(v.float()), n.tolist(), top_m=M), W.float(),
+    torch.testing.assert_close(ata_weights(_states(v.float()), n.tolist(), top_m=M, form="top_m"), W.float(),
                                rtol=1e-5, atol=1e-6)
 
 
 def test_ata_top_m_zero_keeps_each_client_local():
-    W = ata_weights(_states(torch.randn(3, 5)), [1, 2, 3], top_m=0)
-    assert torch.equal(W, torch.eye(3))
+    for form in pilot.ATA_FORMS:
+        W = ata_weights(_states(torch.randn(3, 5)), [1, 2, 3], top_m=0, form=form)
+        assert torch.equal(W, torch.eye(3))
+
+
+# the default, distance-driven form ("kernel")
+
+def test_kernel_ata_by_hand():
+    # clients on a line at 0, 1, 3: nearest distances 1, 1, 2 -> d_ref = median = 1
+    v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4])
+    n = [1.0, 2.0, 1.0]
+    W = ata_weights(_states(v), n)                      # top_m None: every other client
+    e = math.exp
+    s0 = torch.tensor([1.0, 2 * e(-1), 1 * e(-3)])     # s_kj = n_j exp(-d_kj / d_ref), s_kk = n_k
+    torch.testing.assert_close(W[0], (s0 / s0.sum()).float())
+    s2 = torch.tensor([1 * e(-3), 2 * e(-2), 1.0])
+    torch.testing.assert_close(W[2], (s2 / s2.sum()).float())
+    torch.testing.assert_close(W.sum(1), torch.ones(3))
+
+
+def test_kernel_ata_self_weight_rises_as_the_neighbours_move_away():
+    base = torch.tensor([[0.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0], [0.0, 1, 0, 0, 0], [1.0, 1, 0, 0, 0]])
+    selfw = []
+    for far in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
+        v = base.clone()
+        v[0, 2] = far                                  # client 0 moves away from all the others
+        W = ata_weights(_states(v), [1, 1, 1, 1])
+        torch.testing.assert_close(W.sum(1), torch.ones(4))
+        selfw.append(W[0, 0].item())
+    assert all(a < b for a, b in zip(selfw, selfw[1:])), selfw
+    assert selfw[-1] > 0.99
+
+
+def test_kernel_ata_gives_fedavg_for_identical_clients_and_is_scale_free():
+    n = [3, 1, 2, 6]
+    same = _states(torch.ones(4, 5))
+    torch.testing.assert_close(ata_weights(same, n), (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(4, 4))
+    v = torch.randn(4, 5, generator=_g(2))
+    W = ata_weights(_states(v), n, top_m=2)
+    assert ((W > 0).sum(1) == 3).all()                 # itself and its 2 nearest
+    torch.testing.assert_close(ata_weights(_states(v * 1e4), n, top_m=2), W)
+
+
+def test_top_m_beyond_the_other_clients_means_all_of_them():
+    v = torch.randn(3, 5, generator=_g(1))
+    for form in pilot.ATA_FORMS:
+        torch.testing.assert_close(ata_weights(_states(v), [1, 2, 3], top_m=10, form=form),
+                                   ata_weights(_states(v), [1, 2, 3], top_m=None, form=form))
+    with pytest.raises(ValueError, match="ata_top_m"):
+        ata_weights(_states(v), [1, 2, 3], top_m=-1)

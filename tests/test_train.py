@@ -98,7 +98,7 @@ def test_end_to_end_run_checkpoints_results_and_exact_resume(tmp_path, embedded_
 def test_every_method_runs_end_to_end(tmp_path, embedded_dir):
     for method in ("local", "fedavg", "fedprox", "pilot_no_moa"):
         config = _write_config(tmp_path, embedded_dir, method=method)
-        res = train.main(["--config", config, "--set", "fed.stage1_rounds=1"])
+        res = train.main(["--config", config, "--set", "fed.stage1_rounds=1", "--overwrite"])
         assert res["method"] == method and len(res["rounds"]) == 2
         if method == "local":
             assert res["comm_bytes"] == {}
