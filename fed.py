@@ -446,7 +446,7 @@ class Federation:
         stage = self.stage_of(r)
         c = self.cfg
         chosen = self.sample_clients(r)
-        losses, uploads, excluded, t_local = {}, {}, [], 0.0
+        losses, uploads, excluded, t_local, t_score = {}, {}, [], 0.0, 0.0
         after_local = {}
         for k in range(len(self.clients)):
             if k in chosen:
@@ -459,7 +459,9 @@ class Federation:
                     uploads[k] = make_upload(c.method, new_state)
                 else:
                     excluded.append(self.clients[k].name)   # keep its previous state; upload nothing
+            t0 = time.perf_counter()
             after_local[k] = self.score(k)
+            t_score += time.perf_counter() - t0
         # the last stage-1 round sends every task's adapter: stage 2 builds its experts from them
         enter2 = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
         downloads = self.server.aggregate(uploads, send_all_tasks=stage == 2 or enter2)
@@ -467,12 +469,15 @@ class Federation:
         self.states = [new_states.get(k, s) for k, s in enumerate(self.states)]
         if enter2:
             self.set_stage(2)
+        t0 = time.perf_counter()
         after_download = {k: self.score(k) if downloads.get(k) else after_local[k] for k in range(len(self.clients))}
+        t_score += time.perf_counter() - t0
         comm = {self.clients[k].name: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
                 for k, msg in downloads.items()}
         names = [cl.name for cl in self.clients]
         record = {"round": r, "stage": stage, "clients": [names[k] for k in chosen], "excluded": excluded,
-                  "losses": losses, "comm": comm, "seconds_local_training": round(t_local, 4)}
+                  "losses": losses, "comm": comm, "seconds_local_training": round(t_local, 4),
+                  "seconds_scoring": round(t_score, 4)}
         for point, scores in (("after_download", after_download), ("after_local", after_local)):
             record[point] = {names[k]: s["test"] for k, s in scores.items()}
             if any("val" in s for s in scores.values()):

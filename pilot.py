@@ -503,10 +503,11 @@ def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Seque
     d = pairwise_distances(lora_states)                                     # (K, K)
     W = torch.zeros(K, K, dtype=torch.float64)
     if form == "kernel":
+        ratio = torch.zeros_like(d)                                          # (K, K)
         if K > 1:
             nearest = (d + torch.diag(torch.full((K,), float("inf"), dtype=torch.float64))).min(dim=1).values
             d_ref = nearest.median()                                        # ()
-            ratio = torch.where(d == 0, torch.zeros_like(d), d / d_ref)     # (K, K), inf where d_ref = 0 < d
+            ratio = torch.where(d == 0, ratio, d / d_ref)                   # inf where d_ref = 0 < d
         for k in range(K):
             W[k, k] = n[k]
             nbrs = _neighbours(d, k, m) if m > 0 else torch.zeros(0, dtype=torch.long)
