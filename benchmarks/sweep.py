@@ -1,0 +1,231 @@
+"""benchmarks/sweep.py -- where Pilot helps and where it hurts: a map over data worlds, not one point.
+
+    python benchmarks/sweep.py                  # the whole map, ~1 hour on 2 cores; resumes after a kill
+    python benchmarks/sweep.py --plan           # list the runs, run nothing
+    python benchmarks/sweep.py --worlds D --samples 32 --seeds 0   # a corner of it
+
+Every run is `python train.py --config config.yaml` with the overrides below (in-process, two
+workers of one thread each), in runs/sweep/<world>_n<N>_<method>_lr<LR>_s<seed>/. A run whose
+results.json exists is read back, a run cut off mid-way continues with --resume: killing the
+sweep loses at most the rounds in flight.
+
+The worlds and the budget were fixed, and written down here, before any Pilot score on them
+was seen (Scenario A's generator itself predates this sweep; the phrasing switch and scenario
+D were added for it):
+  A-shared  scenario A (colour / shape / count VQA, 3 clients each, own background, object
+            sizes and label prior), every client of a task answering in the task's first
+            phrasing ("3", "red"): the paper's setting, where a task's clients share a public
+            dataset's format. The case collaboration should help most.
+  A-mixed   scenario A as the default run has it: one client in three answers in the task's
+            second phrasing ("three", "they are red"). Heterogeneity inside a task, the case
+            where averaging should hurt.
+  D         real handwritten digits (scikit-learn's 8 x 8 digits, upscaled): one visual skill
+            asked in three formats (digit, odd/even, greater than four), IID splits within a
+            task. The skill is not in the embedded base, so a client must learn it from few
+            samples, alone or with others.
+  samples per client: 8, 32, 128 training samples, plus 8 validation samples carved from the
+            client's own data and 32 test samples, per client.
+Budget, the same for every method: 4 rounds (pilot: 2 of stage 1, 2 of stage 2), batch 8,
+local epochs = max(1, 64 // N) (8 local steps a round at N = 8 and 32, 16 at N = 128).
+Fair tuning: each method's learning rate (connector and LoRA alike) is chosen from the same grid
+LRS, per world and sample size, on the clients' validation splits (mean score after local
+training, last round, seed 0), never on test; seeds 1 and 2 then run with the chosen value.
+sweep.json records every choice.
+
+Methods: local, fedavg, fedprox (the baselines), pilot (this project's defaults: continuous
+stage 2, kernel ATA over all clients), pilot_no_moa (stage 1 for all rounds: what CT-MoA adds),
+pilot_top_m (the earlier ATA: top_m form, M = 1: what distance-driven weights add).
+
+Outputs: runs/sweep/sweep.json, runs/sweep/table.md (mean +- sd over seeds at both evaluation
+points, Pilot minus the best baseline) and, where matplotlib is installed (pip install -r
+requirements-plots.txt), the figure given by --figure (default docs/sweep.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORLDS = {"A-shared": ["data.scenario=A", "data.minority_phrasing=false"],
+          "A-mixed": ["data.scenario=A", "data.minority_phrasing=true"],
+          "D": ["data.scenario=D"]}
+SAMPLES = (8, 32, 128)
+METHODS = {"local": ["fed.method=local"], "fedavg": ["fed.method=fedavg"], "fedprox": ["fed.method=fedprox"],
+           "pilot": ["fed.method=pilot"], "pilot_no_moa": ["fed.method=pilot_no_moa"],
+           "pilot_top_m": ["fed.method=pilot", "fed.ata_form=top_m", "fed.ata_top_m=1"]}
+BASELINES = ("local", "fedavg", "fedprox")
+LRS = (1e-3, 3e-3, 1e-2)
+SEEDS = (0, 1, 2)
+COMMON = ["fed.stage1_rounds=2", "fed.stage2_rounds=2", "fed.batch_size=8", "data.val_per_client=8",
+          "data.test_per_client=32", "data.clients_per_task=3"]
+POINTS = ("after_local", "after_download")
+
+
+def job_dir(out: str, world: str, n: int, method: str, lr: float, seed: int) -> str:
+    return os.path.join(out, f"{world}_n{n}_{method}_lr{lr:g}_s{seed}")
+
+
+def overrides(world: str, n: int, method: str, lr: float, seed: int, run_dir: str) -> list[str]:
+    lrs = [f"fed.{k}={lr}" for k in ("lr_connector", "lr_lora_stage1", "lr_lora_stage2")]
+    return (COMMON + WORLDS[world] + METHODS[method] + lrs
+            + [f"data.train_per_client={n}", f"fed.local_epochs={max(1, 64 // n)}", f"seed={seed}",
+               f"run_dir={run_dir}"])
+
+
+def summary(results: dict) -> dict:
+    """The figures the map needs from one run's results.json."""
+    return {p: {"test": results[p]["mean"], "val": results[p]["val_mean"]} for p in POINTS}
+
+
+def run_one(job: tuple) -> tuple:
+    """One train.py run in this worker (one thread); read back if already complete."""
+    import torch
+    import train
+    torch.set_num_threads(1)
+    out, world, n, method, lr, seed = job
+    run_dir = job_dir(out, world, n, method, lr, seed)
+    res = os.path.join(run_dir, "results.json")
+    if not os.path.exists(res):
+        argv = ["--config", os.path.join(ROOT, "config.yaml")]
+        for o in overrides(world, n, method, lr, seed, run_dir):
+            argv += ["--set", o]
+        if os.path.isdir(run_dir):
+            argv.append("--resume")          # cut off by a kill: continue from its last round
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.main(argv)
+    with open(res) as f:
+        return job, summary(json.load(f))
+
+
+def run_all(jobs: list, workers: int) -> dict:
+    done = {}
+    if workers <= 1:
+        results = map(run_one, jobs)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap_unordered(run_one, jobs)
+    for i, (job, s) in enumerate(results, 1):
+        done[job] = s
+        print(f"[{i}/{len(jobs)}] {job[1]} n={job[2]} {job[3]} lr={job[4]:g} seed={job[5]}: "
+              f"after_local {s['after_local']['test']:.3f} (val {s['after_local']['val']:.3f})", flush=True)
+    if workers > 1:
+        pool.close()
+        pool.join()
+    return done
+
+
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def tables(grid: dict, chosen: dict, worlds, samples, methods) -> tuple[str, dict]:
+    """Markdown tables (one per evaluation point) and the per-cell Pilot - best-baseline gaps."""
+    gaps, text = {}, []
+    for p in POINTS:
+        text += [f"\n### Scored {p.replace('_', ' ')}" + (" (headline)" if p == "after_local" else ""), "",
+                 "| world | N | " + " | ".join(methods) + " | pilot − best baseline |",
+                 "|---|---|" + "---|" * (len(methods) + 1)]
+        for w in worlds:
+            for n in samples:
+                scores = {m: [grid[(w, n, m, s)][p]["test"] for s in SEEDS if (w, n, m, s) in grid] for m in methods}
+                base = [m for m in BASELINES if scores.get(m)]
+                best = max(base, key=lambda m: statistics.mean(scores[m])) if base else None
+                gap = None
+                if best and scores.get("pilot"):
+                    gap = statistics.mean(scores["pilot"]) - statistics.mean(scores[best])
+                    spread = (statistics.stdev(scores["pilot"]) ** 2 / len(scores["pilot"])
+                              + statistics.stdev(scores[best]) ** 2 / len(scores[best])) ** 0.5 \
+                        if min(len(scores["pilot"]), len(scores[best])) > 1 else 0.0
+                    gaps[(p, w, n)] = (gap, spread, best)
+                row = [cell(scores[m]) if scores[m] else "-" for m in methods]
+                row.append(f"{gap:+.3f} (vs {best})" if gap is not None else "-")
+                text.append(f"| {w} | {n} | " + " | ".join(row) + " |")
+    text += ["", "Learning rates chosen on validation (seed 0):", "",
+             "| world | N | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for w in worlds:
+        for n in samples:
+            text.append(f"| {w} | {n} | " + " | ".join(f"{chosen[(w, n, m)]:g}" if (w, n, m) in chosen else "-"
+                                                      for m in methods) + " |")
+    return "\n".join(text) + "\n", gaps
+
+
+def figure(gaps: dict, worlds, samples, path: str) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no figure: matplotlib is an optional extra, pip install -r requirements-plots.txt"
+    labels = [f"{w}\nN={n}" for w in worlds for n in samples]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 3.6))
+    width = 0.38
+    for j, p in enumerate(POINTS):
+        vals = [gaps.get((p, w, n), (float("nan"), 0, ""))[0] for w in worlds for n in samples]
+        errs = [gaps.get((p, w, n), (0, 0, ""))[1] for w in worlds for n in samples]
+        ax.bar([i + (j - 0.5) * width for i in range(len(labels))], vals, width, yerr=errs, capsize=2,
+               label=f"scored {p.replace('_', ' ')}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("Pilot − best baseline\n(mean score over seeds)")
+    ax.set_title("Where Pilot helps (> 0) and hurts (< 0); bars: ± standard error over seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return f"figure: {path}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
+    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    ap.add_argument("--samples", nargs="+", type=int, default=list(SAMPLES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--figure", default=os.path.join(ROOT, "docs", "sweep.png"))
+    ap.add_argument("--plan", action="store_true", help="print the runs and stop")
+    args = ap.parse_args()
+    cells = [(w, n, m) for w in args.worlds for n in args.samples for m in args.methods]
+    first = [(args.out, w, n, m, lr, args.seeds[0]) for w, n, m in cells for lr in LRS]
+    print(f"{len(cells)} cells x {len(LRS)} learning rates at seed {args.seeds[0]}, then "
+          f"{len(args.seeds) - 1} more seeds at the chosen rate: {len(first) + len(cells) * (len(args.seeds) - 1)} runs")
+    if args.plan:
+        for job in first:
+            print(" ".join(overrides(*job[1:], job_dir(*job))))
+        return
+    import model
+    import train
+    model.embedded_checkpoint(train.load_config(os.path.join(ROOT, "config.yaml"), []).model)   # build once, here
+    done = run_all(first, args.workers)
+    chosen = {}
+    for w, n, m in cells:   # the best validation score after local training; ties -> the smaller rate
+        val = {lr: done[(args.out, w, n, m, lr, args.seeds[0])]["after_local"]["val"] for lr in LRS}
+        chosen[(w, n, m)] = max(LRS, key=lambda lr: (val[lr], -lr))
+    rest = [(args.out, w, n, m, chosen[(w, n, m)], s) for w, n, m in cells for s in args.seeds[1:]]
+    done.update(run_all(rest, args.workers))
+    grid = {(w, n, m, s): done[(args.out, w, n, m, chosen[(w, n, m)], s)] for w, n, m in cells for s in args.seeds}
+    table, gaps = tables(grid, chosen, args.worlds, args.samples, args.methods)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump({"worlds": WORLDS, "common": COMMON, "lrs": LRS, "seeds": args.seeds,
+                   "chosen_lr": {"/".join(map(str, k)): v for k, v in chosen.items()},
+                   "runs": {"/".join(map(str, k[1:])): v for k, v in done.items()}}, f, indent=1)
+    print(table)
+    print(figure(gaps, args.worlds, args.samples, args.figure))
+
+
+if __name__ == "__main__":
+    main()
