@@ -9,8 +9,14 @@ Readable as the protocol itself (SPEC section 5):
     3. averages task adapters per task (task_average) and aggregates LoRA per client with
        adaptive text aggregation (ata_weights): one personalised LoRA per client;
     4. sends back each client's LoRA and the task adapters it needs.
+  Each client is scored twice a round: after its local training and after the download.
   Stage 1 (`stage1_rounds`) uses the TaskClientConnector; stage 2 (`stage2_rounds`) the CT-MoA,
-  built on each client from its stage-1 connector and the T global task adapters.
+  which each client builds, on receiving the last stage-1 round's message, from its stage-1
+  connector and the T global task adapters in that message (Federation.receive).
+
+Where things are decided, once each: what a client owns (model.client_state), where a task's
+adapter sits in a client's state (adapter_prefix, after pilot.expert_tasks), what travels
+(make_upload), what a client does with a message (apply_download).
 
 Methods (`fed.method`): pilot, and baselines / ablations of SPEC section 6:
   local           plain LLaVA projector + LoRA, no communication

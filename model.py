@@ -530,6 +530,22 @@ def size_report(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, 
     return out
 
 
+def size_report_text(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> str:
+    """size_report as the text `train.py --dry-run` prints."""
+    rep = size_report(cfg, method, num_tasks, batch_size, seq_len)
+    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
+    lines = [f"model: {rep['source']}; base parameters {rep['base_parameters']:,}",
+             f"assumed: {num_tasks} tasks, micro-batch {batch_size}, sequence {seq_len} tokens, "
+             f"dtype {cfg.dtype}, gradient checkpointing {cfg.gradient_checkpointing}"]
+    for name, st in rep["stages"].items():
+        lines.append(f"\n{name}")
+        lines += [f"  {k:>20}: {v:,}" for k, v in st["parameters"].items()]
+        lines.append(f"  per client per round: sends {gib(st['bytes_up_per_round'])}, "
+                     f"receives {gib(st['bytes_down_per_round'])}")
+        lines += [f"  memory {k:>20}: {gib(v)}" for k, v in st["memory_bytes"].items()]
+    return "\n".join(lines)
+
+
 def _lora_on_meta(lm: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     pilot.add_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_targets)
     return pilot.lora_state_dict(lm)

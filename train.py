@@ -1,18 +1,22 @@
 """train.py -- run Pilot (or a baseline) end to end.
 
     python train.py --config config.yaml
-    python train.py --config config.yaml --set fed.method=fedavg --set seed=1
+    python train.py --config config.yaml --set fed.method=fedavg --set seed=1 --set run_dir=runs/fedavg1
     python train.py --config config.yaml --resume        # continue from the last completed round
+    python train.py --config config.yaml --overwrite     # replace the run that run_dir holds
 
-Builds (or loads) the base model, the clients' data, the federation of fed.py; runs
-stage1_rounds + stage2_rounds rounds; after every round evaluates each client on its own test
-split, appends a JSONL record (each loss term, metrics, bytes up/down per parameter group,
-peak memory) to <run_dir>/log.jsonl and checkpoints every client's state and the server's
-state as safetensors with a small meta.json. At the end it evaluates every client on the
-other tasks' test splits and writes <run_dir>/results.md and results.json.
+The story of main(): load and check the config; lock the run_dir (one run owns it); load and
+check the data against the base's tokenizer (before any weight loads); on --resume, refuse a
+run that differs in what defines it (IDENTITY_KEYS, the clients, a digest of their data);
+build the base model and the federation of fed.py; run stage1_rounds + stage2_rounds rounds,
+scoring every client after its local training and after the server's download, appending
+one JSON line per round to <run_dir>/log.jsonl and checkpointing every client's and the
+server's state as safetensors with a small meta.json; finally score every client on the other
+tasks' test splits and write results.md and results.json.
 
 The config is a tree of dataclasses whose field names are exactly the keys of config.yaml:
-unknown keys and wrong types are errors that name the key.
+unknown keys and wrong types are errors that name the key. `python train.py` (cli) turns every
+failure into one line: exit code 2 for config and data, 1 for a run that cannot go on.
 """
 
 from __future__ import annotations
@@ -283,6 +287,7 @@ def _short(v) -> str:
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the config keys whose values differ between two config dicts."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -434,18 +439,7 @@ def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
 def dry_run(cfg: Config) -> str:
     """A readable size report of the configured run (model.size_report), no weights loaded."""
     n_tasks = len(data_mod.SCENARIOS.get(cfg.data.scenario, ())) or 3
-    rep = model_mod.size_report(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
-    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
-    lines = [f"model: {rep['source']}; base parameters {rep['base_parameters']:,}",
-             f"assumed: {n_tasks} tasks, micro-batch {cfg.fed.batch_size}, sequence {cfg.data.max_length} tokens, "
-             f"dtype {cfg.model.dtype}, gradient checkpointing {cfg.model.gradient_checkpointing}"]
-    for name, st in rep["stages"].items():
-        lines.append(f"\n{name}")
-        lines += [f"  {k:>20}: {v:,}" for k, v in st["parameters"].items()]
-        lines.append(f"  per client per round: sends {gib(st['bytes_up_per_round'])}, "
-                     f"receives {gib(st['bytes_down_per_round'])}")
-        lines += [f"  memory {k:>20}: {gib(v)}" for k, v in st["memory_bytes"].items()]
-    return "\n".join(lines)
+    return model_mod.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
 
 
 def load_data(cfg: Config):
