@@ -190,6 +190,7 @@ class Server:
         self.method, self.tasks, self.n_samples = method, list(tasks), list(n_samples)
         self.ata_top_m, self.ata_form = ata_top_m, ata_form
         self.task_adapters: dict[str, dict[str, torch.Tensor]] = {}
+        self.lora_weights: dict[int, dict[str, float]] = {}   # last round's LoRA mix, for the log
 
     def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], send_all_tasks: bool):
         """uploads {client: message} -> downloads {client: message}, for EVERY client: the
@@ -219,6 +220,11 @@ class Server:
             else:
                 W = pilot.ata_weights(loras, n, self.ata_top_m, self.ata_form)
             personal = dict(zip(ids, pilot.weighted_average(loras, W)))
+            tasks = [self.tasks[k] for k in ids]
+            self.lora_weights = {k: {"self": W[i, i].item(),
+                                     "same_task": sum(W[i, j].item() for j in range(len(ids)) if j != i and tasks[j] == tasks[i]),
+                                     "other_tasks": sum(W[i, j].item() for j in range(len(ids)) if tasks[j] != tasks[i])}
+                                 for i, k in enumerate(ids)}
         downloads = {}
         for k in everyone:
             wanted = sorted(self.task_adapters) if send_all_tasks else [self.tasks[k]]
@@ -484,6 +490,9 @@ class Federation:
         record = {"round": r, "stage": stage, "clients": [names[k] for k in chosen], "excluded": excluded,
                   "losses": losses, "comm": comm, "seconds_local_training": round(t_local, 4),
                   "seconds_scoring": round(t_score, 4)}
+        if self.pilot and uploads:   # how each client's new LoRA was mixed: itself, task mates, other tasks
+            record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
+                                      for k, mix in self.server.lora_weights.items()}
         for point, scores in (("after_download", after_download), ("after_local", after_local)):
             record[point] = {names[k]: s["test"] for k, s in scores.items()}
             if any("val" in s for s in scores.values()):

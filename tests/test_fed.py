@@ -113,6 +113,8 @@ def test_a_pilot_run_shares_task_adapters_within_tasks_and_personalises_lora(tin
     assert not torch.equal(f.states[0][lora], f.states[1][lora])            # ATA: one LoRA per client
     psi_s = "connector.psi_s.linear_2.weight"
     assert not torch.equal(f.states[0][psi_s], f.states[1][psi_s])          # psi_s stays personal
+    for mix in rec["lora_weights"].values():                                 # the log says how LoRA was mixed
+        assert mix["self"] > 0 and abs(sum(mix.values()) - 1) < 1e-3
     # communication, by hand: up = LoRA + psi_t, down = LoRA + every task's psi_t (last stage-1 round)
     name = f.clients[0].name
     n_lora = sum(v.numel() for k, v in f.states[0].items() if k.endswith(("lora_A", "lora_B")))
