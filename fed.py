@@ -194,7 +194,7 @@ class Server:
 
     def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], send_all_tasks: bool):
         """uploads {client: message} -> downloads {client: message}, for EVERY client: the
-        global parts (fedavg's model, the task adapters) go to all, as a client not sampled
+        shared parts (fedavg's model, the task adapters) go to all, as a client not sampled
         this round would fetch them when next sampled; a personalised LoRA goes only to the
         clients that uploaded one. [choice] stage 1 sends a client its own task's adapter;
         `send_all_tasks` (the last stage-1 round and every stage-2 round) sends all T."""
