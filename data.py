@@ -524,7 +524,9 @@ def check_encodable(clients: Sequence[ClientData], enc: "Encoder", skip_bad_reco
                         "score as <unk>. Use a real checkpoint (model.llava), or the words of the embedded base "
                         "(python data.py --vocabulary)")
     prompts = unknown_words(enc.tokenizer, [h for s in samples for h, _ in s.turns])
-    return [f"prompts use words the tokenizer maps to <unk>: " + ", ".join(f"{w!r} x{n}" for w, n in prompts.most_common(20))] if prompts else []
+    if not prompts:
+        return []
+    return ["prompts use words the tokenizer maps to <unk>: " + ", ".join(f"{w!r} x{n}" for w, n in prompts.most_common(20))]
 
 
 # -----------------------------------------------------------------------------

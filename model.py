@@ -243,19 +243,27 @@ def load_projector_file(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_pair(vision_path: str, llm_path: str, projector_path: str | None = None,
-              dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
-    """Path (b): CLIP vision checkpoint + causal-LM checkpoint (+ LLaVA projector file).
-    An `<image>` token is added to the tokenizer if it lacks one; its id may exceed the
-    LM's vocabulary, which PilotLlava.embed handles without resizing the embeddings."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
-    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype).to(device)
-    lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(device)
+def pair_tokenizer(llm_path: str):
+    """Path (b)'s tokenizer: the LM's, with an `<image>` token added if it lacks one and a pad
+    token (unk, else eos) if it has none."""
+    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(llm_path)
     if "<image>" not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def load_pair(vision_path: str, llm_path: str, projector_path: str | None = None,
+              dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
+    """Path (b): CLIP vision checkpoint + causal-LM checkpoint (+ LLaVA projector file).
+    An `<image>` token is added to the tokenizer if it lacks one; its id may exceed the
+    LM's vocabulary, which PilotLlava.embed handles without resizing the embeddings."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, CLIPVisionModel
+    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype).to(device)
+    lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(device)
+    tok = pair_tokenizer(llm_path)
     projector = load_projector_file(projector_path) if projector_path else None
     return Base(vision, lm, tok, AutoImageProcessor.from_pretrained(vision_path),
                 tok.convert_tokens_to_ids("<image>"), _patches(vision.config), projector)
@@ -285,11 +293,7 @@ def load_text_side(cfg: ModelConfig):
         return AutoTokenizer.from_pretrained(cfg.llava), config.image_token_id, _patches(config.vision_config)
     if not (cfg.vision and cfg.llm):
         raise ValueError("model: set model.llava, or both model.vision and model.llm")
-    tok = AutoTokenizer.from_pretrained(cfg.llm)
-    if "<image>" not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
+    tok = pair_tokenizer(cfg.llm)
     return tok, tok.convert_tokens_to_ids("<image>"), _patches(CLIPVisionConfig.from_pretrained(cfg.vision))
 
 
@@ -506,7 +510,7 @@ def size_report(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, 
     else:
         stages[f"{method} (plain LLaVA)"] = dict(lora=lora, projector=adapter)
     out = {"source": source, "base_parameters": total_base, "projector_parameters": proj, "stages": {}}
-    a, L, B, layers = tc.num_attention_heads, seq_len, batch_size, tc.num_hidden_layers
+    L, B, layers = seq_len, batch_size, tc.num_hidden_layers
     for name, groups in stages.items():
         trainable = sum(v for k, v in groups.items() if not k.endswith("_frozen"))
         client_side = sum(groups.values())

@@ -39,7 +39,7 @@ def test_an_image_path_out_of_its_folder_is_refused(tmp_path, name):
     os.symlink(tmp_path / "outside.png", images / "link.png")          # a symlink that leads out
     path = tmp_path / "c.json"
     path.write_text(json.dumps([_rec(), _rec(image=name)]))
-    with pytest.raises(DataError, match=rf"c.json: record 1 \(id 'r1'\): image .* lies outside the image folder"):
+    with pytest.raises(DataError, match=r"c.json: record 1 \(id 'r1'\): image .* lies outside the image folder"):
         data.load_llava_json(str(path), str(images))
 
 
