@@ -351,38 +351,137 @@ def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequen
 
 
 # -----------------------------------------------------------------------------
-# The federation: K clients' states, one shared model, a server
+# The protocol in two halves: a client's side (Client) and the server's side (Coordinator).
+# They meet in two calls a round, each a dict per client of plain messages:
+#   nodes.local_round(r, stage, chosen)  -> {k: reply}  every reachable client: train if chosen,
+#                                                        score ("after_local"), upload
+#   nodes.deliver(r, downloads, enter2)  -> {k: reply}  each client takes its download and is
+#                                                        scored again ("after_download")
+# In process, Federation is `nodes` and keeps the K states in a list; on Flower,
+# flower_app.GridNodes turns each call into messages to SuperNodes, which keep their own
+# state. The protocol is written once, here.
 
 EVAL_POINTS = ("after_download", "after_local")
 
 
-class Federation:
-    """K clients (their data and their state as CPU tensors), one shared model, one server.
-    `run_round(r)` is one communication round; the state to checkpoint is `states`, `stage`
-    and the server's `state()`; everything random is derived from (seed, purpose, round, client).
+class Client:
+    """One client's side of a round, on the model it is given (shared by all clients in
+    process; the node's own on Flower). Storage-free: every call takes the client's state and
+    returns the new one, so the caller decides where the state lives (Federation.states in
+    process, the node's context on Flower). A reply to the server holds scores, losses and the
+    upload (make_upload), never the state."""
 
-    [choice] When a client is scored (SPEC 5b): every round, every method, at two points:
-    `after_local` (the state after its own local training of the round, as personalised-FL
-    papers score it) and `after_download` (the state the server's reply leaves it with), on
-    its test split and, when it has one, its validation split."""
+    def __init__(self, k: int, data: data_mod.ClientData, tasks: Sequence[str], cfg: FedConfig,
+                 model: model_mod.PilotLlava, base: model_mod.Base, enc: data_mod.Encoder, seed: int,
+                 max_new_tokens: int):
+        self.k, self.data, self.tasks, self.cfg = k, data, list(tasks), cfg
+        self.model, self.base, self.enc, self.seed, self.max_new_tokens = model, base, enc, seed, max_new_tokens
+        self.stage1_connector = None if isinstance(model.connector, pilot.CTMoA) else model.connector
 
-    def __init__(self, cfg: FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
-                 clients: Sequence[data_mod.ClientData], enc: data_mod.Encoder, seed: int, max_new_tokens: int):
+    def structure(self, stage: int) -> None:
+        """Give the model the connector structure of `stage` (its weights come from the client
+        state loaded next). The first client to reach stage 2 builds the CT-MoA for all."""
+        is_moa = isinstance(self.model.connector, pilot.CTMoA)
+        if stage == 2 and not is_moa:
+            c, b = self.cfg, self.base
+            moa = pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), c.top_k, c.lambda_d_stage2 > 0,
+                              c.continuous_stage2)
+            self.model.set_connector(moa.to(next(self.model.lm.parameters()).device))
+        elif stage == 1 and is_moa:
+            self.model.set_connector(self.stage1_connector)
+
+    def loss_weights(self, stage: int) -> dict[str, float]:
+        c = self.cfg
+        if stage == 1:
+            return {"difference": 0.0 if c.method == "pilot_no_diff" else c.lambda_d,
+                    "balance": 0.0, "router_z": 0.0}
+        return {"difference": c.lambda_d_stage2, "balance": c.lambda_b, "router_z": c.lambda_z}
+
+    def train(self, state: dict[str, torch.Tensor], r: int, stage: int, progress=None) -> dict[str, float]:
+        """Local training of round r from `state`; the trained state is left in the model."""
+        c = self.cfg
+        self.structure(stage)
+        model_mod.load_client_state(self.model, state)
+        dev = next(self.model.lm.parameters()).device
+        pilot.set_dropout_generator(self.model, torch.Generator(dev).manual_seed(derive_seed(self.seed, "dropout", r, self.k)))
+        try:
+            return local_train(self.model, self.enc, self.data.train, c,
+                               c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2, self.loss_weights(stage),
+                               generator(self.seed, "data", r, self.k), c.prox_mu if c.method == "fedprox" else 0.0,
+                               where=f"client {self.data.name} round {r}", progress=progress)
+        finally:
+            pilot.set_dropout_generator(self.model, None)
+
+    def local_round(self, state: dict[str, torch.Tensor], r: int, stage: int, chosen: bool, progress=None):
+        """-> (state, reply). A chosen client trains; a non-finite result is not kept and not
+        uploaded (reply["excluded"]). Every client is scored `after_local`."""
+        reply = {"losses": None, "upload": None, "excluded": False, "seconds_local": 0.0}
+        if chosen:
+            t0 = time.perf_counter()
+            reply["losses"] = self.train(state, r, stage, progress)
+            reply["seconds_local"] = time.perf_counter() - t0
+            new_state = model_mod.client_state(self.model)
+            if all(torch.isfinite(v).all() for v in new_state.values()):
+                state = new_state
+                reply["upload"] = make_upload(self.cfg.method, new_state)
+            else:
+                reply["excluded"] = True   # keep the previous state; upload nothing
+        t0 = time.perf_counter()
+        reply["scores"] = self.score(state, stage)
+        reply["seconds_scoring"] = time.perf_counter() - t0
+        return state, reply
+
+    def take(self, state: dict[str, torch.Tensor], stage: int, msg: dict[str, dict[str, torch.Tensor]],
+             enter_stage2: bool):
+        """-> (state, stage, reply): the server's message applied, then scored `after_download`.
+        With the last stage-1 message the client first builds its stage-2 state from the task
+        adapters in that message."""
+        if enter_stage2:
+            state, stage = self.stage2_state(state, received_adapters(msg)), 2
+        state = apply_download(state, msg, self.data.task, self.tasks, stage)
+        t0 = time.perf_counter()
+        scores = self.score(state, stage)
+        return state, stage, {"scores": scores, "seconds_scoring": time.perf_counter() - t0}
+
+    def stage2_state(self, state: dict[str, torch.Tensor], adapters: dict[str, dict[str, torch.Tensor]]):
+        """The client's first stage-2 state, built from its stage-1 state and the T task
+        adapters IT RECEIVED (SPEC section 4): own adapter -> h_0, the others -> frozen experts,
+        psi_s carried over; router, psi_c and gate from one generator, the same on every client."""
+        c, b = self.cfg, self.base
+        stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
+        stage1.load_state_dict(adapter_tensors(state, "connector."))
+        moa = pilot.ctmoa_from_stage1(stage1, adapters, self.data.task, c.top_k, c.lambda_d_stage2 > 0,
+                                      c.continuous_stage2, generator(self.seed, "init-stage2"))
+        return {f"connector.{n}": v.detach().clone() for n, v in moa.state_dict().items()} | lora_tensors(state)
+
+    def score(self, state: dict[str, torch.Tensor], stage: int) -> dict[str, float]:
+        """The state scored on the client's own test split (and validation split, if any)."""
+        self.structure(stage)
+        model_mod.load_client_state(self.model, state)
+        d, c = self.data, self.cfg
+        out = {"test": evaluate(self.model, self.enc, d.test, d.metric, c.eval_batch_size, self.max_new_tokens)}
+        if d.val:
+            out["val"] = evaluate(self.model, self.enc, d.val, d.metric, c.eval_batch_size, self.max_new_tokens)
+        return out
+
+
+class Coordinator:
+    """The server's side: who takes part in a round, the stage schedule, the Server's
+    aggregation and the round's log record. It knows each client only by name, task and
+    training-set size (what a Flower node says when it joins), and reaches clients only
+    through `nodes`; a client whose reply does not come back is left out of that round
+    ("lost"), as a client with a non-finite update is ("excluded")."""
+
+    def __init__(self, cfg: FedConfig, names: Sequence[str], client_tasks: Sequence[str],
+                 n_samples: Sequence[int], seed: int, initial_adapter: dict[str, torch.Tensor] | None):
         if cfg.method not in METHODS:
             raise ValueError(f"fed.method must be one of {METHODS}, got {cfg.method!r}")
-        self.cfg, self.model, self.base, self.clients, self.enc = cfg, model, base, list(clients), enc
-        self.seed, self.max_new_tokens = seed, max_new_tokens
-        self.tasks = sorted({c.task for c in clients})
+        self.cfg, self.names, self.seed = cfg, list(names), seed
+        self.tasks = sorted(set(client_tasks))
         self.pilot = cfg.method.startswith("pilot")
-        self.server = Server(cfg.method, [c.task for c in clients], [len(c.train) for c in clients],
-                             cfg.ata_top_m, cfg.ata_form)
-        # [choice] every client starts from the same initial state (as if broadcast by the server)
-        self.states = [model_mod.client_state(model) for _ in clients]
-        self.initial_keys = frozenset(self.states[0])
-        self.stage = 1
+        self.server = Server(cfg.method, client_tasks, n_samples, cfg.ata_top_m, cfg.ata_form)
         if self.pilot:   # [choice] every task's global adapter starts as the initial psi_t (own copy each)
-            init = adapter_tensors(self.states[0], OWN_ADAPTER)
-            self.server.task_adapters = {t: {k: v.clone() for k, v in init.items()} for t in self.tasks}
+            self.server.task_adapters = {t: {k: v.clone() for k, v in initial_adapter.items()} for t in self.tasks}
 
     @property
     def total_rounds(self) -> int:
@@ -394,14 +493,98 @@ class Federation:
             return 2
         return 1
 
+    def sample_clients(self, r: int) -> list[int]:
+        K = len(self.names)
+        m = max(1, round(self.cfg.client_fraction * K))
+        perm = torch.randperm(K, generator=generator(self.seed, "sample", r)).tolist()
+        return sorted(perm[:m])
+
+    def round(self, r: int, nodes, progress=None) -> dict:
+        """One communication round r (1-based): local training and `after_local` scores, uploads,
+        aggregation, downloads and `after_download` scores. Returns the round's log record."""
+        stage = self.stage_of(r)
+        chosen = self.sample_clients(r)
+        # the last stage-1 round sends every task's adapter: stage 2 builds its experts from them
+        enter2 = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
+        replies = nodes.local_round(r, stage, chosen, progress)
+        uploads = {k: rep["upload"] for k, rep in replies.items() if rep["upload"] is not None}
+        downloads = self.server.aggregate(uploads, send_all_tasks=stage == 2 or enter2)
+        taken = nodes.deliver(r, downloads, enter2)
+        names = self.names
+        lost = sorted(set(range(len(names))) - set(replies)
+                      | {k for k, msg in downloads.items() if msg and k not in taken})
+        after_local = {k: rep["scores"] for k, rep in replies.items()}
+        after_download = {k: taken[k]["scores"] if downloads.get(k) else s
+                          for k, s in after_local.items() if k in taken or not downloads.get(k)}
+        comm = {names[k]: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
+                for k, msg in downloads.items() if k in taken or not msg}
+        record = {"round": r, "stage": stage, "clients": [names[k] for k in chosen],
+                  "excluded": [names[k] for k, rep in replies.items() if rep["excluded"]],
+                  "lost": [names[k] for k in lost],
+                  "losses": {names[k]: rep["losses"] for k, rep in replies.items() if rep["losses"] is not None},
+                  "comm": comm,
+                  "seconds_local_training": round(sum(rep["seconds_local"] for rep in replies.values()), 4),
+                  "seconds_scoring": round(sum(rep["seconds_scoring"] for rep in (*replies.values(), *taken.values())), 4)}
+        if self.pilot and uploads:   # how each client's new LoRA was mixed: itself, task mates, other tasks
+            record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
+                                      for k, mix in self.server.lora_weights.items()}
+        for point, scores in (("after_download", after_download), ("after_local", after_local)):
+            record[point] = {names[k]: s["test"] for k, s in sorted(scores.items())}
+            if any("val" in s for s in scores.values()):
+                record.setdefault("val", {})[point] = {names[k]: s["val"] for k, s in sorted(scores.items()) if "val" in s}
+        return record
+
+
+class Federation(Coordinator):
+    """The whole federation in one process: K clients (their data and their state as CPU
+    tensors) on one shared model, and the coordinator that runs the rounds; it is its own
+    `nodes`. The state to checkpoint is `states`, `stage` and the server's `state()`;
+    everything random is derived from (seed, purpose, round, client).
+
+    [choice] When a client is scored (SPEC 5b): every round, every method, at two points:
+    `after_local` (the state after its own local training of the round, as personalised-FL
+    papers score it) and `after_download` (the state the server's reply leaves it with), on
+    its test split and, when it has one, its validation split."""
+
+    def __init__(self, cfg: FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
+                 clients: Sequence[data_mod.ClientData], enc: data_mod.Encoder, seed: int, max_new_tokens: int):
+        self.clients, self.model, self.base, self.enc = list(clients), model, base, enc
+        self.max_new_tokens = max_new_tokens
+        # [choice] every client starts from the same initial state (as if broadcast by the server)
+        self.states = [model_mod.client_state(model) for _ in self.clients]
+        self.initial_keys = frozenset(self.states[0])
+        self.stage = 1
+        super().__init__(cfg, [c.name for c in self.clients], [c.task for c in self.clients],
+                         [len(c.train) for c in self.clients], seed, adapter_tensors(self.states[0], OWN_ADAPTER))
+        self.nodes = [Client(k, c, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
+                      for k, c in enumerate(self.clients)]
+
+    def run_round(self, r: int, progress=None) -> dict:
+        return self.round(r, self, progress)
+
+    # `nodes`, in process: call each client in turn, keep its state in self.states
+
+    def local_round(self, r: int, stage: int, chosen: Sequence[int], progress=None) -> dict[int, dict]:
+        replies = {}
+        for k, node in enumerate(self.nodes):
+            self.states[k], replies[k] = node.local_round(self.states[k], r, stage, k in chosen, progress)
+        return replies
+
+    def deliver(self, r: int, downloads: dict[int, dict], enter_stage2: bool) -> dict[int, dict]:
+        replies = {}
+        for k, msg in downloads.items():
+            if msg:
+                self.states[k], _, replies[k] = self.nodes[k].take(self.states[k], self.stage, msg, enter_stage2)
+        if enter_stage2:
+            self.set_stage(2)
+        return replies
+
+    # what train.py needs for checkpoints and results
+
     def set_stage(self, stage: int) -> None:
-        """Give the shared model the connector structure of `stage` (its weights come from the
-        client states loaded into it); used when stage 2 starts and when resuming in stage 2."""
-        if stage == 2 and self.stage != 2:
-            c, b = self.cfg, self.base
-            moa = pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), c.top_k, c.lambda_d_stage2 > 0,
-                              c.continuous_stage2)
-            self.model.set_connector(moa.to(next(self.model.lm.parameters()).device))
+        """Give the shared model the connector structure of `stage`; used when stage 2 starts
+        and when resuming in stage 2."""
+        self.nodes[0].structure(stage)
         self.stage = stage
 
     def state_keys(self, stage: int) -> set[str]:
@@ -413,117 +596,19 @@ class Federation:
             keys = {k for k in keys if pilot.is_lora(k)} | {f"connector.{n}" for n in moa.state_dict()}
         return keys
 
-    def stage2_state(self, k: int, adapters: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Client k's first stage-2 state, built from its stage-1 state and the T task adapters
-        IT RECEIVED (SPEC section 4): own adapter -> h_0, the others -> frozen experts, psi_s
-        carried over; router, psi_c and gate from one generator, the same on every client."""
-        c, b = self.cfg, self.base
-        stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
-        stage1.load_state_dict(adapter_tensors(self.states[k], "connector."))
-        moa = pilot.ctmoa_from_stage1(stage1, adapters, self.clients[k].task, c.top_k, c.lambda_d_stage2 > 0,
-                                      c.continuous_stage2, generator(self.seed, "init-stage2"))
-        return {f"connector.{n}": v.detach().clone() for n, v in moa.state_dict().items()} | lora_tensors(self.states[k])
-
-    def loss_weights(self, stage: int) -> dict[str, float]:
-        c = self.cfg
-        if stage == 1:
-            return {"difference": 0.0 if c.method == "pilot_no_diff" else c.lambda_d,
-                    "balance": 0.0, "router_z": 0.0}
-        return {"difference": c.lambda_d_stage2, "balance": c.lambda_b, "router_z": c.lambda_z}
-
-    def sample_clients(self, r: int) -> list[int]:
-        K = len(self.clients)
-        m = max(1, round(self.cfg.client_fraction * K))
-        perm = torch.randperm(K, generator=generator(self.seed, "sample", r)).tolist()
-        return sorted(perm[:m])
-
     def train_client(self, k: int, r: int, stage: int, progress=None) -> dict[str, float]:
-        """Client k's local training of round r on the shared model (its state loaded first)."""
-        c = self.cfg
-        client = self.clients[k]
-        model_mod.load_client_state(self.model, self.states[k])
-        dev = next(self.model.lm.parameters()).device
-        pilot.set_dropout_generator(self.model, torch.Generator(dev).manual_seed(derive_seed(self.seed, "dropout", r, k)))
-        try:
-            return local_train(self.model, self.enc, client.train, c,
-                               c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2, self.loss_weights(stage),
-                               generator(self.seed, "data", r, k), c.prox_mu if c.method == "fedprox" else 0.0,
-                               where=f"client {client.name} round {r}", progress=progress)
-        finally:
-            pilot.set_dropout_generator(self.model, None)
-
-    def run_round(self, r: int, progress=None) -> dict:
-        """One communication round r (1-based): local training and `after_local` scores, uploads,
-        aggregation, downloads and `after_download` scores. Returns the round's log record."""
-        stage = self.stage_of(r)
-        c = self.cfg
-        chosen = self.sample_clients(r)
-        losses, uploads, excluded, t_local, t_score = {}, {}, [], 0.0, 0.0
-        after_local = {}
-        for k in range(len(self.clients)):
-            if k in chosen:
-                t0 = time.perf_counter()
-                losses[self.clients[k].name] = self.train_client(k, r, stage, progress)
-                t_local += time.perf_counter() - t0
-                new_state = model_mod.client_state(self.model)
-                if all(torch.isfinite(v).all() for v in new_state.values()):
-                    self.states[k] = new_state
-                    uploads[k] = make_upload(c.method, new_state)
-                else:
-                    excluded.append(self.clients[k].name)   # keep its previous state; upload nothing
-            t0 = time.perf_counter()
-            after_local[k] = self.score(k)
-            t_score += time.perf_counter() - t0
-        # the last stage-1 round sends every task's adapter: stage 2 builds its experts from them
-        enter2 = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
-        downloads = self.server.aggregate(uploads, send_all_tasks=stage == 2 or enter2)
-        new_states = {k: self.receive(k, msg, enter2) for k, msg in downloads.items()}
-        self.states = [new_states.get(k, s) for k, s in enumerate(self.states)]
-        if enter2:
-            self.set_stage(2)
-        t0 = time.perf_counter()
-        after_download = {k: self.score(k) if downloads.get(k) else after_local[k] for k in range(len(self.clients))}
-        t_score += time.perf_counter() - t0
-        comm = {self.clients[k].name: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
-                for k, msg in downloads.items()}
-        names = [cl.name for cl in self.clients]
-        record = {"round": r, "stage": stage, "clients": [names[k] for k in chosen], "excluded": excluded,
-                  "losses": losses, "comm": comm, "seconds_local_training": round(t_local, 4),
-                  "seconds_scoring": round(t_score, 4)}
-        if self.pilot and uploads:   # how each client's new LoRA was mixed: itself, task mates, other tasks
-            record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
-                                      for k, mix in self.server.lora_weights.items()}
-        for point, scores in (("after_download", after_download), ("after_local", after_local)):
-            record[point] = {names[k]: s["test"] for k, s in scores.items()}
-            if any("val" in s for s in scores.values()):
-                record.setdefault("val", {})[point] = {names[k]: s["val"] for k, s in scores.items() if "val" in s}
-        return record
-
-    def receive(self, k: int, msg: dict[str, dict[str, torch.Tensor]], enter_stage2: bool) -> dict[str, torch.Tensor]:
-        """Client k takes the server's message; with the last stage-1 message it first builds
-        its stage-2 state from the task adapters in that message."""
-        state, stage = self.states[k], self.stage
-        if enter_stage2:
-            self.states[k] = state = self.stage2_state(k, received_adapters(msg))
-            stage = 2
-        return apply_download(state, msg, self.clients[k].task, self.tasks, stage)
+        """Client k's local training of round r (its trained state is left in the shared model)."""
+        return self.nodes[k].train(self.states[k], r, stage, progress)
 
     def score(self, k: int) -> dict[str, float]:
-        """Client k's state scored on its own test split (and validation split, if any)."""
-        model_mod.load_client_state(self.model, self.states[k])
-        client, c = self.clients[k], self.cfg
-        out = {"test": evaluate(self.model, self.enc, client.test, client.metric, c.eval_batch_size,
-                                self.max_new_tokens)}
-        if client.val:
-            out["val"] = evaluate(self.model, self.enc, client.val, client.metric, c.eval_batch_size,
-                                  self.max_new_tokens)
-        return out
+        return self.nodes[k].score(self.states[k], self.stage)
 
     def evaluate_cross(self) -> dict[str, dict[str, float]]:
         """Each client on every other task's test splits (what it learned from other tasks).
         Answers are judged against the other clients' phrasing, so this is a lower bound."""
         out = {}
         for k, client in enumerate(self.clients):
+            self.nodes[k].structure(self.stage)
             model_mod.load_client_state(self.model, self.states[k])
             out[client.name] = {}
             for task in self.tasks:

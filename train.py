@@ -392,10 +392,16 @@ def load_checkpoint(run_dir: str, fedn: fed_mod.Federation) -> int:
         except ValueError as e:
             print(f"warning: {e}; falling back to the previous round", file=sys.stderr)
             continue
+        r = meta["round"]
+        if meta["stage"] == 1 and r < fedn.total_rounds and fedn.stage_of(r + 1) == 2:
+            # stage 2 starts from the adapters sent in the last stage-1 round; this run's last
+            # stage-1 round sent none, as it was then the run's last round
+            raise RunError(f"fed.stage2_rounds: round {r} ended stage 1 as the last round of the run, so there "
+                           "was no stage-2 handover; a run cannot add stage-2 rounds after that (start a new run)")
         fedn.set_stage(meta["stage"])
         fedn.server.load_state(server)
         fedn.states = states
-        return meta["round"]
+        return r
     if rounds:
         raise RunError(f"no checkpoint in {root} is readable; nothing was changed (start over with --overwrite)")
     return 0
@@ -415,7 +421,7 @@ def peak_memory_mb() -> dict[str, float]:
 
 
 def _mean(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores)
+    return sum(scores.values()) / len(scores) if scores else float("nan")   # nan: every client lost
 
 
 def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
@@ -459,10 +465,10 @@ def load_data(cfg: Config):
     return clients
 
 
-def build(cfg: Config, clients=None) -> fed_mod.Federation:
-    """Data (checked first), then the base model, then the federation. The initial connector
-    and LoRA come from one generator derived from the seed, the same for every client."""
-    clients = load_data(cfg) if clients is None else clients
+def build_model(cfg: Config):
+    """-> (model, base, encoder): the base model with the method's connector and LoRA. The
+    initial connector and LoRA come from one generator derived from the seed, so every
+    client, in this process or on a Flower node, starts from the same state."""
     base = model_mod.load_base(cfg.model)
     kind = "stage1" if cfg.fed.method.startswith("pilot") else "plain"
     init = fed_mod.generator(cfg.seed, "init")
@@ -470,6 +476,13 @@ def build(cfg: Config, clients=None) -> fed_mod.Federation:
     model = model_mod.build_model(base, connector, cfg.model, init)
     enc = data_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
                            cfg.data.system_prompt, cfg.data.max_length)
+    return model, base, enc
+
+
+def build(cfg: Config, clients=None) -> fed_mod.Federation:
+    """Data (checked first), then the base model, then the federation."""
+    clients = load_data(cfg) if clients is None else clients
+    model, base, enc = build_model(cfg)
     return fed_mod.Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
 
 
@@ -490,6 +503,21 @@ def resume_log(run_dir: str, start: int) -> list[dict]:
     return records
 
 
+def log_round(run_dir: str, record: dict, t0: float) -> None:
+    """Complete a round's record (means, memory, seconds since t0), warn about the clients
+    left out of it, and append it to <run_dir>/log.jsonl."""
+    r = record["round"]
+    for name in record["excluded"]:
+        print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation", file=sys.stderr)
+    for name in record.get("lost", []):
+        print(f"warning: round {r}: client {name} did not reply; left out of this round", file=sys.stderr)
+    record["mean"] = {p: _mean(record[p]) for p in fed_mod.EVAL_POINTS}
+    record["memory"] = peak_memory_mb()
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
 def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[dict]) -> list[dict]:
     """Rounds start+1 .. total: train, score, log one JSON line, checkpoint."""
     rounds = tqdm(range(start + 1, fedn.total_rounds + 1), desc="rounds", initial=start,
@@ -501,15 +529,8 @@ def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[
                 record = fedn.run_round(r, progress=steps)
             except FloatingPointError as e:   # the last good checkpoint stays as it is
                 raise RunError(f"stopped: {e}; the last complete round's checkpoint is in {cfg.run_dir}/ckpt") from None
-        for name in record["excluded"]:
-            print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation",
-                  file=sys.stderr)
-        record["mean"] = {p: _mean(record[p]) for p in fed_mod.EVAL_POINTS}
-        record["memory"] = peak_memory_mb()
-        record["seconds"] = round(time.perf_counter() - t0, 3)
+        log_round(cfg.run_dir, record, t0)
         rounds.set_postfix(stage=record["stage"], mean=f"{record['mean'][HEADLINE]:.3f}")
-        with open(os.path.join(cfg.run_dir, "log.jsonl"), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
         records.append(record)
         save_checkpoint(cfg.run_dir, r, fedn, cfg)
     return records

@@ -18,10 +18,8 @@ def one(K: int, device: str, smoke: bool) -> dict:
     cfg = train.load_config(f"{ROOT}/config.yaml", steps + [f"data.clients_per_task={max(1, K // 3)}", "data.train_per_client=4",
                                                      "data.test_per_client=1", "fed.local_epochs=1",
                                                      f"model.device={device}", f"model.cache_dir={ROOT}/.cache"])
-    f = train.build(cfg)
-    if K == 1:
-        f.clients, f.states = f.clients[:1], f.states[:1]
-        f.server = type(f.server)("pilot", [f.clients[0].task], [4], None)
+    clients = train.load_data(cfg)
+    f = train.build(cfg, clients=clients[:1] if K == 1 else clients)
     after_build = rss_mb()
     f.run_round(1)
     state_mb = sum(v.numel() * v.element_size() for v in f.states[0].values()) / 2 ** 20

@@ -98,14 +98,24 @@ def test_corrupted_checkpoint_is_named_and_resume_falls_back(tmp_path, embedded_
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, embedded_dir):
     config = _write_config(tmp_path, embedded_dir)
     run = tmp_path / "run"
-    train.main(["--config", config, "--set", "fed.stage1_rounds=1", "--set", "fed.stage2_rounds=0"])
+    train.main(["--config", config, "--set", "fed.method=fedavg", "--set", "fed.stage1_rounds=1",
+                "--set", "fed.stage2_rounds=0"])
     before = _final_states(run)
     with pytest.raises(train.RunError) as e:
-        train.main(["--config", config, "--resume", "--set", "fed.stage1_rounds=1", "--set", "fed.lr_connector=1e30",
-                    "--set", "fed.lr_lora_stage2=1e30"])
+        train.main(["--config", config, "--resume", "--set", "fed.method=fedavg", "--set", "fed.stage1_rounds=1",
+                    "--set", "fed.stage2_rounds=1", "--set", "fed.lr_connector=1e30"])
     assert "non-finite loss" in str(e.value) and "round 2 step" in str(e.value) and "client colour0" in str(e.value)
     assert sorted(os.listdir(run / "ckpt")) == ["round_001"]
     assert _same(_final_states(run), before)
+
+
+def test_stage2_rounds_cannot_be_added_after_stage_1_ended_the_run(tmp_path, embedded_dir):
+    config = _write_config(tmp_path, embedded_dir)
+    train.main(["--config", config, "--set", "fed.stage1_rounds=1", "--set", "fed.stage2_rounds=0"])
+    before = _final_states(tmp_path / "run")
+    with pytest.raises(train.RunError, match="fed.stage2_rounds: round 1 ended stage 1"):
+        train.main(["--config", config, "--resume", "--set", "fed.stage1_rounds=1", "--set", "fed.stage2_rounds=1"])
+    assert _same(_final_states(tmp_path / "run"), before)
 
 
 def test_a_non_finite_update_is_left_out_of_aggregation(tiny_llava_dir, monkeypatch):

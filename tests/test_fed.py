@@ -29,9 +29,7 @@ def test_fedavg_with_one_client_equals_local_training(tiny_llava_dir):
     for method in ("fedavg", "local"):
         cfg = _cfg(tiny_llava_dir, method)
         cfg.data.clients_per_task = 1
-        f = train.build(cfg)
-        f.clients, f.states = f.clients[:1], f.states[:1]
-        f.server = fed.Server(method, [f.clients[0].task], [len(f.clients[0].train)], None)
+        f = train.build(cfg, clients=train.load_data(cfg)[:1])
         for r in (1, 2):
             f.run_round(r)
         runs[method] = f.states

@@ -72,7 +72,9 @@ def test_resume_refuses_another_run_naming_each_key_and_changes_nothing(tmp_path
 
 
 def test_resume_may_change_the_rounds_and_says_what_changed(tmp_path, embedded_dir, capsys):
-    config = _write_config(tmp_path, embedded_dir, stage1_rounds=1, stage2_rounds=0)
+    # fedavg: one stage, so rounds can be added (a pilot run cannot add stage 2 after stage 1
+    # ended it: test_faults.test_stage2_rounds_cannot_be_added_after_stage_1_ended_the_run)
+    config = _write_config(tmp_path, embedded_dir, method="fedavg", stage1_rounds=1, stage2_rounds=0)
     _main(config)
     res = _main(config, "--resume", "--set", "fed.stage2_rounds=1", "--set", "fed.lr_connector=1e-3")
     assert len(res["rounds"]) == 2
