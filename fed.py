@@ -14,6 +14,11 @@ Readable as the protocol itself (SPEC section 5):
   which each client builds, on receiving the last stage-1 round's message, from its stage-1
   connector and the T global task adapters in that message (Federation.receive).
 
+Who does what: fed.Client is one client's side of a round (train, score, upload; take a
+download), fed.Coordinator the server's (sampling, stages, Server.aggregate, the log record);
+they meet in two calls a round. Federation runs both in one process; flower_app.py runs the
+same two on Flower, a client per SuperNode.
+
 Where things are decided, once each: what a client owns (model.client_state), where a task's
 adapter sits in a client's state (adapter_prefix, after pilot.expert_tasks), what travels
 (make_upload), what a client does with a message (apply_download).

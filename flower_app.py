@@ -311,10 +311,12 @@ class GridNodes:
         return out
 
     def config(self, **values) -> ConfigRecord:
+        """A message's config; it names the client, as Flower stores contents by their hash
+        and two messages of equal content in one push are refused."""
         return ConfigRecord({"tasks": self.tasks, **values})
 
     def local_round(self, r: int, stage: int, chosen, progress=None) -> dict[int, dict]:
-        contents = {k: RecordDict({"config": self.config(round=r, stage=stage, chosen=k in chosen)})
+        contents = {k: RecordDict({"config": self.config(client=k, round=r, stage=stage, chosen=k in chosen)})
                     for k in self.node_of}
         replies = {}
         for k, c in self.exchange(contents, "train.local_round").items():
@@ -326,7 +328,8 @@ class GridNodes:
         return replies
 
     def deliver(self, r: int, downloads: dict[int, dict], enter_stage2: bool) -> dict[int, dict]:
-        contents = {k: RecordDict({"config": self.config(round=r, enter_stage2=enter_stage2), **pack(msg, "down.")})
+        contents = {k: RecordDict({"config": self.config(client=k, round=r, enter_stage2=enter_stage2),
+                                   **pack(msg, "down.")})
                     for k, msg in downloads.items() if msg}
         return {k: {"scores": dict(c["scores"]), "seconds_scoring": c["seconds"]["scoring"]}
                 for k, c in self.exchange(contents, "train.take").items()}
@@ -352,7 +355,8 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
     try:
         nodes = join(grid, settings)
         probe = GridNodes(grid, dict(enumerate(nodes)), [], settings.timeout, tap)
-        got = probe.exchange({i: RecordDict() for i in range(len(nodes))}, "query.hello")
+        got = probe.exchange({i: RecordDict({"config": ConfigRecord({"node": i})}) for i in range(len(nodes))},
+                             "query.hello")
         if len(got) < len(nodes):
             raise train.RunError(f"{len(nodes) - len(got)} SuperNode(s) did not answer hello: see their logs")
         hellos = {nodes[i]: c for i, c in got.items()}
@@ -392,7 +396,7 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
                   f"after_download {record['mean']['after_download']:.3f}"
                   + (f"; lost {record['lost']}" if record["lost"] else ""), flush=True)
             records.append(record)
-        finals = gn.exchange({k: RecordDict() for k in gn.node_of}, "query.finish")
+        finals = gn.exchange({k: RecordDict({"config": gn.config(client=k)}) for k in gn.node_of}, "query.finish")
         results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": train.HEADLINE,
                    **{p: {"own": records[-1][p], "mean": records[-1]["mean"][p]} for p in fed_mod.EVAL_POINTS},
                    "final_state_sha256": {meta[k]["name"]: c["final"]["state_sha256"] for k, c in sorted(finals.items())}}
@@ -418,6 +422,74 @@ def make_server_app(settings: Settings | None = None, tap=None) -> ServerApp:
 # `flwr run` loads these two (pyproject.toml [tool.flwr.app.components])
 server_app = make_server_app()
 client_app = make_client_app()
+
+
+# -----------------------------------------------------------------------------
+# The Deployment Engine on one machine: a SuperLink and N SuperNodes on 127.0.0.1
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Localhost:
+    """A SuperLink and `n` SuperNodes as separate processes on 127.0.0.1 (insecure, no TLS),
+    each in its own process group, stopped on exit; `run` submits this folder with `flwr run`.
+    What tests/test_flower.py and benchmarks/bench_flower.py use; on real machines, start
+    the same commands by hand (README: "More than one machine")."""
+
+    def __init__(self, n: int, workdir: str, node_set: str = ""):
+        self.n, self.workdir, self.node_set = n, workdir, node_set
+        self.procs: list = []
+        self.env = dict(os.environ, FLWR_HOME=os.path.join(workdir, "flwr-home"))
+
+    def start(self, args: list[str], log: str):
+        import subprocess
+        return subprocess.Popen(args, stdout=open(os.path.join(self.workdir, log), "w"), stderr=subprocess.STDOUT,
+                                env=self.env, start_new_session=True, cwd=self.workdir)
+
+    def __enter__(self) -> "Localhost":
+        os.makedirs(self.env["FLWR_HOME"], exist_ok=True)
+        self.port = free_port()
+        with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as fh:
+            fh.write(f'[superlink]\ndefault = "localhost"\n\n[superlink.localhost]\n'
+                     f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        # a database file: the in-memory one is not safe under concurrent pushes (flwr 1.42)
+        self.superlink = self.start(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                     "--database", os.path.join(self.workdir, "superlink.db")], "superlink.log")
+        self.nodes = [self.start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                  "--host", "127.0.0.1", "--port", str(free_port()),
+                                  "--node-config", f"partition-id={i} {self.node_set}".strip()], f"supernode{i}.log")
+                      for i in range(self.n)]
+        self.procs = [self.superlink, *self.nodes]
+        return self
+
+    def run(self, run_config: str, timeout: float):
+        """`flwr run . localhost --run-config ... --stream`, waited for (its output in flwr-run.log)."""
+        import subprocess
+        with open(os.path.join(self.workdir, "flwr-run.log"), "w") as log:
+            return subprocess.run(["flwr", "run", HERE, "localhost", "--run-config", run_config, "--stream"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=self.env, timeout=timeout, cwd=self.workdir)
+
+    def kill_node(self, i: int) -> None:
+        import signal
+        os.killpg(self.nodes[i].pid, signal.SIGKILL)   # the SuperNode and the ClientApp it runs
+        self.nodes[i].wait()
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    p.wait(timeout=10)
+                except (ProcessLookupError, OSError):
+                    pass
+                except Exception:   # did not stop in time
+                    os.killpg(p.pid, signal.SIGKILL)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""flower_app.py: the in-process federation of fed.py, run over Flower, gives every client
+the same final state (SHA-256 of its tensors) and the same scores, losses, traffic and LoRA
+mixing; a client's private state never reaches the server; a killed SuperNode is left out.
+
+Under the Simulation Engine (Ray, ~20 s) and under the Deployment Engine on 127.0.0.1: a
+SuperLink and three SuperNodes as separate processes (each message runs in a fresh ClientApp
+process there, so these take a few minutes on 2 cores)."""
+
+import json
+import os
+import time
+
+import pytest
+import yaml
+
+pytest.importorskip("flwr", reason="pip install -r requirements-flower.txt")
+
+import pilot  # noqa: E402
+import flower_app  # noqa: E402
+import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("round", "stage", "clients", "excluded", "losses", "comm", "lora_weights", "after_local", "after_download")
+
+
+def _config(tmp_path, embedded_dir, **fed_keys):
+    raw = yaml.safe_load(open(os.path.join(ROOT, "config.yaml")))
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["model"].update(cache_dir=os.path.dirname(embedded_dir), embedded_pretrain_steps=5, lora_r=4)
+    raw["data"].update(clients_per_task=1, train_per_client=16, test_per_client=4, max_new_tokens=4)
+    raw["fed"].update(dict(stage1_rounds=1, stage2_rounds=1, local_epochs=1, batch_size=4), **fed_keys)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _in_process(config):
+    f = train.build(train.load_config(config, []))
+    records = [f.run_round(r) for r in range(1, f.total_rounds + 1)]
+    return records, {c.name: flower_app.state_sha256(s) for c, s in zip(f.clients, f.states)}
+
+
+def _flower_run(run_dir):
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    return log, json.load(open(os.path.join(run_dir, "results.json")))
+
+
+def _assert_same_run(reference, digests, log, results):
+    assert results["final_state_sha256"] == digests
+    assert len(log) == len(reference)
+    for ref, rec in zip(reference, log):
+        assert {k: rec.get(k) for k in KEYS} == {k: ref.get(k) for k in KEYS}
+        assert rec["lost"] == [] and rec["engine"] == "flower"
+
+
+ADAPTER = {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+
+
+def _assert_only_shared_parts(up: list[dict]):
+    """Every record a client sent: its reply's numbers, its task adapter (psi_t / h_0, by the
+    Adapter's own names) and its LoRA factors; psi_s, psi_c, the router, the gate and the
+    frozen experts (all `connector.*` in a client state) never appear."""
+    assert up
+    for content in up:
+        assert set(content) <= {"hello", "init.task_adapter", "reply", "scores", "losses", "seconds",
+                                "up.task_adapter", "up.lora", "final"}
+        assert set(content.get("up.task_adapter", ADAPTER)) == ADAPTER
+        assert set(content.get("init.task_adapter", ADAPTER)) == ADAPTER
+        assert all(pilot.is_lora(n) for n in content.get("up.lora", []))
+        assert not any("connector" in n for names in content.values() for n in names)
+
+
+def test_wire_records_round_trip_every_dtype_bit_for_bit():
+    import torch
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g).to(torch.bfloat16),
+               "c": torch.tensor(2.5, dtype=torch.float16), "d": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    back = flower_app.from_record(flower_app.to_record(tensors))
+    assert set(back) == set(tensors)
+    assert all(back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v)
+               for k, v in tensors.items())
+    assert flower_app.state_sha256(back) == flower_app.state_sha256(tensors)
+    assert flower_app.state_sha256({**tensors, "a": tensors["a"] + 1e-7}) != flower_app.state_sha256(tensors)
+
+
+def test_a_node_may_set_only_its_data_and_model_paths():
+    assert flower_app.node_overrides({"set": "data.manifest=/x.yaml model.llava=/m"}) == ["data.manifest=/x.yaml",
+                                                                                           "model.llava=/m"]
+    with pytest.raises(train.ConfigError, match="fed.lr_connector is the run's to set"):
+        flower_app.node_overrides({"set": "fed.lr_connector=1"})
+    with pytest.raises(train.ConfigError, match="run config 'rounds': unknown key"):
+        flower_app.Settings.from_run_config({"rounds": 3})
+
+
+def test_simulation_equals_the_in_process_loop_and_private_state_stays_on_the_nodes(tmp_path, embedded_dir):
+    config = _config(tmp_path, embedded_dir)
+    reference, digests = _in_process(config)
+    seen = []   # everything that reaches the server: (direction, client, {record: [names]})
+    flower_app.simulate(flower_app.Settings(config=config, clients=3, overwrite=True),
+                        tap=lambda d, k, content: seen.append((d, k, {key: sorted(rec.keys())
+                                                                      for key, rec in content.items()})))
+    log, results = _flower_run(tmp_path / "run")
+    _assert_same_run(reference, digests, log, results)
+    up = [content for d, _, content in seen if d == "up"]
+    assert sum("up.lora" in c for c in up) == 3 * 2   # the tap saw every upload: 3 clients, 2 rounds
+    _assert_only_shared_parts(up)
+
+
+@pytest.fixture(scope="module")
+def localhost(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("flower-localhost"))
+    with flower_app.Localhost(3, work) as lh:
+        yield lh
+
+
+def _run_config(config, run_dir, **extra):
+    items = {"config": config, "clients": 3, "run-dir": str(run_dir), "record-wire": True, **extra}
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def test_deployment_engine_on_localhost_equals_the_in_process_loop(localhost, tmp_path, embedded_dir):
+    config = _config(tmp_path, embedded_dir)
+    reference, digests = _in_process(config)
+    done = localhost.run(_run_config(config, tmp_path / "run", timeout=120.0), timeout=480)
+    assert done.returncode == 0, open(os.path.join(localhost.workdir, "flwr-run.log")).read()[-3000:]
+    log, results = _flower_run(tmp_path / "run")
+    _assert_same_run(reference, digests, log, results)
+    wire = [json.loads(line) for line in open(tmp_path / "run" / "wire.jsonl")]
+    _assert_only_shared_parts([w["records"] for w in wire if w["direction"] == "up"])
+    assert all(rec["wire_bytes"]["up"] > sum(sum(c["up"].values()) for c in rec["comm"].values()) for rec in log)
+
+
+def test_a_killed_supernode_is_left_out_and_the_run_goes_on(localhost, tmp_path, embedded_dir):
+    # runs after the test above on the same SuperLink; kills SuperNode 2 (client count0)
+    # once round 1's local training messages are out
+    import subprocess
+    config = _config(tmp_path, embedded_dir, stage1_rounds=2, stage2_rounds=0)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(["flwr", "run", flower_app.HERE, "localhost", "--run-config",
+                             _run_config(config, run_dir, timeout=40.0), "--stream"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=localhost.env)
+    try:
+        deadline = time.monotonic() + 240
+        wire = run_dir / "wire.jsonl"
+        while not (wire.exists() and '"chosen"' in wire.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "round 1 never started"
+            time.sleep(0.5)
+        localhost.kill_node(2)
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log, results = _flower_run(run_dir)
+    assert [rec["round"] for rec in log] == [1, 2]
+    for rec in log:
+        assert rec["lost"] == ["count0"]
+        assert set(rec["after_local"]) == {"colour0", "shape0"}
+        assert set(rec["lora_weights"]) == {"colour0", "shape0"}   # aggregated over the two that replied
+    assert set(results["final_state_sha256"]) == {"colour0", "shape0"}
