@@ -379,6 +379,7 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
             if wire_log:
                 names = {key: sorted(rec.keys()) for key, rec in content.items()}
                 wire_log.write(json.dumps({"direction": direction, "client": meta[k]["name"], "records": names}) + "\n")
+                wire_log.flush()
             if tap:
                 tap(direction, k, content)
 
@@ -465,7 +466,17 @@ class Localhost:
                                   "--node-config", f"partition-id={i} {self.node_set}".strip()], f"supernode{i}.log")
                       for i in range(self.n)]
         self.procs = [self.superlink, *self.nodes]
-        return self
+        import socket
+        deadline = time.monotonic() + 120
+        while True:   # `flwr run` fails at once if the SuperLink is not listening yet
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.superlink.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError(f"the SuperLink did not start: see {self.workdir}/superlink.log")
+                time.sleep(0.2)
 
     def run(self, run_config: str, timeout: float):
         """`flwr run . localhost --run-config ... --stream`, waited for (its output in flwr-run.log)."""

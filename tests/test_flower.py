@@ -137,7 +137,7 @@ def test_a_killed_supernode_is_left_out_and_the_run_goes_on(localhost, tmp_path,
     config = _config(tmp_path, embedded_dir, stage1_rounds=2, stage2_rounds=0)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(["flwr", "run", flower_app.HERE, "localhost", "--run-config",
-                             _run_config(config, run_dir, timeout=40.0), "--stream"],
+                             _run_config(config, run_dir, timeout=30.0), "--stream"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=localhost.env)
     try:
         deadline = time.monotonic() + 240
