@@ -30,6 +30,7 @@ Shape legend: B batch, L text length, N image tokens.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
 
 IMAGE = "<image>"
 IGNORE = -100
@@ -59,7 +61,8 @@ class DataConfig:
     val_per_client: int = 0          # held out of each client's own training data, for model selection
     minority_phrasing: bool = True   # A/B: clients 1, 3, ... of a task answer in its second phrasing
     image_size: int = 32             # synthetic: side of the square images, in pixels
-    max_image_side: int = 1024       # manifest: larger images are shrunk at load time (memory)
+    max_image_side: int = 1024       # manifest: larger images are shrunk as they are decoded
+    num_workers: int = 0             # DataLoader processes decoding the next batches (GPU: 4-8; CPU: 0)
     system_prompt: str = ""          # text before the first turn; LLaVA-1.5 uses Vicuna's
     max_length: int = 2048           # longest tokenised sample (error beyond it)
     max_new_tokens: int = 8          # generation length at evaluation
@@ -72,8 +75,12 @@ class DataConfig:
 
 @dataclass
 class Sample:
+    """One record. `image` is a picture in memory (the synthetic worlds, small by construction)
+    or the path of the file it is read from (LLaVA JSON: only the name is kept at load time,
+    so a client of 20,000 records costs kilobytes, not gigabytes). `picture` is the one place
+    where a record becomes pixels."""
     id: str
-    image: Image.Image
+    image: Image.Image | str
     turns: list[tuple[str, str]]     # [(human, gpt), ...]; `<image>` in the first human turn
     source: str = ""                 # where it came from, for error messages ("file: record i")
 
@@ -87,6 +94,7 @@ class ClientData:
     metric: str = "exact"            # "exact" (exact match) | "f1" (token F1, captions)
     skipped: list[str] = field(default_factory=list)   # bad records left out (skip_bad_records)
     val: list[Sample] = field(default_factory=list)    # validation split, carved from its training data
+    files: list[str] = field(default_factory=list)     # the JSON files it was read from (run identity)
 
 
 # -----------------------------------------------------------------------------
@@ -294,16 +302,34 @@ def check_name(name, what: str, where: str) -> str:
     return name
 
 
+# Image modes and how each becomes RGB: high-bit greyscale is rescaled (range-checked when
+# decoded), transparency is composited on white, the rest converts directly. Anything else has
+# no faithful RGB reading and is refused at load time, from the header alone.
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ALPHA_MODES = ("RGBA", "LA", "PA")
+PLAIN_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")
+
+
+def check_image_header(file: str) -> tuple[int, int]:
+    """Read an image file's header only (PIL's lazy `Image.open`, no pixel decode): a missing
+    file, an unknown format, a corrupt header or a mode with no RGB reading fails here, at load
+    time, for the price of a few hundred bytes read. Returns (width, height)."""
+    with Image.open(file) as im:
+        if im.mode not in HIGH_BIT_MODES + ALPHA_MODES + PLAIN_MODES:
+            raise ValueError(f"mode {im.mode} is not a picture this loader can turn into RGB faithfully")
+        return im.size
+
+
 def read_image(file: str, max_side: int) -> Image.Image:
     """An image file as the RGB picture it shows: EXIF rotation applied, the first frame of an
     animation, transparency composited on white (not the black that convert("RGB") leaves),
     16-bit and float greyscale rescaled to 0..255, and the longest side shrunk to max_side so
-    a folder of large photos is not held in memory at full size. Raises ValueError saying why
-    for a mode that has no faithful RGB reading."""
+    a large photo is never decoded at full size. Raises ValueError saying why for a mode that
+    has no faithful RGB reading."""
     with Image.open(file) as im:
         im.draft("RGB", (max_side, max_side))                  # JPEG: decode at reduced size
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        if im.mode in HIGH_BIT_MODES:
             lo, hi = im.getextrema()
             scale = 255 / 65535 if im.mode.startswith("I;16") else (255.0 if im.mode == "F" and hi <= 1 else 1.0)
             if im.mode == "I" and hi > 255:
@@ -311,10 +337,10 @@ def read_image(file: str, max_side: int) -> Image.Image:
             if lo < 0 or scale == 0 or hi * scale > 255.5:
                 raise ValueError(f"mode {im.mode} with values in [{lo}, {hi}] has no known 8-bit reading")
             im = im.point(lambda v: v * scale, "F").convert("L")
-        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        elif im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        elif im.mode not in ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"):
+        elif im.mode not in PLAIN_MODES:
             raise ValueError(f"mode {im.mode} is not a picture this loader can turn into RGB faithfully")
         image = im.convert("RGB")
     if max(image.size) > max_side:
@@ -322,9 +348,24 @@ def read_image(file: str, max_side: int) -> Image.Image:
     return image
 
 
-def parse_record(rec, path: str, index: int, image_folder: str, max_image_side: int = 1024) -> Sample:
+def picture(s: Sample, max_side: int = 1024) -> Image.Image:
+    """THE place where a record becomes pixels: a synthetic sample's picture as it is, a LLaVA
+    record's file decoded now (read_image), when its batch is built. A file that fails to
+    decode here, in the middle of a run, is a DataError naming the file and the record."""
+    if isinstance(s.image, Image.Image):
+        return s.image
+    try:
+        return read_image(s.image, max_side)
+    except FileNotFoundError:
+        raise DataError(f"{s.source or s.id}: image file not found: {s.image}") from None
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise DataError(f"{s.source or s.id}: cannot read image {s.image}: {e}") from None
+
+
+def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
     """One LLaVA record -> Sample, or a DataError naming file and record. The image must be a
-    file inside image_folder (no absolute paths, no '..', no symlink that leads out)."""
+    file inside image_folder (no absolute paths, no '..', no symlink that leads out) whose
+    header reads (check_image_header); its pixels are decoded only when its batch is built."""
     if not isinstance(rec, dict):
         raise _record_error(path, index, rec, f"expected an object, got {type(rec).__name__}")
     conv = rec.get("conversations")
@@ -353,17 +394,17 @@ def parse_record(rec, path: str, index: int, image_folder: str, max_image_side: 
     if os.path.isabs(name) or os.path.commonpath([folder, os.path.realpath(file)]) != folder:
         raise _record_error(path, index, rec, f"image {name!r} lies outside the image folder {image_folder}")
     try:
-        image = read_image(file, max_image_side)
+        check_image_header(file)
     except FileNotFoundError:
         raise _record_error(path, index, rec, f"image file not found: {file}") from None
     except Exception as e:  # PIL raises several types for unreadable files
         raise _record_error(path, index, rec, f"cannot read image {file}: {e}") from None
     rid = rec.get("id", index)
-    return Sample(str(rid), image, turns, f"{path}: record {index} (id {rid!r})")
+    return Sample(str(rid), file, turns, f"{path}: record {index} (id {rid!r})")
 
 
 def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = None,
-                    max_image_side: int = 1024) -> list[Sample]:
+                    progress: bool = False) -> list[Sample]:
     """Read a LLaVA conversation JSON file (a list of records). A bad record is a DataError
     naming the file and record, unless `skipped` is a list: then the record is left out and
     its error message appended there (data.skip_bad_records), so nothing is dropped silently."""
@@ -381,9 +422,10 @@ def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = No
     if not records:
         raise DataError(f"{path}: no records")
     samples = []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(tqdm(records, desc=f"checking {os.path.basename(path)}", unit="record",
+                                 disable=None if progress else True, leave=False)):
         try:
-            samples.append(parse_record(rec, path, i, image_folder, max_image_side))
+            samples.append(parse_record(rec, path, i, image_folder))
         except DataError as e:
             if skipped is None:
                 raise
@@ -410,7 +452,7 @@ def read_yaml(path: str, what: str):
         raise DataError(f"{path}: cannot read {what}: {e}") from None
 
 
-def load_manifest(path: str, skip_bad_records: bool = False, max_image_side: int = 1024) -> list[ClientData]:
+def load_manifest(path: str, skip_bad_records: bool = False, progress: bool = False) -> list[ClientData]:
     """A client manifest: YAML or JSON list of {name, task, train, test, image_folder[, metric]};
     relative paths are relative to the manifest; unknown keys are errors. With
     skip_bad_records, each client's `skipped` lists the records left out and why."""
@@ -434,13 +476,41 @@ def load_manifest(path: str, skip_bad_records: bool = False, max_image_side: int
                 raise DataError(f"{path}: client {i}: {key} must be a path, got {e[key]!r}")
         images = os.path.join(root, e["image_folder"])
         skipped = [] if skip_bad_records else None
-        train = load_llava_json(os.path.join(root, e["train"]), images, skipped, max_image_side)
-        test = load_llava_json(os.path.join(root, e["test"]), images, skipped, max_image_side)
-        clients.append(ClientData(e["name"], e["task"], train, test, e.get("metric", "exact"), skipped or []))
+        files = [os.path.join(root, e[split]) for split in ("train", "test")]
+        train, test = (load_llava_json(f, images, skipped, progress) for f in files)
+        clients.append(ClientData(e["name"], e["task"], train, test, e.get("metric", "exact"), skipped or [],
+                                  files=files))
     names = [c.name for c in clients]
     if len(set(names)) != len(names):
         raise DataError(f"{path}: client names must be unique, got {names}")
     return clients
+
+
+def data_digest(clients: Sequence[ClientData], full: bool = False) -> dict[str, str]:
+    """What a run's data is, cheaply, for the run identity train.py checks on --resume:
+      records_sha256: the bytes of every JSON file read, and every kept sample's id and turns;
+      images_sha256:  each image file's name, size and mtime; a synthetic picture's pixels.
+    [choice] An image file replaced by one of the same size and mtime goes unseen; `full`
+    (train.py --verify-data) adds images_content_sha256 over every image file's bytes.
+    Two digests, so a refused resume says whether the records or the images changed."""
+    records, images, content = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for c in clients:
+        for f in c.files:
+            with open(f, "rb") as fh:
+                records.update(hashlib.sha256(fh.read()).digest())
+        for s in c.train + c.val + c.test:
+            records.update(repr((c.name, s.id, s.turns)).encode())
+            if isinstance(s.image, Image.Image):
+                images.update(s.image.tobytes())
+                content.update(s.image.tobytes())
+                continue
+            st = os.stat(s.image)
+            images.update(repr((s.image, st.st_size, st.st_mtime_ns)).encode())
+            if full:
+                with open(s.image, "rb") as fh:
+                    content.update(hashlib.sha256(fh.read()).digest())
+    out = {"records_sha256": records.hexdigest(), "images_sha256": images.hexdigest()}
+    return out | ({"images_content_sha256": content.hexdigest()} if full else {})
 
 
 def export_llava(clients: Sequence[ClientData], out_dir: str) -> str:
@@ -452,7 +522,7 @@ def export_llava(clients: Sequence[ClientData], out_dir: str) -> str:
         for split in ("train", "test"):
             records = []
             for s in getattr(c, split):
-                s.image.save(os.path.join(out_dir, "images", f"{s.id}.png"))
+                picture(s).save(os.path.join(out_dir, "images", f"{s.id}.png"))
                 conv = [m for h, g in s.turns for m in ({"from": "human", "value": h}, {"from": "gpt", "value": g})]
                 records.append({"id": s.id, "image": f"{s.id}.png", "conversations": conv})
             with open(os.path.join(out_dir, f"{c.name}_{split}.json"), "w") as f:
@@ -465,13 +535,13 @@ def export_llava(clients: Sequence[ClientData], out_dir: str) -> str:
     return path
 
 
-def load_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
+def load_clients(cfg: DataConfig, seed: int, progress: bool = False) -> list[ClientData]:
     """Every client's data, checked: non-empty splits; with val_per_client, a manifest
     client's validation split is carved from the end of its training file."""
     if cfg.scenario == "manifest":
         if not cfg.manifest:
             raise DataError("data.manifest: a path is required when data.scenario is 'manifest'")
-        clients = load_manifest(cfg.manifest, cfg.skip_bad_records, cfg.max_image_side)
+        clients = load_manifest(cfg.manifest, cfg.skip_bad_records, progress)
         for c in clients:
             if cfg.val_per_client and len(c.train) <= cfg.val_per_client:
                 raise DataError(f"client {c.name!r}: {len(c.train)} training records leave none after "
@@ -488,24 +558,29 @@ def load_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
 
 def unknown_words(tokenizer, texts: Sequence[str]) -> Counter:
     """Words (whitespace/punctuation split) that the tokenizer maps to its unknown token, with
-    how often each occurs. Empty for tokenizers without an unknown token (byte-level BPE)."""
+    how often each occurs. Empty for tokenizers without an unknown token (byte-level BPE).
+    Each distinct word is tokenised once, all of them in one batch."""
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
         return Counter()
     words = Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.replace(IMAGE, " ")))
-    return Counter({w: n for w, n in words.items() if unk in tokenizer(w, add_special_tokens=False).input_ids})
+    distinct = list(words)
+    ids = tokenizer(distinct, add_special_tokens=False).input_ids if distinct else []
+    return Counter({w: words[w] for w, i in zip(distinct, ids) if unk in i})
 
 
-def check_encodable(clients: Sequence[ClientData], enc: "Encoder", skip_bad_records: bool = False) -> list[str]:
+def check_encodable(clients: Sequence[ClientData], enc: "Encoder", skip_bad_records: bool = False,
+                    progress: bool = False) -> list[str]:
     """Before any model loads: every sample of every split fits data.max_length (else a
     DataError naming its file and record, or, with skip_bad_records, it is left out and
     reported in the client's `skipped`), and every answer word is one the tokenizer knows
-    (else a DataError listing the words). Returns warnings for unknown words in prompts."""
+    (else a DataError listing the words). Returns warnings for unknown words in prompts.
+    Token lengths come from Encoder.lengths, tokenised in batches."""
     for c in clients:
         for split in ("train", "val", "test"):
+            samples = getattr(c, split)
             kept = []
-            for s in getattr(c, split):
-                n = len(enc.encode(s, check=False)[0])
+            for s, n in zip(samples, enc.lengths(samples, progress=progress)):
                 if n <= enc.max_length:
                     kept.append(s)
                     continue
@@ -539,67 +614,144 @@ class Encoder:
         {system} USER: {human} ASSISTANT: {gpt}</s> USER: ... ASSISTANT:
     `<image>` is expanded to `n_image_tokens` copies of `image_token_id` (the image tokens of
     the connector replace them in model.py); labels are IGNORE everywhere but the answers and
-    their EOS. Segments are tokenised separately and concatenated, as LLaVA's own code does."""
+    their EOS. Segments are tokenised separately and concatenated, as LLaVA's own code does:
+    `pieces` lists them once, for encode (one sample) and lengths (many, in batches).
+    Pictures are decoded in collate (data.picture), so in a DataLoader worker."""
     tokenizer: object
     image_processor: object
     image_token_id: int
     n_image_tokens: int
     system_prompt: str = ""
     max_length: int = 2048
+    max_image_side: int = 1024
+    num_workers: int = 0             # how batches are loaded (data.num_workers, data.skip_bad_records):
+    skip_bad_records: bool = False   # the loaders of fed.py read them here, beside the encoding
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+    def _ids(self, piece: str | list[int]) -> list[int]:
+        return piece if isinstance(piece, list) else self.tokenizer(piece, add_special_tokens=False).input_ids
 
-    def _prompt_ids(self, human: str, first: bool) -> list[int]:
-        ids = []
+    def _prompt_pieces(self, human: str, first: bool) -> list[str | list[int]]:
+        """A human turn up to `ASSISTANT:`: texts to tokenise and literal id lists, in order."""
+        pieces: list[str | list[int]] = []
         if first:
             if self.tokenizer.bos_token_id is not None:
-                ids.append(self.tokenizer.bos_token_id)
+                pieces.append([self.tokenizer.bos_token_id])
             if self.system_prompt:
-                ids += self._ids(self.system_prompt)
+                pieces.append(self.system_prompt)
         before, _, after = human.partition(IMAGE) if IMAGE in human else ("", "", human)
-        ids += self._ids("USER: " + before.strip()) if before.strip() else self._ids("USER:")
+        pieces.append("USER: " + before.strip() if before.strip() else "USER:")
         if IMAGE in human:
-            ids += [self.image_token_id] * self.n_image_tokens
-        return ids + self._ids(after.strip() + " ASSISTANT:")
+            pieces.append([self.image_token_id] * self.n_image_tokens)
+        return pieces + [after.strip() + " ASSISTANT:"]
+
+    def pieces(self, s: Sample) -> list[tuple[str | list[int], bool]]:
+        """The whole conversation as (piece, is_answer) pairs; answers carry the labels."""
+        out = []
+        for t, (human, gpt) in enumerate(s.turns):
+            out += [(p, False) for p in self._prompt_pieces(human, t == 0)]
+            out += [(" " + gpt.strip(), True), ([self.tokenizer.eos_token_id], True)]
+        return out
 
     def encode(self, s: Sample, check: bool = True) -> tuple[list[int], list[int]]:
         """Full conversation -> (input_ids, labels)."""
         ids, labels = [], []
-        for t, (human, gpt) in enumerate(s.turns):
-            p = self._prompt_ids(human, t == 0)
-            a = self._ids(" " + gpt.strip()) + [self.tokenizer.eos_token_id]
-            ids += p + a
-            labels += [IGNORE] * len(p) + a
+        for piece, is_answer in self.pieces(s):
+            p = self._ids(piece)
+            ids += p
+            labels += p if is_answer else [IGNORE] * len(p)
         if check and len(ids) > self.max_length:
             raise DataError(f"{s.source or s.id}: {len(ids)} tokens > data.max_length {self.max_length}")
         return ids, labels
 
+    def lengths(self, samples: Sequence[Sample], chunk: int = 4096, progress: bool = False) -> list[int]:
+        """len(encode(s)[0]) of every sample, with the texts tokenised `chunk` at a time (a fast
+        tokenizer batches them in Rust: tens of thousands of records a second)."""
+        texts, owner, n = [], [], [0] * len(samples)
+        for i, s in enumerate(samples):
+            for piece, _ in self.pieces(s):
+                if isinstance(piece, list):
+                    n[i] += len(piece)
+                else:
+                    texts.append(piece)
+                    owner.append(i)
+        bar = tqdm(total=len(samples), desc="tokenising", unit="record", disable=None if progress else True,
+                   leave=False)
+        for lo in range(0, len(texts), chunk):
+            ids = self.tokenizer(texts[lo:lo + chunk], add_special_tokens=False).input_ids
+            for i, t in zip(owner[lo:lo + chunk], ids):
+                n[i] += len(t)
+            bar.update(len(set(owner[lo:lo + chunk])))
+        bar.close()
+        return n
+
     def encode_prompt(self, s: Sample) -> list[int]:
         """The first turn's prompt, up to `ASSISTANT:`, for generation."""
-        return self._prompt_ids(s.turns[0][0], True)
+        return [i for p in self._prompt_pieces(s.turns[0][0], True) for i in self._ids(p)]
 
-    def pixels(self, samples: Sequence[Sample]) -> torch.Tensor:
-        return self.image_processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+    def pixels(self, samples: Sequence[Sample], pictures: Sequence[Image.Image] | None = None) -> torch.Tensor:
+        if pictures is None:
+            pictures = [picture(s, self.max_image_side) for s in samples]
+        return self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
 
     def _pad(self, seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
         L = max(len(s) for s in seqs)
         return torch.tensor([[value] * (L - len(s)) + s if left else s + [value] * (L - len(s)) for s in seqs])
 
-    def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    def collate(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
         """Training batch, right-padded: input_ids, attention_mask, labels (B, L); pixel_values."""
         enc = [self.encode(s) for s in samples]
         ids = self._pad([e[0] for e in enc], self.tokenizer.pad_token_id, left=False)    # (B, L)
         mask = self._pad([[1] * len(e[0]) for e in enc], 0, left=False)                 # (B, L)
         labels = self._pad([e[1] for e in enc], IGNORE, left=False)                      # (B, L)
-        return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=self.pixels(samples))
+        return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=self.pixels(samples, pictures))
 
-    def collate_prompts(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    def collate_prompts(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
         """Generation batch, left-padded prompts: input_ids, attention_mask (B, L); pixel_values."""
         prompts = [self.encode_prompt(s) for s in samples]
         ids = self._pad(prompts, self.tokenizer.pad_token_id, left=True)                 # (B, L)
         mask = self._pad([[1] * len(p) for p in prompts], 0, left=True)                  # (B, L)
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=self.pixels(samples))
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=self.pixels(samples, pictures))
+
+
+class Batches(torch.utils.data.Dataset):
+    """Planned batches of samples as a map-style dataset for torch's DataLoader: item i is
+    batch i (the encoder's collate, or collate_prompts for generation), built in a worker
+    process when num_workers > 0, so pictures decode while the model works on the previous
+    batch. Every batch also carries "kept" (the plan's indices it holds) and "skipped": with
+    skip_bad a sample whose file does not decode is left out and named there (a batch left
+    with no sample is those two lists alone); without it that file is a DataError."""
+
+    def __init__(self, enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequence[int]],
+                 prompts: bool = False, skip_bad: bool = False):
+        self.enc, self.samples, self.plan, self.prompts, self.skip_bad = enc, samples, list(plan), prompts, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        kept, pictures, skipped = [], [], []
+        for j in self.plan[i]:
+            try:
+                pictures.append(picture(self.samples[j], self.enc.max_image_side))
+                kept.append(j)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                skipped.append(str(e))
+        collate = self.enc.collate_prompts if self.prompts else self.enc.collate
+        batch = collate([self.samples[j] for j in kept], pictures) if kept else {}
+        return batch | {"skipped": skipped, "kept": kept}
+
+
+def batch_loader(enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequence[int]], prompts: bool = False,
+                 num_workers: int = 0, pin_memory: bool = False, skip_bad: bool = False):
+    """A DataLoader yielding the planned batches in plan order (batch_size=None: Batches
+    already batches). Its workers fork from this process and exit with it."""
+    if num_workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # a forked worker must not use Rust threads
+    return torch.utils.data.DataLoader(Batches(enc, samples, plan, prompts, skip_bad), batch_size=None,
+                                       shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                                       prefetch_factor=2 if num_workers else None)
 
 
 # -----------------------------------------------------------------------------

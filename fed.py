@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 import data as data_mod
 import model as model_mod
@@ -84,6 +85,7 @@ class FedConfig:
     prox_mu: float = 0.01            # fedprox only
     released_init: bool = False      # psi_s starts as a copy of the projector (released code)
     eval_batch_size: int = 32
+    eval_max_samples: int | None = None   # samples scored per client, split and evaluation point (null: all)
 
 
 def derive_seed(seed: int, purpose: str, *keys) -> int:
@@ -300,11 +302,26 @@ def plan_batches(n: int, cfg: FedConfig, gen: torch.Generator) -> list[list[list
     return steps
 
 
+def _loader(enc: data_mod.Encoder, samples, plan, dev: torch.device, prompts: bool = False,
+            skipped: list[str] | None = None):
+    """The planned batches, decoded ahead by data.num_workers workers, on `dev`. A picture
+    that does not decode is a DataError naming it; with data.skip_bad_records its sample is
+    left out and its message added to `skipped` once. Yields (batch or None, kept indices)."""
+    for batch in data_mod.batch_loader(enc, samples, plan, prompts, enc.num_workers, dev.type == "cuda",
+                                       enc.skip_bad_records):
+        bad, kept = batch.pop("skipped"), batch.pop("kept")
+        if skipped is not None:
+            skipped.extend(m for m in bad if m not in skipped)
+        yield ({k: v.to(dev, non_blocking=True) for k, v in batch.items()} if kept else None), kept
+
+
 def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
-                prox_mu: float = 0.0, where: str = "", progress=None) -> dict[str, float]:
+                prox_mu: float = 0.0, where: str = "", progress=None,
+                skipped: list[str] | None = None) -> dict[str, float]:
     """One client's local epochs on the shared model (its state already loaded). Returns the
-    mean of each loss term over the steps, and the number of steps."""
+    mean of each loss term over the steps, and the number of steps. Batches come from a
+    DataLoader (data.batch_loader) in the plan's order, so workers change nothing but speed."""
     model.train()
     plan = plan_batches(len(samples), cfg, gen)
     opt, params = make_optimizer(model, cfg, lr_lora)
@@ -312,9 +329,12 @@ def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Seq
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None   # w_global (fedprox)
     sums = dict.fromkeys(("loss", "ce", *pilot.AUX_KEYS, "prox"), 0.0)
     dev = next(model.lm.parameters()).device
+    batches = _loader(enc, samples, [m for step in plan for m in step], dev, skipped=skipped)
     for step, micro in enumerate(plan):
-        for idx in micro:
-            batch = {k: v.to(dev) for k, v in enc.collate([samples[i] for i in idx]).items()}
+        for _ in micro:
+            batch, _ = next(batches)
+            if batch is None:   # every picture of this micro-batch failed to decode (skip_bad_records)
+                continue
             with autocast(model):
                 out = model(**batch)
                 loss = total_loss(out, loss_weights)
@@ -332,27 +352,45 @@ def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Seq
         sched.step()
         opt.zero_grad(set_to_none=True)
         if progress is not None:
+            progress.set_postfix_str(f"{where} loss {sums['loss'] / (step + 1):.3f}", refresh=False)
             progress.update(1)
     return {k: v / len(plan) for k, v in sums.items()} | {"steps": len(plan)}
 
 
+def eval_subset(samples: Sequence[data_mod.Sample], n: int | None, seed: int, client: str,
+                split: str) -> list[data_mod.Sample]:
+    """[choice] fed.eval_max_samples: the n samples of a split that every round scores, drawn
+    once from (seed, client, split) alone, so every method, round and resume scores the same
+    ones (in their file order). None, or n >= the split, means the whole split."""
+    if n is None or n >= len(samples):
+        return list(samples)
+    pick = torch.randperm(len(samples), generator=generator(seed, "eval-subset", client, split))[:n]
+    return [samples[i] for i in sorted(pick.tolist())]
+
+
 @torch.no_grad()
 def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
-             metric: str, batch_size: int, max_new_tokens: int) -> float:
-    """Mean exact match (or token F1) of greedy answers to the first turn."""
+             metric: str, batch_size: int, max_new_tokens: int, progress: bool = False,
+             skipped: list[str] | None = None) -> float:
+    """Mean exact match (or token F1) of greedy answers to the first turn: batched generation
+    with the KV cache (PilotLlava.generate), batches decoded ahead by the loader's workers."""
     model.eval()
     tok = enc.tokenizer
     dev = next(model.lm.parameters()).device
-    score = 0.0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        batch = {k: v.to(dev) for k, v in enc.collate_prompts(chunk).items()}
-        with autocast(model):
-            seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
-        for s, seq in zip(chunk, seqs):
-            score += data_mod.METRICS[metric](tok.decode(seq, skip_special_tokens=True), s.turns[0][1])
-    return score / len(samples)
+    plan = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
+    score, n = 0.0, 0
+    bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=None if progress else True, leave=False)
+    for batch, kept in _loader(enc, samples, plan, dev, prompts=True, skipped=skipped):
+        if batch is not None:
+            with autocast(model):
+                seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+            for j, seq in zip(kept, seqs):
+                score += data_mod.METRICS[metric](tok.decode(seq, skip_special_tokens=True), samples[j].turns[0][1])
+            n += len(kept)
+        bar.update(len(kept))
+    bar.close()
+    return score / n if n else float("nan")
 
 
 # -----------------------------------------------------------------------------
@@ -413,7 +451,7 @@ class Client:
             return local_train(self.model, self.enc, self.data.train, c,
                                c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2, self.loss_weights(stage),
                                generator(self.seed, "data", r, self.k), c.prox_mu if c.method == "fedprox" else 0.0,
-                               where=f"client {self.data.name} round {r}", progress=progress)
+                               where=f"client {self.data.name} round {r}", progress=progress, skipped=self.data.skipped)
         finally:
             pilot.set_dropout_generator(self.model, None)
 
@@ -459,14 +497,19 @@ class Client:
                                       c.continuous_stage2, generator(self.seed, "init-stage2"))
         return {f"connector.{n}": v.detach().clone() for n, v in moa.state_dict().items()} | lora_tensors(state)
 
-    def score(self, state: dict[str, torch.Tensor], stage: int) -> dict[str, float]:
-        """The state scored on the client's own test split (and validation split, if any)."""
+    def score(self, state: dict[str, torch.Tensor], stage: int, full: bool = False) -> dict[str, float]:
+        """The state scored on the client's own test split (and validation split, if any):
+        on fed.eval_max_samples of each (eval_subset), or on the whole splits when `full`."""
         self.structure(stage)
         model_mod.load_client_state(self.model, state)
         d, c = self.data, self.cfg
-        out = {"test": evaluate(self.model, self.enc, d.test, d.metric, c.eval_batch_size, self.max_new_tokens)}
-        if d.val:
-            out["val"] = evaluate(self.model, self.enc, d.val, d.metric, c.eval_batch_size, self.max_new_tokens)
+        out = {}
+        for split in ("test", "val") if d.val else ("test",):
+            samples = getattr(d, split)
+            if not full:
+                samples = eval_subset(samples, c.eval_max_samples, self.seed, d.name, split)
+            out[split] = evaluate(self.model, self.enc, samples, d.metric, c.eval_batch_size, self.max_new_tokens,
+                                  progress=True, skipped=d.skipped)
         return out
 
 
@@ -605,8 +648,8 @@ class Federation(Coordinator):
         """Client k's local training of round r (its trained state is left in the shared model)."""
         return self.nodes[k].train(self.states[k], r, stage, progress)
 
-    def score(self, k: int) -> dict[str, float]:
-        return self.nodes[k].score(self.states[k], self.stage)
+    def score(self, k: int, full: bool = False) -> dict[str, float]:
+        return self.nodes[k].score(self.states[k], self.stage, full)
 
     def evaluate_cross(self) -> dict[str, dict[str, float]]:
         """Each client on every other task's test splits (what it learned from other tasks).
@@ -620,7 +663,8 @@ class Federation(Coordinator):
                 if task == client.task:
                     continue
                 others = [o for o in self.clients if o.task == task]
-                samples = [s for o in others for s in o.test]
+                samples = [s for o in others for s in eval_subset(o.test, self.cfg.eval_max_samples, self.seed,
+                                                                   o.name, "test")]
                 out[client.name][task] = evaluate(self.model, self.enc, samples, others[0].metric,
                                                   self.cfg.eval_batch_size, self.max_new_tokens)
         return out

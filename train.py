@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import difflib
 import fcntl
-import hashlib
 import json
 import math
 import operator
@@ -119,7 +118,10 @@ def from_dict(cls, d: dict, prefix: str = ""):
             raise ConfigError(f"unknown config key {full!r}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, f"{full}.")
+            if value is None:   # `fed:` with nothing under it, or --set fed=
+                raise ConfigError(f"{full}: is a section of keys and cannot be empty; set single keys, "
+                                  f"e.g. --set {full}.{dataclasses.fields(tp)[0].name}=...")
+            kwargs[key] = from_dict(tp, value, f"{full}.")
         else:
             kwargs[key] = _check_type(value, tp, full)
     return cls(**kwargs)
@@ -141,6 +143,7 @@ def validate(cfg: Config) -> None:
         (f.batch_size >= 1, "fed.batch_size", ">= 1"),
         (f.grad_accum >= 1, "fed.grad_accum", ">= 1"),
         (f.eval_batch_size >= 1, "fed.eval_batch_size", ">= 1"),
+        (f.eval_max_samples is None or f.eval_max_samples >= 1, "fed.eval_max_samples", ">= 1 or null (every sample)"),
         *[(finite(getattr(f, k)) and getattr(f, k) >= 0, f"fed.{k}", "a finite number >= 0")
           for k in ("lr_connector", "lr_lora_stage1", "lr_lora_stage2", "weight_decay", "prox_mu",
                     "lambda_d", "lambda_d_stage2", "lambda_b", "lambda_z")],
@@ -166,6 +169,7 @@ def validate(cfg: Config) -> None:
         (d.val_per_client >= 0, "data.val_per_client", ">= 0"),
         (d.image_size >= 1, "data.image_size", ">= 1"),
         (d.max_image_side >= 1, "data.max_image_side", ">= 1"),
+        (d.num_workers >= 0, "data.num_workers", ">= 0"),
         (d.max_length >= 1, "data.max_length", ">= 1"),
         (d.max_new_tokens >= 1, "data.max_new_tokens", ">= 1"),
     ]
@@ -241,23 +245,23 @@ def claim_run_dir(run_dir: str, resume: bool, overwrite: bool):
     return lock
 
 
-def run_identity(cfg: Config, clients) -> dict:
-    """The keys that define a run, its clients (name, task, split sizes) and a digest of their data."""
+def run_identity(cfg: Config, clients, verify_data: bool = False) -> dict:
+    """The keys that define a run, its clients (name, task, split sizes, metric) and digests of
+    their data (data.data_digest: the records' bytes, and each image's name, size and mtime;
+    with verify_data also every image file's bytes)."""
     flat = {k: operator.attrgetter(k)(cfg) for k in IDENTITY_KEYS}
-    digest = hashlib.sha256()
-    for c in clients:
-        for s in c.train + c.val + c.test:
-            digest.update(repr((c.name, s.id, s.turns)).encode())
-            digest.update(s.image.tobytes())
-    flat["clients"] = [[c.name, c.task, len(c.train), len(c.val), len(c.test)] for c in clients]
-    flat["data_sha256"] = digest.hexdigest()
-    return flat
+    flat["clients"] = [[c.name, c.task, len(c.train), len(c.val), len(c.test), c.metric] for c in clients]
+    return flat | data_mod.data_digest(clients, full=verify_data)
 
 
-def check_resume(run_dir: str, cfg: Config, clients) -> None:
+CONTENT_KEY = "images_content_sha256"   # present only where --verify-data computed it
+
+
+def check_resume(run_dir: str, cfg: Config, clients, verify_data: bool = False) -> None:
     """Refuse a resume whose config or data differ from the run's in what defines it, naming
-    each key; print the other keys that changed. Only then write config.resolved.yaml."""
-    now = run_identity(cfg, clients)
+    each key; print the other keys that changed. Only then write config.resolved.yaml. The
+    full image digest (--verify-data) is compared only where both the run and now have it."""
+    now = run_identity(cfg, clients, verify_data)
     path = os.path.join(run_dir, "run.json")
     if os.path.exists(path):
         try:
@@ -266,7 +270,12 @@ def check_resume(run_dir: str, cfg: Config, clients) -> None:
             before, old_cfg = saved["identity"], saved["config"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RunError(f"{path} is unreadable ({type(e).__name__}: {e}): cannot check what --resume would continue") from None
-        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        keys = set(before) | set(now)
+        if not (CONTENT_KEY in before and CONTENT_KEY in now):   # the full digest: compared where both have it
+            keys.discard(CONTENT_KEY)
+            if CONTENT_KEY in before:
+                now.setdefault(CONTENT_KEY, before[CONTENT_KEY])   # run.json keeps the run's full digest
+        diff = [k for k in sorted(keys) if before.get(k) != now.get(k)]
         if diff:
             shown = "; ".join(f"{k}: {_short(before.get(k))} in the run, {_short(now.get(k))} now" for k in diff)
             raise ConfigError(f"--resume refused: {run_dir} holds a different run ({shown}). "
@@ -451,7 +460,7 @@ def dry_run(cfg: Config) -> str:
 def load_data(cfg: Config):
     """The clients' data, checked against the configured base's tokenizer, before any weight
     loads: bad records, over-long samples, unknown answer words, top_k and LoRA targets."""
-    clients = data_mod.load_clients(cfg.data, cfg.seed)
+    clients = data_mod.load_clients(cfg.data, cfg.seed, progress=True)
     n_tasks = len({c.task for c in clients})
     if cfg.fed.top_k is not None and cfg.fed.top_k > n_tasks:
         raise ConfigError(f"fed.top_k = {cfg.fed.top_k}: must be <= the number of tasks ({n_tasks})")
@@ -460,7 +469,7 @@ def load_data(cfg: Config):
         raise ConfigError(f"model.lora_targets: {missing} match no linear layer of the language model")
     tok, image_token_id, n_image_tokens = model_mod.load_text_side(cfg.model)
     text_enc = data_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
-    for warning in data_mod.check_encodable(clients, text_enc, cfg.data.skip_bad_records):
+    for warning in data_mod.check_encodable(clients, text_enc, cfg.data.skip_bad_records, progress=True):
         print(f"warning: {warning}", file=sys.stderr)
     return clients
 
@@ -474,8 +483,9 @@ def build_model(cfg: Config):
     init = fed_mod.generator(cfg.seed, "init")
     connector = model_mod.build_connector(kind, base, cfg.fed.released_init, init)
     model = model_mod.build_model(base, connector, cfg.model, init)
+    d = cfg.data
     enc = data_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
-                           cfg.data.system_prompt, cfg.data.max_length)
+                           d.system_prompt, d.max_length, d.max_image_side, d.num_workers, d.skip_bad_records)
     return model, base, enc
 
 
@@ -518,6 +528,16 @@ def log_round(run_dir: str, record: dict, t0: float) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def round_line(record: dict, total: int) -> str:
+    """The one line a finished round prints: mean scores at both points, wall time, and the
+    time per taking-part client."""
+    n = max(1, len(record["clients"]))
+    return (f"round {record['round']}/{total} (stage {record['stage']}): "
+            + ", ".join(f"{p} {record['mean'][p]:.3f}" for p in fed_mod.EVAL_POINTS)
+            + f"; {record['seconds']:.1f} s, per client {record['seconds_local_training'] / n:.1f} s training"
+            f" + {record['seconds_scoring'] / n:.1f} s scoring")
+
+
 def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[dict]) -> list[dict]:
     """Rounds start+1 .. total: train, score, log one JSON line, checkpoint."""
     rounds = tqdm(range(start + 1, fedn.total_rounds + 1), desc="rounds", initial=start,
@@ -530,6 +550,7 @@ def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[
             except FloatingPointError as e:   # the last good checkpoint stays as it is
                 raise RunError(f"stopped: {e}; the last complete round's checkpoint is in {cfg.run_dir}/ckpt") from None
         log_round(cfg.run_dir, record, t0)
+        rounds.write(round_line(record, fedn.total_rounds))
         rounds.set_postfix(stage=record["stage"], mean=f"{record['mean'][HEADLINE]:.3f}")
         records.append(record)
         save_checkpoint(cfg.run_dir, r, fedn, cfg)
@@ -544,6 +565,9 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
         scores = {c.name: fedn.score(k)["test"] for k, c in enumerate(fedn.clients)}
         last = {p: scores for p in fed_mod.EVAL_POINTS}
     cross = fedn.evaluate_cross()
+    full = None
+    if cfg.fed.eval_max_samples is not None:   # rounds scored a subset: the final states on every test sample
+        full = {c.name: fedn.score(k, full=True)["test"] for k, c in enumerate(fedn.clients)}
     comm_total: dict[str, int] = {}
     for rec in records:
         for per in rec["comm"].values():
@@ -553,6 +577,10 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
     header = (f"# {cfg.fed.method}, scenario {cfg.data.scenario}, seed {cfg.seed}, {fedn.total_rounds} rounds; "
               f"headline: {HEADLINE}\n\n")
     table = results_table(last, cross, fedn.clients, comm_total)
+    if full is not None:
+        table += (f"\nRounds scored {cfg.fed.eval_max_samples} test samples per client (fed.eval_max_samples); the "
+                  f"final states on every test sample: mean {_mean(full):.3f} "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in full.items()) + "\n")
     write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)
     results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed, "headline": HEADLINE,
                "own": last[HEADLINE], "mean": _mean(last[HEADLINE]),
@@ -561,10 +589,81 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
                       "val_mean": _mean(records[-1]["val"][p]) if records and "val" in records[-1] else None}
                   for p in fed_mod.EVAL_POINTS},
                "cross": cross, "comm_bytes": comm_total, "rounds": [rec["mean"][HEADLINE] for rec in records],
+               "full_test": None if full is None else {"own": full, "mean": _mean(full)},
                "skipped_records": {c.name: c.skipped for c in fedn.clients if c.skipped}}
     write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
     print(header + table)
     return results
+
+
+# -----------------------------------------------------------------------------
+# Using what a run trained: --ask and --score load one client from the last checkpoint
+
+
+def load_trained_client(cfg: Config, name: str):
+    """-> (client, round): client `name` of the run in cfg.run_dir, as its last complete
+    checkpoint left it, on the base and connector structure the run used (its run.json
+    config; device and dtype from `cfg`). The same path as a resume: build the model, give
+    it the stage's connector structure, load the client state with its key set checked."""
+    path = os.path.join(cfg.run_dir, "run.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"run_dir {cfg.run_dir} holds no run (no run.json): train one first, or set run_dir")
+    with open(path) as fh:
+        saved = json.load(fh)
+    run_cfg = from_dict(Config, saved["config"])
+    run_cfg.model.device, run_cfg.model.dtype = cfg.model.device, cfg.model.dtype
+    clients = {row[0]: row for row in saved["identity"]["clients"]}
+    if name not in clients:
+        raise ConfigError(f"client {name!r} is not in the run in {cfg.run_dir}; its clients: {', '.join(clients)}")
+    root = os.path.join(cfg.run_dir, "ckpt")
+    for d in reversed(_rounds(root)):
+        try:
+            with open(os.path.join(root, d, "meta.json")) as fh:
+                meta = json.load(fh)
+            state = _load_copy(os.path.join(root, d, f"client_{name}.safetensors"))
+        except Exception as e:  # truncated or corrupted: the previous round, as a resume does
+            print(f"warning: {root}/{d} is unreadable ({type(e).__name__}: {e}); trying the previous round", file=sys.stderr)
+            continue
+        model, base, enc = build_model(run_cfg)
+        _, task, *_, metric = clients[name]
+        tasks = sorted({row[1] for row in clients.values()})
+        client = fed_mod.Client(0, data_mod.ClientData(name, task, [], [], metric), tasks, run_cfg.fed, model, base,
+                                enc, run_cfg.seed, cfg.data.max_new_tokens)
+        client.structure(meta["stage"])
+        model_mod.load_client_state(model, state)
+        return client, meta["round"]
+    raise ConfigError(f"run_dir {cfg.run_dir} holds no complete checkpoint (nothing readable under {root})")
+
+
+def ask(cfg: Config, name: str, image: str, prompt: str) -> str:
+    """Client `name`'s greedy answer to `prompt` about the picture in `image`."""
+    try:
+        data_mod.check_image_header(image)
+    except Exception as e:
+        raise data_mod.DataError(f"--image {image}: cannot read image: {e}") from None
+    client, _ = load_trained_client(cfg, name)
+    sample = data_mod.Sample("ask", image, [(f"{data_mod.IMAGE}\n{prompt}", "-")], f"--image {image}")
+    enc, model = client.enc, client.model
+    dev = next(model.lm.parameters()).device
+    model.eval()
+    batch = {k: v.to(dev) for k, v in enc.collate_prompts([sample]).items()}
+    with torch.no_grad(), fed_mod.autocast(model):
+        seq = model.generate(**batch, max_new_tokens=cfg.data.max_new_tokens, eos_token_id=enc.tokenizer.eos_token_id,
+                             pad_token_id=enc.tokenizer.pad_token_id)[0]
+    return enc.tokenizer.decode(seq, skip_special_tokens=True)
+
+
+def score_file(cfg: Config, name: str, path: str, images: str | None, metric: str | None) -> dict:
+    """Client `name` scored on a LLaVA JSON file (images relative to `images`, default the
+    file's folder), with the client's metric unless `metric` names another."""
+    samples = data_mod.load_llava_json(path, images or os.path.dirname(os.path.abspath(path)), progress=True)
+    client, r = load_trained_client(cfg, name)
+    metric = metric or client.data.metric
+    if metric not in data_mod.METRICS:
+        raise ConfigError(f"--metric {metric!r}: must be one of {sorted(data_mod.METRICS)}")
+    value = fed_mod.evaluate(client.model, client.enc, samples, metric, cfg.fed.eval_batch_size,
+                             cfg.data.max_new_tokens, progress=True)
+    return {"client": name, "round": r, "file": path, "records": len(samples), "metric": metric, "score": value}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -575,8 +674,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overwrite", action="store_true", help="replace whatever run run_dir holds")
     ap.add_argument("--dry-run", action="store_true",
                     help="print parameters, traffic and a GPU memory estimate; load no weights")
+    ap.add_argument("--verify-data", action="store_true",
+                    help="also hash every image file's bytes into the run identity (default: name, size, mtime)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a failure")
-    return ap.parse_args(argv)
+    use = ap.add_argument_group("use a trained client (from run_dir's last complete checkpoint)")
+    use.add_argument("--ask", metavar="CLIENT", help="print CLIENT's answer to --prompt about --image")
+    use.add_argument("--image", metavar="FILE")
+    use.add_argument("--prompt", metavar="TEXT")
+    use.add_argument("--score", metavar="CLIENT", help="score CLIENT on the LLaVA JSON file --data")
+    use.add_argument("--data", metavar="FILE.json")
+    use.add_argument("--images", metavar="DIR", help="image folder of --data (default: its folder)")
+    use.add_argument("--metric", choices=sorted(data_mod.METRICS), help="default: the client's metric")
+    args = ap.parse_args(argv)
+    if args.ask and not (args.image and args.prompt):
+        ap.error("--ask needs --image FILE and --prompt TEXT")
+    if args.score and not args.data:
+        ap.error("--score needs --data FILE.json")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -588,12 +702,21 @@ def main(argv=None) -> dict:
         report = dry_run(cfg)
         print(report)
         return {"dry_run": report}
+    if args.ask:
+        answer = ask(cfg, args.ask, args.image, args.prompt)
+        print(answer)
+        return {"answer": answer}
+    if args.score:
+        result = score_file(cfg, args.score, args.data, args.images, args.metric)
+        print(f"{result['metric']} {result['score']:.4f} on {result['records']} records of {args.data} "
+              f"(client {args.score}, round {result['round']})")
+        return result
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for what runs in fp32 on Ampere+ GPUs
     torch.backends.cudnn.allow_tf32 = True
     lock = claim_run_dir(cfg.run_dir, args.resume, args.overwrite)
     try:
         clients = load_data(cfg)
-        check_resume(cfg.run_dir, cfg, clients)   # also records a fresh run's identity
+        check_resume(cfg.run_dir, cfg, clients, args.verify_data)   # also records a fresh run's identity
         for c in clients:
             if c.skipped:
                 print(f"client {c.name}: skipped {len(c.skipped)} bad records:\n  " + "\n  ".join(c.skipped),

@@ -12,7 +12,7 @@ from data import DataConfig, DataError
 
 
 def _bytes(clients):
-    return [(c.name, c.task, s.id, s.turns, s.image.tobytes()) for c in clients for s in c.train + c.test]
+    return [(c.name, c.task, s.id, s.turns, data.picture(s).tobytes()) for c in clients for s in c.train + c.test]
 
 
 def test_synthetic_world_is_deterministic_and_seeded():
@@ -108,7 +108,8 @@ def test_unreadable_image_and_invalid_json(tmp_path):
 def test_good_record_loads(tmp_path):
     samples = data.load_llava_json(_write(tmp_path, [_rec()]), str(tmp_path))
     assert samples[0].id == "r7" and samples[0].turns == [("<image>\nWhat?", "red")]
-    assert samples[0].image.size == (8, 8)
+    assert samples[0].image == str(tmp_path / "a.png")          # the file name, not the picture
+    assert data.picture(samples[0]).size == (8, 8)
 
 
 def test_metrics_by_hand():

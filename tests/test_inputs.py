@@ -48,7 +48,7 @@ def test_a_symlink_inside_the_folder_is_fine(tmp_path):
     os.symlink(images / "a.png", images / "b.png")
     path = tmp_path / "c.json"
     path.write_text(json.dumps([_rec(image="b.png")]))
-    assert data.load_llava_json(str(path), str(images))[0].image.getpixel((0, 0)) == (1, 2, 3)
+    assert data.picture(data.load_llava_json(str(path), str(images))[0]).getpixel((0, 0)) == (1, 2, 3)
 
 
 # -----------------------------------------------------------------------------

@@ -61,8 +61,8 @@ def test_resume_refuses_another_run_naming_each_key_and_changes_nothing(tmp_path
     files = {f: (run / f).read_bytes() for f in ("log.jsonl", "config.resolved.yaml", "run.json")}
     for extra, keys in ((["--set", "fed.method=fedavg"], ["fed.method"]),
                         (["--set", "seed=3", "--set", "fed.top_k=2"], ["fed.top_k", "seed"]),
-                        (["--set", "data.clients_per_task=2"], ["clients", "data_sha256"]),
-                        (["--set", "data.train_per_client=12"], ["clients", "data_sha256"])):
+                        (["--set", "data.clients_per_task=2"], ["clients", "images_sha256", "records_sha256"]),
+                        (["--set", "data.train_per_client=12"], ["clients", "images_sha256", "records_sha256"])):
         with pytest.raises(train.ConfigError) as e:
             _main(config, "--resume", *extra)
         assert str(e.value).startswith("--resume refused")
