@@ -600,11 +600,10 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
 # Using what a run trained: --ask and --score load one client from the last checkpoint
 
 
-def load_trained_client(cfg: Config, name: str):
-    """-> (client, round): client `name` of the run in cfg.run_dir, as its last complete
-    checkpoint left it, on the base and connector structure the run used (its run.json
-    config; device and dtype from `cfg`). The same path as a resume: build the model, give
-    it the stage's connector structure, load the client state with its key set checked."""
+def trained_checkpoint(cfg: Config, name: str) -> dict:
+    """Where client `name` of the run in cfg.run_dir was left: the run's config (from run.json;
+    device and dtype from `cfg`), the client's task and metric, the run's tasks, and its state
+    in the last readable checkpoint round. No weights load here: every refusal comes first."""
     path = os.path.join(cfg.run_dir, "run.json")
     if not os.path.exists(path):
         raise ConfigError(f"run_dir {cfg.run_dir} holds no run (no run.json): train one first, or set run_dir")
@@ -624,24 +623,32 @@ def load_trained_client(cfg: Config, name: str):
         except Exception as e:  # truncated or corrupted: the previous round, as a resume does
             print(f"warning: {root}/{d} is unreadable ({type(e).__name__}: {e}); trying the previous round", file=sys.stderr)
             continue
-        model, base, enc = build_model(run_cfg)
-        _, task, *_, metric = clients[name]
-        tasks = sorted({row[1] for row in clients.values()})
-        client = fed_mod.Client(0, data_mod.ClientData(name, task, [], [], metric), tasks, run_cfg.fed, model, base,
-                                enc, run_cfg.seed, cfg.data.max_new_tokens)
-        client.structure(meta["stage"])
-        model_mod.load_client_state(model, state)
-        return client, meta["round"]
+        return {"config": run_cfg, "task": clients[name][1], "metric": clients[name][-1], "state": state,
+                "tasks": sorted({row[1] for row in clients.values()}), "round": meta["round"], "stage": meta["stage"]}
     raise ConfigError(f"run_dir {cfg.run_dir} holds no complete checkpoint (nothing readable under {root})")
+
+
+def load_trained_client(cfg: Config, name: str, ckpt: dict) -> fed_mod.Client:
+    """Client `name` as `ckpt` (trained_checkpoint) left it, the same path as a resume: build
+    the run's model, give it the stage's connector structure, load the client state (key set
+    checked)."""
+    run_cfg = ckpt["config"]
+    model, base, enc = build_model(run_cfg)
+    client = fed_mod.Client(0, data_mod.ClientData(name, ckpt["task"], [], [], ckpt["metric"]), ckpt["tasks"],
+                            run_cfg.fed, model, base, enc, run_cfg.seed, cfg.data.max_new_tokens)
+    client.structure(ckpt["stage"])
+    model_mod.load_client_state(model, ckpt["state"])
+    return client
 
 
 def ask(cfg: Config, name: str, image: str, prompt: str) -> str:
     """Client `name`'s greedy answer to `prompt` about the picture in `image`."""
+    ckpt = trained_checkpoint(cfg, name)
     try:
         data_mod.check_image_header(image)
     except Exception as e:
         raise data_mod.DataError(f"--image {image}: cannot read image: {e}") from None
-    client, _ = load_trained_client(cfg, name)
+    client = load_trained_client(cfg, name, ckpt)
     sample = data_mod.Sample("ask", image, [(f"{data_mod.IMAGE}\n{prompt}", "-")], f"--image {image}")
     enc, model = client.enc, client.model
     dev = next(model.lm.parameters()).device
@@ -656,14 +663,13 @@ def ask(cfg: Config, name: str, image: str, prompt: str) -> str:
 def score_file(cfg: Config, name: str, path: str, images: str | None, metric: str | None) -> dict:
     """Client `name` scored on a LLaVA JSON file (images relative to `images`, default the
     file's folder), with the client's metric unless `metric` names another."""
+    ckpt = trained_checkpoint(cfg, name)
     samples = data_mod.load_llava_json(path, images or os.path.dirname(os.path.abspath(path)), progress=True)
-    client, r = load_trained_client(cfg, name)
+    client = load_trained_client(cfg, name, ckpt)
     metric = metric or client.data.metric
-    if metric not in data_mod.METRICS:
-        raise ConfigError(f"--metric {metric!r}: must be one of {sorted(data_mod.METRICS)}")
     value = fed_mod.evaluate(client.model, client.enc, samples, metric, cfg.fed.eval_batch_size,
                              cfg.data.max_new_tokens, progress=True)
-    return {"client": name, "round": r, "file": path, "records": len(samples), "metric": metric, "score": value}
+    return {"client": name, "round": ckpt["round"], "file": path, "records": len(samples), "metric": metric, "score": value}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -56,3 +56,39 @@ def peak_rss_mb() -> float:
 def emit(name: str, **figures) -> None:
     """Print the benchmark's one JSON line."""
     print(json.dumps({"benchmark": name, "torch": torch.__version__, "threads": torch.get_num_threads(), **figures}))
+
+
+def write_jpeg_manifest(out_dir: str, records: int, clients: int = 9, side: int = 336, seed: int = 0,
+                        test_fraction: float = 0.1) -> str:
+    """A LLaVA-JSON manifest of `records` records over `clients` clients (scenario A's tasks and
+    styles), each record with its own side x side JPEG, written one picture at a time (nothing
+    is held in memory). The data of bench_data.py and of tests/test_stream.py. Returns the
+    manifest's path."""
+    import random
+
+    import data
+    import yaml
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    tasks = data.SCENARIOS["A"]
+    manifest = []
+    for c in range(clients):
+        task, name = tasks[c % len(tasks)], f"{tasks[c % len(tasks)]}{c // len(tasks)}"
+        rng = random.Random(f"bench-{seed}-{name}")
+        style = data.client_style(rng, task, c // len(tasks))
+        n = records // clients + (c < records % clients)
+        recs = []
+        for j in range(n):
+            s = data.synthetic_sample(rng, task, style, side, f"{name}-{j}")
+            s.image.save(os.path.join(out_dir, "images", f"{s.id}.jpg"), quality=85)
+            conv = [{"from": "human", "value": s.turns[0][0]}, {"from": "gpt", "value": s.turns[0][1]}]
+            recs.append({"id": s.id, "image": f"{s.id}.jpg", "conversations": conv})
+        n_test = max(1, int(round(test_fraction * n)))
+        for split, part in (("train", recs[:-n_test]), ("test", recs[-n_test:])):
+            with open(os.path.join(out_dir, f"{name}_{split}.json"), "w") as f:
+                json.dump(part, f)
+        manifest.append({"name": name, "task": task, "train": f"{name}_train.json", "test": f"{name}_test.json",
+                         "image_folder": "images"})
+    path = os.path.join(out_dir, "manifest.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(manifest, f, sort_keys=False)
+    return path
