@@ -12,7 +12,7 @@ Readable as the protocol itself (SPEC section 5):
   Each client is scored twice a round: after its local training and after the download.
   Stage 1 (`stage1_rounds`) uses the TaskClientConnector; stage 2 (`stage2_rounds`) the CT-MoA,
   which each client builds, on receiving the last stage-1 round's message, from its stage-1
-  connector and the T global task adapters in that message (Federation.receive).
+  connector and the T global task adapters in that message (Client.take, the handover).
 
 Who does what: fed.Client is one client's side of a round (train, score, upload; take a
 download), fed.Coordinator the server's (sampling, stages, Server.aggregate, the log record);
@@ -160,7 +160,7 @@ def apply_download(state: dict[str, torch.Tensor], msg: dict[str, dict[str, torc
     """A client's state after taking the server's message: LoRA and the projector by name; its
     own task's adapter into psi_t (h_0); in stage 2 every other task's adapter into its frozen
     expert (adapter_prefix). In stage 1 a client has no place for other tasks' adapters: the
-    caller builds the stage-2 state from them first (Federation.receive)."""
+    caller builds the stage-2 state from them first (Client.take, at the handover)."""
     state = dict(state)
 
     def put(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -199,12 +199,12 @@ class Server:
         self.task_adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.lora_weights: dict[int, dict[str, float]] = {}   # last round's LoRA mix, for the log
 
-    def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], send_all_tasks: bool):
+    def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], all_tasks: bool):
         """uploads {client: message} -> downloads {client: message}, for EVERY client: the
         shared parts (fedavg's model, the task adapters) go to all, as a client not sampled
         this round would fetch them when next sampled; a personalised LoRA goes only to the
         clients that uploaded one. [choice] stage 1 sends a client its own task's adapter;
-        `send_all_tasks` (the last stage-1 round and every stage-2 round) sends all T."""
+        `all_tasks` (the handover round, the last of stage 1, and every stage-2 round) sends all T."""
         everyone = range(len(self.tasks))
         ids = sorted(uploads)
         if self.method == "local" or (not ids and self.method in ("fedavg", "fedprox")):
@@ -234,7 +234,7 @@ class Server:
                                  for i, k in enumerate(ids)}
         downloads = {}
         for k in everyone:
-            wanted = sorted(self.task_adapters) if send_all_tasks else [self.tasks[k]]
+            wanted = sorted(self.task_adapters) if all_tasks else [self.tasks[k]]
             downloads[k] = {f"task_adapter.{t}": self.task_adapters[t] for t in wanted}
             if k in personal:
                 downloads[k]["lora"] = personal[k]
@@ -396,13 +396,15 @@ def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequen
 # -----------------------------------------------------------------------------
 # The protocol in two halves: a client's side (Client) and the server's side (Coordinator).
 # They meet in two calls a round, each a dict per client of plain messages:
-#   nodes.local_round(r, stage, chosen)  -> {k: reply}  every reachable client: train if chosen,
-#                                                        score ("after_local"), upload
-#   nodes.deliver(r, downloads, enter2)  -> {k: reply}  each client takes its download and is
-#                                                        scored again ("after_download")
-# In process, Federation is `nodes` and keeps the K states in a list; on Flower,
-# flower_app.GridNodes turns each call into messages to SuperNodes, which keep their own
-# state. The protocol is written once, here.
+#   nodes.local_round(r, stage, chosen)    -> {k: reply}  every reachable client: train if
+#                                                          chosen, score ("after_local"), upload
+#   nodes.deliver(r, downloads, handover)  -> {k: reply}  each client takes its download and
+#                                                          is scored again ("after_download")
+# Coordinator.train_and_aggregate makes the first call and aggregates, Coordinator.close
+# writes the round's record from both calls' replies. In process, Federation is `nodes` and
+# keeps the K states in a list; on Flower, flower_app.GridNodes carries the two calls in ONE
+# message per client and round (round r's download rides with round r+1's training
+# instruction), and each SuperNode keeps its own state. The protocol is written once, here.
 
 EVAL_POINTS = ("after_download", "after_local")
 
@@ -475,11 +477,11 @@ class Client:
         return state, reply
 
     def take(self, state: dict[str, torch.Tensor], stage: int, msg: dict[str, dict[str, torch.Tensor]],
-             enter_stage2: bool):
+             handover: bool):
         """-> (state, stage, reply): the server's message applied, then scored `after_download`.
         With the last stage-1 message the client first builds its stage-2 state from the task
         adapters in that message."""
-        if enter_stage2:
+        if handover:
             state, stage = self.stage2_state(state, received_adapters(msg)), 2
         state = apply_download(state, msg, self.data.task, self.tasks, stage)
         t0 = time.perf_counter()
@@ -547,18 +549,27 @@ class Coordinator:
         perm = torch.randperm(K, generator=generator(self.seed, "sample", r)).tolist()
         return sorted(perm[:m])
 
-    def round(self, r: int, nodes, progress=None) -> dict:
-        """One communication round r (1-based): local training and `after_local` scores, uploads,
-        aggregation, downloads and `after_download` scores. Returns the round's log record."""
+    def train_and_aggregate(self, r: int, nodes, progress=None) -> dict:
+        """The first half of round r (1-based): every reachable client trains if chosen and is
+        scored `after_local`; the uploads are aggregated. -> the round so far, with the
+        downloads to deliver; `close` completes it once the clients have taken them."""
         stage = self.stage_of(r)
         chosen = self.sample_clients(r)
-        # the last stage-1 round sends every task's adapter: stage 2 builds its experts from them
-        enter2 = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
+        # the handover: the last stage-1 round sends every task's adapter, and each client
+        # builds its stage-2 CT-MoA from them (Client.take)
+        handover = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
         replies = nodes.local_round(r, stage, chosen, progress)
         uploads = {k: rep["upload"] for k, rep in replies.items() if rep["upload"] is not None}
-        downloads = self.server.aggregate(uploads, send_all_tasks=stage == 2 or enter2)
-        taken = nodes.deliver(r, downloads, enter2)
-        names = self.names
+        downloads = self.server.aggregate(uploads, all_tasks=stage == 2 or handover)
+        mix = dict(self.server.lora_weights) if self.pilot and uploads else None
+        return {"round": r, "stage": stage, "chosen": chosen, "handover": handover, "replies": replies,
+                "uploads": uploads, "downloads": downloads, "lora_weights": mix}
+
+    def close(self, opened: dict, taken: dict[int, dict]) -> dict:
+        """The round's log record, from its first half and the replies to its downloads
+        (`taken`: {k: {"scores", "seconds_scoring"}}). A client that did not reply to either
+        is "lost"; one whose update was not finite is "excluded"."""
+        names, replies, downloads, uploads = self.names, opened["replies"], opened["downloads"], opened["uploads"]
         lost = sorted(set(range(len(names))) - set(replies)
                       | {k for k, msg in downloads.items() if msg and k not in taken})
         after_local = {k: rep["scores"] for k, rep in replies.items()}
@@ -566,21 +577,27 @@ class Coordinator:
                           for k, s in after_local.items() if k in taken or not downloads.get(k)}
         comm = {names[k]: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
                 for k, msg in downloads.items() if k in taken or not msg}
-        record = {"round": r, "stage": stage, "clients": [names[k] for k in chosen],
+        record = {"round": opened["round"], "stage": opened["stage"], "clients": [names[k] for k in opened["chosen"]],
                   "excluded": [names[k] for k, rep in replies.items() if rep["excluded"]],
                   "lost": [names[k] for k in lost],
                   "losses": {names[k]: rep["losses"] for k, rep in replies.items() if rep["losses"] is not None},
                   "comm": comm,
                   "seconds_local_training": round(sum(rep["seconds_local"] for rep in replies.values()), 4),
                   "seconds_scoring": round(sum(rep["seconds_scoring"] for rep in (*replies.values(), *taken.values())), 4)}
-        if self.pilot and uploads:   # how each client's new LoRA was mixed: itself, task mates, other tasks
+        if opened["lora_weights"] is not None:   # how each client's new LoRA was mixed: itself, task mates, other tasks
             record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
-                                      for k, mix in self.server.lora_weights.items()}
+                                      for k, mix in opened["lora_weights"].items()}
         for point, scores in (("after_download", after_download), ("after_local", after_local)):
             record[point] = {names[k]: s["test"] for k, s in sorted(scores.items())}
             if any("val" in s for s in scores.values()):
                 record.setdefault("val", {})[point] = {names[k]: s["val"] for k, s in sorted(scores.items()) if "val" in s}
         return record
+
+    def communication_round(self, r: int, nodes, progress=None) -> dict:
+        """One whole round r: train_and_aggregate, the downloads delivered and scored
+        `after_download`, close. Returns the round's log record."""
+        opened = self.train_and_aggregate(r, nodes, progress)
+        return self.close(opened, nodes.deliver(r, opened["downloads"], opened["handover"]))
 
 
 class Federation(Coordinator):
@@ -608,7 +625,7 @@ class Federation(Coordinator):
                       for k, c in enumerate(self.clients)]
 
     def run_round(self, r: int, progress=None) -> dict:
-        return self.round(r, self, progress)
+        return self.communication_round(r, self, progress)
 
     # `nodes`, in process: call each client in turn, keep its state in self.states
 
@@ -618,12 +635,12 @@ class Federation(Coordinator):
             self.states[k], replies[k] = node.local_round(self.states[k], r, stage, k in chosen, progress)
         return replies
 
-    def deliver(self, r: int, downloads: dict[int, dict], enter_stage2: bool) -> dict[int, dict]:
+    def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> dict[int, dict]:
         replies = {}
         for k, msg in downloads.items():
             if msg:
-                self.states[k], _, replies[k] = self.nodes[k].take(self.states[k], self.stage, msg, enter_stage2)
-        if enter_stage2:
+                self.states[k], _, replies[k] = self.nodes[k].take(self.states[k], self.stage, msg, handover)
+        if handover:
             self.set_stage(2)
         return replies
 

@@ -9,25 +9,30 @@
     flower-supernode --insecure --superlink SERVER:9092 --node-config 'partition-id=0'
     flwr run . CONNECTION --run-config 'clients=9' --stream
 
-Nothing of the protocol is written here. The rounds are fed.Coordinator.round, the server's
-arithmetic is fed.Server.aggregate, a client's work is fed.Client (local_train, make_upload,
-apply_download); this file only carries their messages over Flower:
+Nothing of the protocol is written here. The rounds are fed.Coordinator's (train_and_aggregate,
+close), the server's arithmetic is fed.Server.aggregate, a client's work is fed.Client
+(local_train, make_upload, take); this file only carries their messages over Flower, ONE
+message per client and round (round r's download rides with round r+1's instruction):
 
-  ServerApp (SuperLink side)             ClientApp (one per SuperNode, i.e. per client)
-  query.hello   ------------------------> build the model and this node's data; reply its
-                                          name, task, training-set size, initial-state digest
-  every round r, fed.Coordinator.round drives GridNodes:
-  train.local_round {r, stage, chosen} -> fed.Client.local_round: train if chosen, score;
-                <------------------------ reply scores, losses and the upload (up.<group>)
-  fed.Server.aggregate(uploads)
-  train.take {down.<group>} ------------> fed.Client.take: apply the download, score
-  query.finish  ------------------------> reply the final state's SHA-256 (and save the state
-                                          in the node's out-dir, if it has one)
+  ServerApp (SuperLink side)                ClientApp (one per SuperNode, i.e. per client)
+  query.hello   ---------------------------> build the model and this node's data; reply its
+                                             name, task, training-set size, initial-state digest
+  every round r:
+  train.local_round {r, stage, chosen,
+                     down.<group> of r-1} --> fed.Client.take (round r-1's download, scored
+                                             after_download), then fed.Client.local_round
+                                             (train if chosen, score after_local)
+                <--------------------------- reply both scores, losses and the upload (up.<group>)
+  fed.Server.aggregate(uploads) -> round r's downloads, kept for the next message
+  train.finish  {down.<group> of the last} -> take it; reply the final state's SHA-256 (and
+                                             save the state in the node's out-dir, if any)
 
-Where a client's state lives: in the node's Flower context (`context.state`), which the
-SuperNode keeps between messages; psi_s, psi_c, the router, the gate and the LoRA never travel
-to the SuperLink. Each message group {name: tensor} is one Flower ArrayRecord, tensor by
-tensor under its parameter name, as raw bytes with its dtype (bf16 included, bit for bit).
+What reaches the SuperLink from a client: its task adapter (psi_t in stage 1, h_0 in stage 2)
+and its LoRA factors every round it trains, plus numbers (scores, losses, seconds, digests).
+What never leaves the node: psi_s, psi_c, the router, the frozen experts and the data; the
+client's whole state lives in the node's Flower context (`context.state`) between messages.
+Each message group {name: tensor} is one Flower ArrayRecord, tensor by tensor under its
+parameter name, as raw bytes with its dtype (bf16 included, bit for bit).
 
 Which client a node is: its node config `partition-id` is the client's index k in the
 federation (the order of the in-process run: data.load_clients). Its data is the config's
@@ -35,10 +40,13 @@ federation (the order of the in-process run: data.load_clients). Its data is the
 config `set="data.scenario=manifest data.manifest=/its/manifest.yaml"` (a manifest holding
 that one client). A node may set only data.* and the model's paths, device and dtype keys.
 
-A node that does not reply within `timeout` seconds (killed, unplugged) is left out of that
-round, and of later ones while it is gone, as fed.py leaves out a non-finite update; the
-round's log record names it under "lost". Flower runs do not checkpoint: the client states are
-on the nodes.
+A node is lost when it is gone, not when it is slow: a client whose SuperNode leaves the
+SuperLink's list of online nodes (Flower's heartbeats: about a minute after it dies), or for
+which Flower answers with an error, is left out of that round, and of later ones while it is
+gone, as fed.py leaves out a non-finite update; the round's log record names it under "lost".
+`timeout` is only an outer bound on one message's round trip. A node that missed the handover
+message catches up from the next stage-2 message, which carries every task's adapter. Flower
+runs do not checkpoint: the client states are on the nodes.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -80,7 +89,8 @@ class Settings:
     overrides: list[str] = field(default_factory=list)   # train.py's --set KEY=VALUE
     clients: int = 9                 # SuperNodes to wait for, one per client
     run_dir: str = ""                # the server's log.jsonl and results.json ("" = config's run_dir)
-    timeout: float = 3600.0          # seconds a round waits for replies before a node counts as lost
+    timeout: float = 3600.0          # outer bound on one message's round trip, seconds, plus ...
+    step_timeout: float = 60.0       # ... this many seconds per local training step it asks for
     join_timeout: float = 600.0      # seconds to wait for `clients` nodes to connect
     record_wire: bool = False        # write wire.jsonl: every record name that reaches the server
     overwrite: bool = False          # replace the run that run_dir holds
@@ -160,40 +170,42 @@ def serialized_bytes(content: RecordDict) -> int:
 # -----------------------------------------------------------------------------
 # ClientApp: one client per SuperNode, its state in the node's context
 
-# A ClientApp process builds the model once and keeps it for the messages it handles (the
-# Simulation Engine keeps its workers; the Deployment Engine starts a process per message).
-_BUILT: dict = {}
 
+class NodeRuntimes:
+    """What a ClientApp process builds once and keeps for the messages it handles: per node,
+    its config, data (checked before any weight loads), model and initial state; nodes with
+    the same config share one model. The Simulation Engine keeps its worker processes, so this
+    is built once per worker; the Deployment Engine (Flower 1.42) starts a process per message,
+    so there it is built once per message: one base load per client and round."""
 
-def node_runtime(settings: Settings, node_config) -> dict:
-    """This node's config, data (checked before any weight loads), model and initial state."""
-    extra = node_overrides(node_config)
-    key = (settings.config, tuple(settings.overrides), tuple(extra), int(node_config.get("partition-id", 0)))
-    if key not in _BUILT:
-        cfg = settings.load(extra)
-        clients = train.load_data(cfg)
+    def __init__(self):
+        self.built: dict = {}
+
+    def get(self, settings: Settings, node_config) -> dict:
+        extra = node_overrides(node_config)
         k = int(node_config.get("partition-id", 0))
-        if len(clients) == 1:
-            data = clients[0]
-        elif 0 <= k < len(clients):
-            data = clients[k]
-        else:
-            raise train.ConfigError(f"node config partition-id = {k}: the config's data has clients 0..{len(clients) - 1}")
-        built = next((b for kk, b in _BUILT.items() if kk[:3] == key[:3]), None)   # same model, other node
-        if built is None:
-            model, base, enc = train.build_model(cfg)
-            built = {"model": model, "base": base, "enc": enc, "initial": model_mod.client_state(model),
-                     "stage1_connector": model.connector}
-        _BUILT[key] = built | {"cfg": cfg, "k": k, "data": data, "client": None}
-    return _BUILT[key]
+        key = (settings.config, tuple(settings.overrides), tuple(extra), k)
+        if key not in self.built:
+            cfg = settings.load(extra)
+            clients = train.load_data(cfg)
+            if len(clients) > 1 and not 0 <= k < len(clients):
+                raise train.ConfigError(f"node config partition-id = {k}: the config's data has clients 0..{len(clients) - 1}")
+            shared = next((b for kk, b in self.built.items() if kk[:3] == key[:3]), None)   # same model, other node
+            if shared is None:
+                model, base, enc = train.build_model(cfg)
+                shared = {"model": model, "base": base, "enc": enc, "initial": model_mod.client_state(model),
+                          "stage1_connector": model.connector}
+            data = clients[0] if len(clients) == 1 else clients[k]
+            client = fed_mod.Client(k, data, [], cfg.fed, shared["model"], shared["base"], shared["enc"], cfg.seed,
+                                    cfg.data.max_new_tokens)
+            client.stage1_connector = shared["stage1_connector"]   # the model may hold another node's CT-MoA now
+            self.built[key] = shared | {"cfg": cfg, "k": k, "data": data, "client": client}
+        return self.built[key]
 
 
 def node_client(rt: dict, tasks) -> fed_mod.Client:
-    if rt["client"] is None or rt["client"].tasks != list(tasks):
-        cfg = rt["cfg"]
-        rt["client"] = fed_mod.Client(rt["k"], rt["data"], tasks, cfg.fed, rt["model"], rt["base"], rt["enc"],
-                                      cfg.seed, cfg.data.max_new_tokens)
-        rt["client"].stage1_connector = rt["stage1_connector"]
+    """The node's fed.Client, told the run's tasks (the server's, in every message)."""
+    rt["client"].tasks = list(tasks)
     return rt["client"]
 
 
@@ -209,130 +221,176 @@ def save_state(context: Context, state, stage: int) -> None:
     context.state.config_records["pilot.stage"] = ConfigRecord({"stage": stage})
 
 
+def take_carried(client: fed_mod.Client, content: RecordDict, state, stage: int):
+    """Apply the previous round's download that rides with this message, if any: -> (state,
+    stage, {record: ...} of the `after_download` reply, empty if nothing was carried). A
+    stage-1 node told to work in stage 2 missed the handover message: it catches up now,
+    building its CT-MoA from this stage-2 download, which holds every task's adapter."""
+    msg = unpack(content, "down.")
+    if not msg:
+        return state, stage, {}
+    conf = content["config"]
+    handover = bool(conf["handover"]) or (stage == 1 and int(conf.get("stage", stage)) == 2)
+    state, stage, took = client.take(state, stage, msg, handover)
+    return state, stage, {"took.scores": scores_record(took["scores"]),
+                          "took.seconds": MetricRecord({"scoring": took["seconds_scoring"]})}
+
+
 def scores_record(scores: dict[str, float] | None) -> MetricRecord:
     return MetricRecord(dict(scores or {}))
 
 
+def hello_reply(rt: dict) -> dict:
+    """Who this node is: partition, client name, task, training-set size, initial-state digest,
+    and the initial task adapter (every task's global adapter starts as it)."""
+    info = {"partition": rt["k"], "name": rt["data"].name, "task": rt["data"].task,
+            "n_train": len(rt["data"].train), "state_sha256": state_sha256(rt["initial"])}
+    init = {"task_adapter": fed_mod.adapter_tensors(rt["initial"], fed_mod.OWN_ADAPTER)}
+    return {"hello": ConfigRecord(info), **pack(init, "init.")}
+
+
+def local_round_reply(rt: dict, context: Context, content: RecordDict) -> dict:
+    """Round r's one message: take round r-1's carried download (scored `after_download`),
+    then fed.Client.local_round (train if chosen, score `after_local`, upload)."""
+    conf = content["config"]
+    client = node_client(rt, conf["tasks"])
+    state, stage = load_state(context, rt)
+    state, stage, took = take_carried(client, content, state, stage)
+    state, reply = client.local_round(state, int(conf["round"]), int(conf["stage"]), bool(conf["chosen"]))
+    save_state(context, state, int(conf["stage"]))
+    out = {"reply": ConfigRecord({"excluded": reply["excluded"], "uploaded": reply["upload"] is not None}),
+           "scores": scores_record(reply["scores"]),
+           "seconds": MetricRecord({"local": reply["seconds_local"], "scoring": reply["seconds_scoring"]}),
+           **pack(reply["upload"] or {}, "up."), **took}
+    if reply["losses"] is not None:
+        out["losses"] = MetricRecord({k: float(v) for k, v in reply["losses"].items()})
+    return out
+
+
+def finish_reply(rt: dict, context: Context, content: RecordDict) -> dict:
+    """The run's last message: take the last round's download, reply the final state's digest
+    (and keep the state in the node's out-dir, if it has one: it stays on its machine)."""
+    client = node_client(rt, content["config"]["tasks"])
+    state, stage = load_state(context, rt)
+    state, stage, took = take_carried(client, content, state, stage)
+    save_state(context, state, stage)
+    out_dir = context.node_config.get("out-dir")
+    if out_dir:
+        from safetensors.torch import save_file
+        os.makedirs(str(out_dir), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()},
+                  os.path.join(str(out_dir), f"client_{rt['data'].name}.safetensors"))
+    return {"final": ConfigRecord({"state_sha256": state_sha256(state), "stage": stage}), **took}
+
+
 def make_client_app(settings: Settings | None = None) -> ClientApp:
-    """The ClientApp. `settings` None: read them from the run config (`flwr run`)."""
-    app = ClientApp()
+    """The ClientApp: three message types, each a function above. `settings` None: read them
+    from the run config (`flwr run`)."""
+    app, runtimes = ClientApp(), NodeRuntimes()
 
-    def runtime(context: Context) -> dict:
-        return node_runtime(settings or Settings.from_run_config(context.run_config), context.node_config)
+    def handle(reply_fn):
+        def handler(msg: Message, context: Context) -> Message:
+            rt = runtimes.get(settings or Settings.from_run_config(context.run_config), context.node_config)
+            args = (rt,) if reply_fn is hello_reply else (rt, context, msg.content)
+            return Message(RecordDict(reply_fn(*args)), reply_to=msg)
+        return handler
 
-    @app.query("hello")
-    def hello(msg: Message, context: Context) -> Message:
-        rt = runtime(context)
-        state, _ = load_state(context, rt)
-        info = {"partition": rt["k"], "name": rt["data"].name, "task": rt["data"].task,
-                "n_train": len(rt["data"].train), "state_sha256": state_sha256(rt["initial"])}
-        init = {"task_adapter": fed_mod.adapter_tensors(rt["initial"], fed_mod.OWN_ADAPTER)}
-        return Message(RecordDict({"hello": ConfigRecord(info), **pack(init, "init.")}), reply_to=msg)
-
-    @app.train("local_round")
-    def local_round(msg: Message, context: Context) -> Message:
-        rt = runtime(context)
-        conf = msg.content["config"]
-        state, stage = load_state(context, rt)
-        state, reply = node_client(rt, conf["tasks"]).local_round(state, int(conf["round"]), int(conf["stage"]),
-                                                                  bool(conf["chosen"]))
-        save_state(context, state, stage)
-        content = {"reply": ConfigRecord({"excluded": reply["excluded"], "uploaded": reply["upload"] is not None}),
-                   "scores": scores_record(reply["scores"]),
-                   "seconds": MetricRecord({"local": reply["seconds_local"], "scoring": reply["seconds_scoring"]}),
-                   **pack(reply["upload"] or {}, "up.")}
-        if reply["losses"] is not None:
-            content["losses"] = MetricRecord({k: float(v) for k, v in reply["losses"].items()})
-        return Message(RecordDict(content), reply_to=msg)
-
-    @app.train("take")
-    def take(msg: Message, context: Context) -> Message:
-        rt = runtime(context)
-        conf = msg.content["config"]
-        state, stage = load_state(context, rt)
-        state, stage, reply = node_client(rt, conf["tasks"]).take(state, stage, unpack(msg.content, "down."),
-                                                                  bool(conf["enter_stage2"]))
-        save_state(context, state, stage)
-        return Message(RecordDict({"scores": scores_record(reply["scores"]),
-                                   "seconds": MetricRecord({"scoring": reply["seconds_scoring"]})}), reply_to=msg)
-
-    @app.query("finish")
-    def finish(msg: Message, context: Context) -> Message:
-        rt = runtime(context)
-        state, stage = load_state(context, rt)
-        out_dir = context.node_config.get("out-dir")
-        if out_dir:   # the client's final state stays on its machine
-            from safetensors.torch import save_file
-            os.makedirs(str(out_dir), exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()},
-                      os.path.join(str(out_dir), f"client_{rt['data'].name}.safetensors"))
-        return Message(RecordDict({"final": ConfigRecord({"state_sha256": state_sha256(state), "stage": stage})}),
-                       reply_to=msg)
-
+    app.query("hello")(handle(hello_reply))
+    app.train("local_round")(handle(local_round_reply))
+    app.train("finish")(handle(finish_reply))
     return app
 
 
 # -----------------------------------------------------------------------------
-# ServerApp: fed.Coordinator's rounds, its two calls a round carried by GridNodes
+# ServerApp: fed.Coordinator's rounds over GridNodes, one message per client and round
 
 
 class GridNodes:
-    """fed.py's `nodes` over a Flower Grid: one message per client per call, sent together;
-    replies decoded back into fed.py's plain dicts. `tap(direction, node, content)` sees every
-    message that leaves or reaches the server (tests record it); `wire` counts serialised bytes."""
+    """fed.py's `nodes` over a Flower Grid, in ONE message per client and round: round r's
+    downloads (`carry`) ride with round r+1's training instruction, and the last round's with
+    the final `finish` message; the replies to them (`took`) come back with it. Liveness is
+    Flower's: a client is lost when its SuperNode leaves the SuperLink's list of online nodes
+    (heartbeats) or Flower answers with an error, never because it is slow; `timeout` is an
+    outer bound only. `tap(direction, k, content)` sees every message that leaves or reaches
+    the server (tests record it); `wire` counts serialised bytes."""
 
-    def __init__(self, grid: Grid, node_of: dict[int, int], tasks, timeout: float, tap=None):
+    def __init__(self, grid: Grid, node_of: dict[int, int], tasks, timeout: float, tap=None, poll: float = 0.5,
+                 steps: dict[int, int] | None = None, step_timeout: float = 0.0):
         self.grid, self.node_of, self.tasks, self.timeout, self.tap = grid, dict(node_of), list(tasks), timeout, tap
+        self.poll, self.steps, self.step_timeout = poll, dict(steps or {}), step_timeout
         self.wire = {"up": 0, "down": 0}
+        self.carry: dict[int, dict] = {}   # round r's downloads, sent with the next message
+        self.handover = False              # the carried downloads start stage 2
+        self.took: dict[int, dict] = {}    # replies to the carried downloads
 
-    def exchange(self, contents: dict[int, RecordDict], message_type: str) -> dict[int, RecordDict]:
-        """Send contents[k] to client k's node; return {k: reply content} of the replies that
-        came back in time without error. A node that is gone is not sent to."""
-        alive = set(self.grid.get_node_ids())
-        k_of = {node: k for k, node in self.node_of.items()}
-        msgs = []
-        for k, content in contents.items():
-            if self.node_of.get(k) in alive:
-                self.wire["down"] += serialized_bytes(content)
-                if self.tap:
-                    self.tap("down", k, content)
-                msgs.append(Message(content, dst_node_id=self.node_of[k], message_type=message_type))
-        out = {}
-        for rep in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            k = k_of.get(rep.metadata.src_node_id)
-            if k is None or rep.has_error():
-                if k is not None:
-                    print(f"warning: client {k} ({message_type}): {rep.error.reason}", file=sys.stderr)
-                continue
-            self.wire["up"] += serialized_bytes(rep.content)
+    def exchange(self, contents: dict[int, RecordDict], message_type: str, steps: int = 0) -> dict[int, RecordDict]:
+        """Send contents[k] to client k's node; -> {k: reply content} of every reply that came
+        back without error. A node not online is not sent to, and stops being waited for as
+        soon as it leaves; the outer bound (`timeout` + `step_timeout` x the local steps asked
+        for) ends the wait in any case."""
+        online = set(self.grid.get_node_ids())
+        targets = [k for k in contents if self.node_of.get(k) in online]
+        for k in targets:
+            self.wire["down"] += serialized_bytes(contents[k])
             if self.tap:
-                self.tap("up", k, rep.content)
-            out[k] = rep.content
+                self.tap("down", k, contents[k])
+        msgs = [Message(contents[k], dst_node_id=self.node_of[k], message_type=message_type) for k in targets]
+        pending = {mid: k for mid, k in zip(self.grid.push_messages(msgs), targets) if mid is not None}
+        bound = self.timeout + self.step_timeout * steps
+        deadline, out = time.monotonic() + bound, {}
+        while pending:
+            for rep in self.grid.pull_messages(list(pending)):
+                k = pending.pop(rep.metadata.reply_to_message_id, None)
+                if k is None:
+                    continue
+                if rep.has_error():
+                    print(f"warning: client {k} ({message_type}): {rep.error.reason}", file=sys.stderr)
+                    continue
+                self.wire["up"] += serialized_bytes(rep.content)
+                if self.tap:
+                    self.tap("up", k, rep.content)
+                out[k] = rep.content
+            online = set(self.grid.get_node_ids()) if pending else online
+            for mid, k in list(pending.items()):
+                if self.node_of[k] not in online or time.monotonic() > deadline:
+                    why = "its SuperNode left" if self.node_of[k] not in online else f"no reply in {bound:.0f} s"
+                    print(f"warning: client {k} ({message_type}): {why}; lost", file=sys.stderr)
+                    del pending[mid]
+            if pending:
+                time.sleep(self.poll)
         return out
 
     def config(self, **values) -> ConfigRecord:
         """A message's config; it names the client, as Flower stores contents by their hash
         and two messages of equal content in one push are refused."""
-        return ConfigRecord({"tasks": self.tasks, **values})
+        return ConfigRecord({"tasks": self.tasks, "handover": self.handover, **values})
+
+    def with_carry(self, k: int, **values) -> RecordDict:
+        return RecordDict({"config": self.config(client=k, **values), **pack(self.carry.get(k, {}), "down.")})
+
+    def collect_took(self, replies: dict[int, RecordDict]) -> None:
+        self.took = {k: {"scores": dict(c["took.scores"]), "seconds_scoring": c["took.seconds"]["scoring"]}
+                     for k, c in replies.items() if "took.scores" in c.metric_records}
 
     def local_round(self, r: int, stage: int, chosen, progress=None) -> dict[int, dict]:
-        contents = {k: RecordDict({"config": self.config(client=k, round=r, stage=stage, chosen=k in chosen)})
-                    for k in self.node_of}
-        replies = {}
-        for k, c in self.exchange(contents, "train.local_round").items():
-            flags = c["reply"]
-            replies[k] = {"scores": dict(c["scores"]), "excluded": bool(flags["excluded"]),
-                          "upload": unpack(c, "up.") if flags["uploaded"] else None,
-                          "losses": dict(c["losses"]) if "losses" in c.metric_records else None,
-                          "seconds_local": c["seconds"]["local"], "seconds_scoring": c["seconds"]["scoring"]}
-        return replies
+        contents = {k: self.with_carry(k, round=r, stage=stage, chosen=k in chosen) for k in self.node_of}
+        got = self.exchange(contents, "train.local_round", max((self.steps.get(k, 0) for k in chosen), default=0))
+        self.collect_took(got)
+        return {k: {"scores": dict(c["scores"]), "excluded": bool(c["reply"]["excluded"]),
+                    "upload": unpack(c, "up.") if c["reply"]["uploaded"] else None,
+                    "losses": dict(c["losses"]) if "losses" in c.metric_records else None,
+                    "seconds_local": c["seconds"]["local"], "seconds_scoring": c["seconds"]["scoring"]}
+                for k, c in got.items()}
 
-    def deliver(self, r: int, downloads: dict[int, dict], enter_stage2: bool) -> dict[int, dict]:
-        contents = {k: RecordDict({"config": self.config(client=k, round=r, enter_stage2=enter_stage2),
-                                   **pack(msg, "down.")})
-                    for k, msg in downloads.items() if msg}
-        return {k: {"scores": dict(c["scores"]), "seconds_scoring": c["seconds"]["scoring"]}
-                for k, c in self.exchange(contents, "train.take").items()}
+    def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> None:
+        """Keep round r's downloads for the next message; their replies come with it (`took`)."""
+        self.carry, self.handover = {k: msg for k, msg in downloads.items() if msg}, handover
+
+    def finish(self) -> dict[int, RecordDict]:
+        """The final message: the last round's downloads, and every node's final-state digest."""
+        got = self.exchange({k: self.with_carry(k) for k in self.node_of}, "train.finish")
+        self.collect_took(got)
+        return got
 
 
 def join(grid: Grid, settings: Settings) -> list[int]:
@@ -346,64 +404,90 @@ def join(grid: Grid, settings: Settings) -> list[int]:
     return sorted(grid.get_node_ids())
 
 
+def greet(grid: Grid, settings: Settings, tap=None) -> tuple[dict[int, int], list, dict]:
+    """hello to every node: -> ({k: node id}, each client's hello in k order, the initial task
+    adapter). Refuses nodes that do not cover partitions 0..K-1 once each, or that built
+    different initial states."""
+    nodes = join(grid, settings)
+    probe = GridNodes(grid, dict(enumerate(nodes)), [], settings.timeout, tap)
+    got = probe.exchange({i: RecordDict({"config": ConfigRecord({"node": i})}) for i in range(len(nodes))},
+                         "query.hello")
+    if len(got) < len(nodes):
+        raise train.RunError(f"{len(nodes) - len(got)} SuperNode(s) did not answer hello: see their logs")
+    info = {nodes[i]: c["hello"] for i, c in got.items()}
+    parts = sorted(int(i["partition"]) for i in info.values())
+    if parts != list(range(len(nodes))):
+        raise train.ConfigError(f"node config partition-id: the nodes hold {parts}; each of 0..{len(nodes) - 1} "
+                                "must be held by exactly one node")
+    if len({i["state_sha256"] for i in info.values()}) != 1:
+        raise train.ConfigError("the nodes built different initial states: every node must run the same config "
+                                "and base model")
+    node_of = {int(i["partition"]): node for node, i in info.items()}
+    first = next(c for i, c in got.items() if nodes[i] == node_of[0])
+    return node_of, [info[node_of[k]] for k in range(len(nodes))], unpack(first, "init.")["task_adapter"]
+
+
+def wire_recorder(run_dir: str, names: list[str], tap=None):
+    """A tap that appends the record names of every message to <run_dir>/wire.jsonl."""
+    def record(direction, k, content):
+        with open(os.path.join(run_dir, "wire.jsonl"), "a") as fh:
+            names_of = {key: sorted(rec.keys()) for key, rec in content.items()}
+            fh.write(json.dumps({"direction": direction, "client": names[k], "records": names_of}) + "\n")
+        if tap:
+            tap(direction, k, content)
+    return record
+
+
+def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, grid: Grid, run_dir: str) -> tuple[list[dict], dict]:
+    """fed.Coordinator's rounds, one message per client each: round r's record is closed when
+    round r+1's replies (or the final ones) bring back the replies to its downloads. A round's
+    seconds run from its message out to the next round's. -> (records, final replies)."""
+    records, opened, t0 = [], None, time.perf_counter()
+
+    def close(opened, t_open, t_next):
+        record = coord.close(opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire)}
+        train.log_round(run_dir, record, t_open, seconds=t_next - t_open)
+        print(train.round_line(record, coord.total_rounds) + (f"; lost {record['lost']}" if record["lost"] else ""),
+              flush=True)
+        records.append(record)
+
+    for r in range(1, coord.total_rounds + 1):
+        online = set(grid.get_node_ids())
+        gn.node_of = {k: n for k, n in gn.node_of.items() if n in online}
+        t_r = time.perf_counter()
+        gn.wire = {"up": 0, "down": 0}
+        current = coord.train_and_aggregate(r, gn)
+        if opened is not None:
+            close(opened, t0, t_r)
+        gn.deliver(r, current["downloads"], current["handover"])
+        opened, t0 = current, t_r
+    finals = gn.finish()
+    close(opened, t0, time.perf_counter())
+    return records, finals
+
+
 def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
-    """The ServerApp's work: join, hello, the rounds of fed.Coordinator, finish. Writes
+    """The ServerApp's work: hello, the rounds of fed.Coordinator, finish. Writes
     <run_dir>/log.jsonl (the in-process records, plus "lost" and "wire") and results.json."""
     cfg = settings.load()
     run_dir = settings.run_dir or cfg.run_dir
     lock = train.claim_run_dir(run_dir, resume=False, overwrite=settings.overwrite)
     try:
-        nodes = join(grid, settings)
-        probe = GridNodes(grid, dict(enumerate(nodes)), [], settings.timeout, tap)
-        got = probe.exchange({i: RecordDict({"config": ConfigRecord({"node": i})}) for i in range(len(nodes))},
-                             "query.hello")
-        if len(got) < len(nodes):
-            raise train.RunError(f"{len(nodes) - len(got)} SuperNode(s) did not answer hello: see their logs")
-        hellos = {nodes[i]: c for i, c in got.items()}
-        info = {node: h["hello"] for node, h in hellos.items()}
-        parts = sorted(int(i["partition"]) for i in info.values())
-        if parts != list(range(len(nodes))):
-            raise train.ConfigError(f"node config partition-id: the nodes hold {parts}; each of 0..{len(nodes) - 1} "
-                                    "must be held by exactly one node")
-        if len({i["state_sha256"] for i in info.values()}) != 1:
-            raise train.ConfigError("the nodes built different initial states: every node must run the same config "
-                                    "and base model")
-        node_of = {int(i["partition"]): node for node, i in info.items()}
-        meta = [info[node_of[k]] for k in range(len(nodes))]
-        initial = unpack(hellos[node_of[0]], "init.")["task_adapter"]
-        coord = fed_mod.Coordinator(cfg.fed, [m["name"] for m in meta], [m["task"] for m in meta],
-                                    [int(m["n_train"]) for m in meta], cfg.seed, initial)
-        wire_log = open(os.path.join(run_dir, "wire.jsonl"), "a") if settings.record_wire else None
-
-        def recording_tap(direction, k, content):
-            if wire_log:
-                names = {key: sorted(rec.keys()) for key, rec in content.items()}
-                wire_log.write(json.dumps({"direction": direction, "client": meta[k]["name"], "records": names}) + "\n")
-                wire_log.flush()
-            if tap:
-                tap(direction, k, content)
-
-        gn = GridNodes(grid, node_of, coord.tasks, settings.timeout, recording_tap)
-        records = []
-        for r in range(1, coord.total_rounds + 1):
-            t0 = time.perf_counter()
-            gn.wire = {"up": 0, "down": 0}
-            gn.node_of = {k: n for k, n in node_of.items() if n in set(grid.get_node_ids())}
-            record = coord.round(r, gn)
-            record["engine"] = "flower"
-            record["wire_bytes"] = dict(gn.wire)
-            train.log_round(run_dir, record, t0)
-            print(f"round {r} (stage {record['stage']}): mean after_local {record['mean']['after_local']:.3f}, "
-                  f"after_download {record['mean']['after_download']:.3f}"
-                  + (f"; lost {record['lost']}" if record["lost"] else ""), flush=True)
-            records.append(record)
-        finals = gn.exchange({k: RecordDict({"config": gn.config(client=k)}) for k in gn.node_of}, "query.finish")
+        node_of, meta, initial = greet(grid, settings, tap)
+        names = [m["name"] for m in meta]
+        coord = fed_mod.Coordinator(cfg.fed, names, [m["task"] for m in meta], [int(m["n_train"]) for m in meta],
+                                    cfg.seed, initial)
+        f = cfg.fed
+        steps = {k: f.local_epochs * math.ceil(math.ceil(int(m["n_train"]) / f.batch_size) / f.grad_accum)
+                 for k, m in enumerate(meta)}   # fed.plan_batches' count: the outer bound scales with it
+        gn = GridNodes(grid, node_of, coord.tasks, settings.timeout,
+                       wire_recorder(run_dir, names, tap) if settings.record_wire else tap,
+                       steps=steps, step_timeout=settings.step_timeout)
+        records, finals = run_rounds(coord, gn, grid, run_dir)
         results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": train.HEADLINE,
                    **{p: {"own": records[-1][p], "mean": records[-1]["mean"][p]} for p in fed_mod.EVAL_POINTS},
-                   "final_state_sha256": {meta[k]["name"]: c["final"]["state_sha256"] for k, c in sorted(finals.items())}}
+                   "final_state_sha256": {names[k]: c["final"]["state_sha256"] for k, c in sorted(finals.items())}}
         train.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
-        if wire_log:
-            wire_log.close()
         return records
     finally:
         lock.close()
@@ -429,6 +513,15 @@ client_app = make_client_app()
 # The Deployment Engine on one machine: a SuperLink and N SuperNodes on 127.0.0.1
 
 
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)   # unwinds through Localhost.__exit__, which stops the children
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -436,23 +529,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flower_executable(name: str) -> str:
+    """A Flower command (flower-superlink, flower-supernode, flwr) from beside this Python, so a
+    virtual environment's Flower is found without activating it; else from PATH."""
+    import shutil
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    found = here if os.access(here, os.X_OK) else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} is neither beside {sys.executable} nor on PATH: "
+                                "pip install -r requirements-flower.txt")
+    return found
+
+
+# The environment of every Flower process started here (and of docs/flower.md's node commands):
+# no telemetry (an offline node waits up to 4 s a process for it), and a SuperExec that looks
+# for new work every 0.25 s instead of every 1 s. Measured with 3 idle SuperNodes on 2 cores:
+# 1, 5 and 9 CPU-seconds in 30 s at 1, 0.25 and 0.1 s, so smaller costs more than it saves.
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM it when the process that started it dies, even by
+    SIGKILL (Linux prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Localhost:
     """A SuperLink and `n` SuperNodes as separate processes on 127.0.0.1 (insecure, no TLS),
-    each in its own process group, stopped on exit; `run` submits this folder with `flwr run`.
-    What tests/test_flower.py and benchmarks/bench_flower.py use; on real machines, start
-    the same commands by hand (README: "More than one machine")."""
+    each in its own process group; `run` submits this folder with `flwr run`. They are
+    stopped on exit, on SIGTERM (which a `timeout` or a job scheduler sends: the handler turns
+    it into an exit) and, if this process is killed outright, by the kernel (each child is
+    told to die with its parent). What tests/test_flower.py and benchmarks/bench_flower.py
+    use; on real machines, start the same commands by hand (README: docs/flower.md)."""
 
     def __init__(self, n: int, workdir: str, node_set: str = ""):
         self.n, self.workdir, self.node_set = n, workdir, node_set
         self.procs: list = []
-        self.env = dict(os.environ, FLWR_HOME=os.path.join(workdir, "flwr-home"))
+        self.env = dict(os.environ, FLWR_HOME=os.path.join(workdir, "flwr-home"), **FLOWER_ENV)
+        self.previous_sigterm = None
 
     def start(self, args: list[str], log: str):
         import subprocess
-        return subprocess.Popen(args, stdout=open(os.path.join(self.workdir, log), "w"), stderr=subprocess.STDOUT,
-                                env=self.env, start_new_session=True, cwd=self.workdir)
+        return subprocess.Popen([flower_executable(args[0]), *args[1:]], stdout=open(os.path.join(self.workdir, log), "w"),
+                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.workdir,
+                                preexec_fn=_die_with_parent)
 
     def __enter__(self) -> "Localhost":
+        import signal
+        if threading_main():
+            self.previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         os.makedirs(self.env["FLWR_HOME"], exist_ok=True)
         self.port = free_port()
         with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as fh:
@@ -482,7 +612,8 @@ class Localhost:
         """`flwr run . localhost --run-config ... --stream`, waited for (its output in flwr-run.log)."""
         import subprocess
         with open(os.path.join(self.workdir, "flwr-run.log"), "w") as log:
-            return subprocess.run(["flwr", "run", HERE, "localhost", "--run-config", run_config, "--stream"],
+            return subprocess.run([flower_executable("flwr"), "run", HERE, "localhost", "--run-config", run_config,
+                                   "--stream"],
                                   stdout=log, stderr=subprocess.STDOUT, env=self.env, timeout=timeout, cwd=self.workdir)
 
     def kill_node(self, i: int) -> None:
@@ -492,6 +623,9 @@ class Localhost:
 
     def __exit__(self, *exc) -> None:
         import signal
+        if self.previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
+            self.previous_sigterm = None
         for p in self.procs:
             if p.poll() is None:
                 try:

@@ -79,7 +79,7 @@ class LoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.r, self.alpha, self.scale, self.dropout = r, alpha, alpha / r, dropout
-        self.generator: torch.Generator | None = None     # dropout masks; see fed.local_train
+        self.generator: torch.Generator | None = None     # dropout masks (set_dropout_generator; fed.Client.train)
         a = torch.empty(r, base.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # same rule as nn.Linear's weight
         self.lora_A = nn.Parameter(a.to(base.weight.device))

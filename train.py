@@ -513,9 +513,9 @@ def resume_log(run_dir: str, start: int) -> list[dict]:
     return records
 
 
-def log_round(run_dir: str, record: dict, t0: float) -> None:
-    """Complete a round's record (means, memory, seconds since t0), warn about the clients
-    left out of it, and append it to <run_dir>/log.jsonl."""
+def log_round(run_dir: str, record: dict, t0: float, seconds: float | None = None) -> None:
+    """Complete a round's record (means, memory, seconds since t0 unless given), warn about
+    the clients left out of it, and append it to <run_dir>/log.jsonl."""
     r = record["round"]
     for name in record["excluded"]:
         print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation", file=sys.stderr)
@@ -523,7 +523,7 @@ def log_round(run_dir: str, record: dict, t0: float) -> None:
         print(f"warning: round {r}: client {name} did not reply; left out of this round", file=sys.stderr)
     record["mean"] = {p: _mean(record[p]) for p in fed_mod.EVAL_POINTS}
     record["memory"] = peak_memory_mb()
-    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["seconds"] = round(time.perf_counter() - t0 if seconds is None else seconds, 3)
     with open(os.path.join(run_dir, "log.jsonl"), "a") as fh:
         fh.write(json.dumps(record) + "\n")
 

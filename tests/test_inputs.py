@@ -2,6 +2,7 @@
 read as the pictures they are, over-long samples and unknown words are named at load time,
 names that become files are checked, manifests reject unknown keys; scenario D's real digits."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -207,9 +208,13 @@ def test_a_failed_embedded_build_leaves_nothing_in_the_cache(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Scenario D: real handwritten digits, one skill, three formats
+# Scenario D: real handwritten digits, one skill, three formats (an optional extra)
+
+needs_digits = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                                  reason="scenario D needs scikit-learn: pip install -r requirements-digits.txt")
 
 
+@needs_digits
 def test_scenario_d_is_real_digits_in_three_formats_with_disjoint_iid_splits():
     cfg = DataConfig(scenario="D", train_per_client=16, test_per_client=8, val_per_client=4)
     clients = data.synthetic_clients("D", cfg, 0)
@@ -239,6 +244,7 @@ def test_scenario_d_without_scikit_learn_says_how_to_install_it(monkeypatch):
         data.synthetic_clients("D", DataConfig(scenario="D"), 0)
 
 
+@needs_digits
 def test_scenario_d_too_large_for_the_digits_is_named():
     with pytest.raises(DataError, match="scenario D has 1797 digits"):
         data.synthetic_clients("D", DataConfig(scenario="D", train_per_client=200), 0)

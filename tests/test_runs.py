@@ -192,8 +192,8 @@ def test_stage2_is_built_from_the_adapters_each_client_received(tiny_llava_dir, 
     sent = {}
     real = fed.Server.aggregate
 
-    def spy(self, uploads, send_all_tasks):
-        downloads = real(self, uploads, send_all_tasks)
+    def spy(self, uploads, all_tasks):
+        downloads = real(self, uploads, all_tasks)
         sent.update({k: {g: {n: t.clone() for n, t in msg.items()} for g, msg in d.items()} for k, d in downloads.items()})
         # whatever the server holds next, clients use what they received
         self.task_adapters = {t: {n: torch.zeros_like(v) for n, v in s.items()} for t, s in self.task_adapters.items()}

@@ -44,6 +44,9 @@ def test_default_config_loads_and_every_key_is_a_field():
     ("fed.method=fedsgd", "fed.method = 'fedsgd': must be one of"),
     ("fed.client_fraction=0", "fed.client_fraction = 0.0: must be in (0, 1]"),
     ("data.scenario=C", "data.scenario = 'C': must be one of"),
+    ("fed=", "fed: is a section of keys and cannot be empty; set single keys, e.g. --set fed.method=..."),
+    ("fed.eval_max_samples=0", "fed.eval_max_samples = 0: must be >= 1 or null"),
+    ("data.num_workers=-1", "data.num_workers = -1: must be >= 0"),
 ])
 def test_bad_config_is_an_error_naming_the_key(override, message):
     with pytest.raises(train.ConfigError) as e:
