@@ -1,6 +1,6 @@
 """data.py -- the data of a federated multimodal instruction-tuning run.
 
-Two sources, one in-memory form (`Sample`: an image and its human/gpt turns):
+Two sources, one form (`Sample`: a picture, or the file it is read from, and its human/gpt turns):
   1. A synthetic multimodal world, generated deterministically from a seed, no files needed.
      Two scenarios mirror the paper's two cross-task scenarios (SPEC section 1):
        A: three VQA-style tasks            colour, shape, count
@@ -14,7 +14,9 @@ Two sources, one in-memory form (`Sample`: an image and its human/gpt turns):
        four ("yes"); the clients of a task hold IID, disjoint splits of the digits.
   2. LLaVA conversation JSON (records with id, image, conversations of human/gpt turns,
      `<image>` in the first human turn) plus an image folder, one file per client, listed in
-     a manifest (YAML/JSON: a list of {name, task, train, test, image_folder}).
+     a manifest (YAML/JSON: a list of {name, task, train, test, image_folder}). Loading keeps
+     records, not pixels: each image's header is checked and its file name kept; `picture`
+     decodes it when its batch is built, in the loader's workers (Batches, batch_loader).
      `python data.py --export DIR --scenario A` writes the synthetic world in that format.
 
 Then: tokenisation in the LLaVA-1.5 (Vicuna v1) conversation format with the `<image>`

@@ -103,7 +103,8 @@ def generator(seed: int, purpose: str, *keys) -> torch.Generator:
 #
 # What a client owns is model.client_state's business (its whole connector + its LoRA, as
 # {client-state name: tensor}). This section is the one place that maps wire names to
-# client-state names; pilot.expert_tasks is the one place that orders the CT-MoA's experts.
+# client-state names; pilot.expert_tasks orders the CT-MoA's experts and pilot.expert_slot
+# places each one.
 
 OWN_ADAPTER = "connector.psi_t."        # psi_t in stage 1, h_0 in stage 2
 PROJECTOR = "connector.projector."      # the baselines' single LLaVA projector
@@ -111,9 +112,8 @@ PROJECTOR = "connector.projector."      # the baselines' single LLaVA projector
 
 def adapter_prefix(own_task: str, tasks: Sequence[str], task: str) -> str:
     """Client-state prefix of `task`'s global adapter for a client of `own_task` in stage 2:
-    expert i of pilot.expert_tasks sits at psi_t (i = 0) or psi_t_other.{i-1}."""
-    i = pilot.expert_tasks(tasks, own_task).index(task)
-    return OWN_ADAPTER if i == 0 else f"connector.psi_t_other.{i - 1}."
+    expert i of pilot.expert_tasks sits in the CT-MoA at pilot.expert_slot(i)."""
+    return f"connector.{pilot.expert_slot(pilot.expert_tasks(tasks, own_task).index(task))}."
 
 
 def adapter_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -226,7 +226,7 @@ class Server:
                 W = (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(len(ids), len(ids))
             else:
                 W = pilot.ata_weights(loras, n, self.ata_top_m, self.ata_form)
-            personal = dict(zip(ids, pilot.weighted_average(loras, W)))
+            personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
             tasks = [self.tasks[k] for k in ids]
             self.lora_weights = {k: {"self": W[i, i].item(),
                                      "same_task": sum(W[i, j].item() for j in range(len(ids)) if j != i and tasks[j] == tasks[i]),
@@ -418,41 +418,50 @@ class Client:
 
     def __init__(self, k: int, data: data_mod.ClientData, tasks: Sequence[str], cfg: FedConfig,
                  model: model_mod.PilotLlava, base: model_mod.Base, enc: data_mod.Encoder, seed: int,
-                 max_new_tokens: int):
+                 max_new_tokens: int, stage1_connector=None):
         self.k, self.data, self.tasks, self.cfg = k, data, list(tasks), cfg
         self.model, self.base, self.enc, self.seed, self.max_new_tokens = model, base, enc, seed, max_new_tokens
-        self.stage1_connector = None if isinstance(model.connector, pilot.CTMoA) else model.connector
+        # the stage-1 connector module to put back for stage-1 work (the model may hold a CT-MoA now)
+        self.stage1_connector = stage1_connector or model.connector
+        if isinstance(self.stage1_connector, pilot.CTMoA):
+            raise ValueError("Client needs the model's stage-1 connector (pass stage1_connector)")
+
+    def ctmoa_shell(self) -> pilot.CTMoA:
+        """A CT-MoA of this run's shape built on the meta device: no value is drawn or stored
+        (170M parameters at 7B), for the key names or for a client state to fill."""
+        cfg, b = self.cfg, self.base
+        with torch.device("meta"):
+            return pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), cfg.top_k, cfg.lambda_d_stage2 > 0,
+                               cfg.continuous_stage2)
 
     def structure(self, stage: int) -> None:
-        """Give the model the connector structure of `stage` (its weights come from the client
-        state loaded next). The first client to reach stage 2 builds the CT-MoA for all."""
+        """Give the model the connector structure of `stage`; its values come from the client
+        state loaded next (load_client_state sets every tensor of it). The first client to reach
+        stage 2 builds the CT-MoA for all."""
         is_moa = isinstance(self.model.connector, pilot.CTMoA)
         if stage == 2 and not is_moa:
-            c, b = self.cfg, self.base
-            moa = pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), c.top_k, c.lambda_d_stage2 > 0,
-                              c.continuous_stage2)
-            self.model.set_connector(moa.to(next(self.model.lm.parameters()).device))
+            self.model.set_connector(self.ctmoa_shell().to_empty(device=next(self.model.lm.parameters()).device))
         elif stage == 1 and is_moa:
             self.model.set_connector(self.stage1_connector)
 
     def loss_weights(self, stage: int) -> dict[str, float]:
-        c = self.cfg
+        cfg = self.cfg
         if stage == 1:
-            return {"difference": 0.0 if c.method == "pilot_no_diff" else c.lambda_d,
+            return {"difference": 0.0 if cfg.method == "pilot_no_diff" else cfg.lambda_d,
                     "balance": 0.0, "router_z": 0.0}
-        return {"difference": c.lambda_d_stage2, "balance": c.lambda_b, "router_z": c.lambda_z}
+        return {"difference": cfg.lambda_d_stage2, "balance": cfg.lambda_b, "router_z": cfg.lambda_z}
 
     def train(self, state: dict[str, torch.Tensor], r: int, stage: int, progress=None) -> dict[str, float]:
         """Local training of round r from `state`; the trained state is left in the model."""
-        c = self.cfg
+        cfg = self.cfg
         self.structure(stage)
         model_mod.load_client_state(self.model, state)
         dev = next(self.model.lm.parameters()).device
         pilot.set_dropout_generator(self.model, torch.Generator(dev).manual_seed(derive_seed(self.seed, "dropout", r, self.k)))
         try:
-            return local_train(self.model, self.enc, self.data.train, c,
-                               c.lr_lora_stage1 if stage == 1 else c.lr_lora_stage2, self.loss_weights(stage),
-                               generator(self.seed, "data", r, self.k), c.prox_mu if c.method == "fedprox" else 0.0,
+            return local_train(self.model, self.enc, self.data.train, cfg,
+                               cfg.lr_lora_stage1 if stage == 1 else cfg.lr_lora_stage2, self.loss_weights(stage),
+                               generator(self.seed, "data", r, self.k), cfg.prox_mu if cfg.method == "fedprox" else 0.0,
                                where=f"client {self.data.name} round {r}", progress=progress, skipped=self.data.skipped)
         finally:
             pilot.set_dropout_generator(self.model, None)
@@ -492,11 +501,13 @@ class Client:
         """The client's first stage-2 state, built from its stage-1 state and the T task
         adapters IT RECEIVED (SPEC section 4): own adapter -> h_0, the others -> frozen experts,
         psi_s carried over; router, psi_c and gate from one generator, the same on every client."""
-        c, b = self.cfg, self.base
-        stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
+        cfg, b = self.cfg, self.base
+        with torch.device("meta"):   # a shell for the state's values: nothing drawn
+            stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
+        stage1 = stage1.to_empty(device="cpu")
         stage1.load_state_dict(adapter_tensors(state, "connector."))
-        moa = pilot.ctmoa_from_stage1(stage1, adapters, self.data.task, c.top_k, c.lambda_d_stage2 > 0,
-                                      c.continuous_stage2, generator(self.seed, "init-stage2"))
+        moa = pilot.ctmoa_from_stage1(stage1, adapters, self.data.task, cfg.top_k, cfg.lambda_d_stage2 > 0,
+                                      cfg.continuous_stage2, generator(self.seed, "init-stage2"))
         return {f"connector.{n}": v.detach().clone() for n, v in moa.state_dict().items()} | lora_tensors(state)
 
     def score(self, state: dict[str, torch.Tensor], stage: int, full: bool = False) -> dict[str, float]:
@@ -504,13 +515,13 @@ class Client:
         on fed.eval_max_samples of each (eval_subset), or on the whole splits when `full`."""
         self.structure(stage)
         model_mod.load_client_state(self.model, state)
-        d, c = self.data, self.cfg
+        d, cfg = self.data, self.cfg
         out = {}
         for split in ("test", "val") if d.val else ("test",):
             samples = getattr(d, split)
             if not full:
-                samples = eval_subset(samples, c.eval_max_samples, self.seed, d.name, split)
-            out[split] = evaluate(self.model, self.enc, samples, d.metric, c.eval_batch_size, self.max_new_tokens,
+                samples = eval_subset(samples, cfg.eval_max_samples, self.seed, d.name, split)
+            out[split] = evaluate(self.model, self.enc, samples, d.metric, cfg.eval_batch_size, self.max_new_tokens,
                                   progress=True, skipped=d.skipped)
         return out
 
@@ -619,10 +630,10 @@ class Federation(Coordinator):
         self.states = [model_mod.client_state(model) for _ in self.clients]
         self.initial_keys = frozenset(self.states[0])
         self.stage = 1
-        super().__init__(cfg, [c.name for c in self.clients], [c.task for c in self.clients],
-                         [len(c.train) for c in self.clients], seed, adapter_tensors(self.states[0], OWN_ADAPTER))
-        self.nodes = [Client(k, c, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
-                      for k, c in enumerate(self.clients)]
+        super().__init__(cfg, [d.name for d in self.clients], [d.task for d in self.clients],
+                         [len(d.train) for d in self.clients], seed, adapter_tensors(self.states[0], OWN_ADAPTER))
+        self.nodes = [Client(k, d, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
+                      for k, d in enumerate(self.clients)]
 
     def run_round(self, r: int, progress=None) -> dict:
         return self.communication_round(r, self, progress)
@@ -656,9 +667,7 @@ class Federation(Coordinator):
         """The key set of a client state in `stage` (to check a checkpoint before loading it)."""
         keys = set(self.initial_keys)
         if stage == 2:
-            c, b = self.cfg, self.base
-            moa = pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), c.top_k, continuous=c.continuous_stage2)
-            keys = {k for k in keys if pilot.is_lora(k)} | {f"connector.{n}" for n in moa.state_dict()}
+            keys = {k for k in keys if pilot.is_lora(k)} | {f"connector.{n}" for n in self.nodes[0].ctmoa_shell().state_dict()}
         return keys
 
     def train_client(self, k: int, r: int, stage: int, progress=None) -> dict[str, float]:

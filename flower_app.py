@@ -196,9 +196,9 @@ class NodeRuntimes:
                 shared = {"model": model, "base": base, "enc": enc, "initial": model_mod.client_state(model),
                           "stage1_connector": model.connector}
             data = clients[0] if len(clients) == 1 else clients[k]
+            # the model may hold another node's CT-MoA now: the client gets the stage-1 connector
             client = fed_mod.Client(k, data, [], cfg.fed, shared["model"], shared["base"], shared["enc"], cfg.seed,
-                                    cfg.data.max_new_tokens)
-            client.stage1_connector = shared["stage1_connector"]   # the model may hold another node's CT-MoA now
+                                    cfg.data.max_new_tokens, stage1_connector=shared["stage1_connector"])
             self.built[key] = shared | {"cfg": cfg, "k": k, "data": data, "client": client}
         return self.built[key]
 
@@ -369,18 +369,18 @@ class GridNodes:
         return RecordDict({"config": self.config(client=k, **values), **pack(self.carry.get(k, {}), "down.")})
 
     def collect_took(self, replies: dict[int, RecordDict]) -> None:
-        self.took = {k: {"scores": dict(c["took.scores"]), "seconds_scoring": c["took.seconds"]["scoring"]}
-                     for k, c in replies.items() if "took.scores" in c.metric_records}
+        self.took = {k: {"scores": dict(content["took.scores"]), "seconds_scoring": content["took.seconds"]["scoring"]}
+                     for k, content in replies.items() if "took.scores" in content.metric_records}
 
     def local_round(self, r: int, stage: int, chosen, progress=None) -> dict[int, dict]:
         contents = {k: self.with_carry(k, round=r, stage=stage, chosen=k in chosen) for k in self.node_of}
         got = self.exchange(contents, "train.local_round", max((self.steps.get(k, 0) for k in chosen), default=0))
         self.collect_took(got)
-        return {k: {"scores": dict(c["scores"]), "excluded": bool(c["reply"]["excluded"]),
-                    "upload": unpack(c, "up.") if c["reply"]["uploaded"] else None,
-                    "losses": dict(c["losses"]) if "losses" in c.metric_records else None,
-                    "seconds_local": c["seconds"]["local"], "seconds_scoring": c["seconds"]["scoring"]}
-                for k, c in got.items()}
+        return {k: {"scores": dict(content["scores"]), "excluded": bool(content["reply"]["excluded"]),
+                    "upload": unpack(content, "up.") if content["reply"]["uploaded"] else None,
+                    "losses": dict(content["losses"]) if "losses" in content.metric_records else None,
+                    "seconds_local": content["seconds"]["local"], "seconds_scoring": content["seconds"]["scoring"]}
+                for k, content in got.items()}
 
     def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> None:
         """Keep round r's downloads for the next message; their replies come with it (`took`)."""
@@ -423,7 +423,7 @@ def greet(grid: Grid, settings: Settings, tap=None) -> tuple[dict[int, int], lis
         raise train.ConfigError("the nodes built different initial states: every node must run the same config "
                                 "and base model")
     node_of = {int(i["partition"]): node for node, i in info.items()}
-    first = next(c for i, c in got.items() if nodes[i] == node_of[0])
+    first = next(content for i, content in got.items() if nodes[i] == node_of[0])
     return node_of, [info[node_of[k]] for k in range(len(nodes))], unpack(first, "init.")["task_adapter"]
 
 
@@ -486,7 +486,7 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
         records, finals = run_rounds(coord, gn, grid, run_dir)
         results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": train.HEADLINE,
                    **{p: {"own": records[-1][p], "mean": records[-1]["mean"][p]} for p in fed_mod.EVAL_POINTS},
-                   "final_state_sha256": {names[k]: c["final"]["state_sha256"] for k, c in sorted(finals.items())}}
+                   "final_state_sha256": {names[k]: reply["final"]["state_sha256"] for k, reply in sorted(finals.items())}}
         train.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
         return records
     finally:

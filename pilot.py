@@ -10,7 +10,7 @@ transformers import):
   stage 1         difference_loss, TaskClientConnector                 (SPEC section 3)
   stage 2         CTMoA (cross-task Mixture-of-Adapters), ctmoa_from_stage1 (SPEC section 4)
   baseline        PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox)
-  server          task_average, ata_weights, weighted_average          (SPEC section 5)
+  server          task_average, ata_weights (ata_kernel | ata_top_m), weighted_average(s)  (SPEC section 5)
 
 Every connector returns the same NamedTuple, ConnectorOutput(tokens, aux), where aux always
 holds the keys of AUX_KEYS (zeros where a loss is unused), so training code never branches
@@ -19,6 +19,13 @@ the caller (fed.total_loss), not here: these modules return raw loss values.
 
 Randomness: every initialiser takes an optional torch.Generator (None = torch's global RNG),
 so a caller can make a whole run a function of its seed without reseeding the global RNG.
+That needs a torch whose nn.init functions accept `generator=` (2.1 and later;
+requirements.txt asks for 2.4).
+
+Copying a component: the imports below, the component, and the definitions its docstring's
+last line names (`Copy with: ...`); tests/test_copy.py runs each such copy alone, in a fresh
+namespace holding only torch, math and the standard library, and checks it against this file
+bit for bit.
 
 Shape legend: B batch, N image tokens per image, C_v vision width, C LLM width,
 T number of tasks = number of CT-MoA experts, K clients, r LoRA rank, D = N * C.
@@ -44,7 +51,8 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 @torch.no_grad()
 def reset_linear(linear: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
     """nn.Linear's own default init (Kaiming-uniform weight, a = sqrt(5); bias uniform in
-    +-1/sqrt(fan_in)), drawn from `generator` on the CPU and then copied to the layer's device."""
+    +-1/sqrt(fan_in)), drawn from `generator` on the CPU and then copied to the layer's device.
+    Copy with: nothing else."""
     w = torch.empty(linear.weight.shape)
     nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
     linear.weight.copy_(w)
@@ -59,13 +67,14 @@ class LoRALinear(nn.Module):
 
         h = W0 x + b + (alpha / r) * B A dropout(x)
 
-    A (r, in) is initialised like nn.Linear (Kaiming-uniform), B (out, r) with zeros, so the
-    wrapped layer starts exactly equal to the base layer. Dropout acts on the LoRA path only;
-    its masks come from `self.generator` when one is set (fed.py sets one per round and
-    client), else from torch's global RNG.
+    A (r, in) is initialised like nn.Linear (Kaiming-uniform, drawn from `generator`), B (out,
+    r) with zeros, so the wrapped layer starts exactly equal to the base layer. Dropout acts on
+    the LoRA path only; its masks come from `self.dropout_generator` when one is set
+    (set_dropout_generator: fed.py sets one per round and client), else from torch's global RNG.
     LoRA factors are kept in float32 whatever the base dtype (bf16 bases train their LoRA in
     fp32, as PEFT does under autocast); the update is cast back to the base output's dtype.
     State-dict keys: `base.weight`, `base.bias`, `lora_A`, `lora_B`.
+    Copy with: nothing else.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
@@ -79,7 +88,7 @@ class LoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.r, self.alpha, self.scale, self.dropout = r, alpha, alpha / r, dropout
-        self.generator: torch.Generator | None = None     # dropout masks (set_dropout_generator; fed.Client.train)
+        self.dropout_generator: torch.Generator | None = None   # dropout masks (set_dropout_generator)
         a = torch.empty(r, base.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # same rule as nn.Linear's weight
         self.lora_A = nn.Parameter(a.to(base.weight.device))
@@ -88,7 +97,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)                                              # (..., out)
         if self.training and self.dropout > 0:                        # inverted dropout, LoRA path only
-            keep = torch.empty_like(x).bernoulli_(1 - self.dropout, generator=self.generator)
+            keep = torch.empty_like(x).bernoulli_(1 - self.dropout, generator=self.dropout_generator)
             x = x * keep / (1 - self.dropout)                         # (..., in)
         xa = x.to(self.lora_A.dtype) @ self.lora_A.t()                # (..., r)
         return y + (xa @ self.lora_B.t() * self.scale).to(y.dtype)    # (..., out)
@@ -99,7 +108,8 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
     """Freeze `model` and wrap every nn.Linear whose attribute name is in `targets` in a
     LoRALinear. SPEC section 2: LoRA on q, k, v, o, gate, up, down of every decoder layer,
     never on lm_head or the embeddings (those names are refused even if listed).
-    Returns the qualified names of the wrapped layers; afterwards only LoRA is trainable."""
+    Returns the qualified names of the wrapped layers; afterwards only LoRA is trainable.
+    Copy with: LoRALinear, DEFAULT_LORA_TARGETS."""
     bad = {"lm_head", "embed_tokens"} & set(targets)
     if bad:
         raise ValueError(f"LoRA targets must not include {sorted(bad)} (SPEC section 2)")
@@ -117,26 +127,30 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
 
 
 def is_lora(name: str) -> bool:
-    """The one rule that tells a LoRA factor by its name (module, state-dict or wire name)."""
+    """The one rule that tells a LoRA factor by its name (module, state-dict or wire name).
+    Copy with: nothing else."""
     return name.endswith(("lora_A", "lora_B"))
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: tensor} of every LoRA factor in `model`."""
+    """{name: tensor} of every LoRA factor in `model`.
+    Copy with: is_lora."""
     return {k: v for k, v in model.state_dict().items() if is_lora(k)}
 
 
 def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> None:
-    """Draw every LoRALinear's dropout masks from `generator` (None: torch's global RNG)."""
+    """Draw every LoRALinear's dropout masks from `generator` (None: torch's global RNG).
+    Copy with: LoRALinear."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            m.generator = generator
+            m.dropout_generator = generator
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRALinear into its base weight, W0 <- W0 + (alpha/r) B A, and put the plain
-    nn.Linear back in its place (for export or faster inference; dropout is dropped)."""
+    nn.Linear back in its place (for export or faster inference; dropout is dropped).
+    Copy with: LoRALinear."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
@@ -156,7 +170,8 @@ class Adapter(nn.Module):
     Parameter names match transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`),
     so a llava-hf projector loads with a plain strict load_state_dict. `zero_last=True`
     zeroes the last layer so the adapter outputs exactly 0 at init (used for psi_s and
-    psi_c, SPEC sections 3-4 [choice]). `generator` draws the init (None: global RNG)."""
+    psi_c, SPEC sections 3-4 [choice]). `generator` draws the init (None: global RNG).
+    Copy with: reset_linear."""
 
     def __init__(self, in_dim: int, out_dim: int, zero_last: bool = False,
                  generator: torch.Generator | None = None):
@@ -182,24 +197,28 @@ AUX_KEYS = ("difference", "balance", "router_z")
 
 
 class ConnectorOutput(NamedTuple):
+    """What every connector returns. Copy with: AUX_KEYS, aux_losses."""
     tokens: torch.Tensor           # (B, N, C) image tokens for the LLM
     aux: dict[str, torch.Tensor]   # raw auxiliary losses, always exactly AUX_KEYS (0-dim)
 
 
-def _aux(h: torch.Tensor, **losses: torch.Tensor) -> dict[str, torch.Tensor]:
+def aux_losses(h: torch.Tensor, **losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The aux dict of a ConnectorOutput: every key of AUX_KEYS, 0 where not given.
+    Copy with: AUX_KEYS."""
     zero = h.new_zeros((), dtype=torch.float32)
     return {k: losses.get(k, zero) for k in AUX_KEYS}
 
 
 class PlainConnector(nn.Module):
-    """The baselines' connector (local / fedavg / fedprox): one LLaVA projector, no aux loss."""
+    """The baselines' connector (local / fedavg / fedprox): one LLaVA projector, no aux loss.
+    Copy with: Adapter, reset_linear, ConnectorOutput, AUX_KEYS, aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, generator: torch.Generator | None = None):
         super().__init__()
         self.projector = Adapter(in_dim, out_dim, generator=generator)
 
     def forward(self, h: torch.Tensor) -> ConnectorOutput:
-        return ConnectorOutput(self.projector(h), _aux(h))  # (B, N, C)
+        return ConnectorOutput(self.projector(h), aux_losses(h))  # (B, N, C)
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +233,8 @@ def difference_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     [choice] The D x D matrix has D^2 = 5.6e12 entries at LLaVA size (D = 576 * 4096), so
     the released formula cannot run. The same number, exactly, via B x B Gram matrices:
         sum((X_a^T X_b)^2) = trace(X_b^T X_a X_a^T X_b) = sum((X_a X_a^T) * (X_b X_b^T)),
-    then divide by D^2. Cost O(B^2 D) time, O(B^2) extra memory. Computed in float32."""
+    then divide by D^2. Cost O(B^2 D) time, O(B^2) extra memory. Computed in float32.
+    Copy with: nothing else."""
     xa = a.reshape(a.shape[0], -1).float()                          # (B, D)
     xb = b.reshape(b.shape[0], -1).float()                          # (B, D)
     xa = xa / (xa.norm(dim=1, keepdim=True).detach() + 1e-6)        # (B, D)
@@ -233,7 +253,8 @@ class TaskClientConnector(nn.Module):
     pretrained LLaVA; `released_init=True` instead starts psi_s as a full random adapter that
     the caller overwrites with the projector too, as the released code does (which doubles the
     projector output at step 0).
-    aux["difference"] = difference_loss(psi_t(H), psi_s(H)); the caller weighs it by lambda_d."""
+    aux["difference"] = difference_loss(psi_t(H), psi_s(H)); the caller weighs it by lambda_d.
+    Copy with: Adapter, reset_linear, difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, released_init: bool = False,
                  generator: torch.Generator | None = None):
@@ -244,7 +265,7 @@ class TaskClientConnector(nn.Module):
     def forward(self, h: torch.Tensor) -> ConnectorOutput:
         t = self.psi_t(h)                                   # (B, N, C)
         s = self.psi_s(h)                                   # (B, N, C)
-        return ConnectorOutput(t + s, _aux(h, difference=difference_loss(t, s)))
+        return ConnectorOutput(t + s, aux_losses(h, difference=difference_loss(t, s)))
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +317,9 @@ class CTMoA(nn.Module):
     float32 accumulator (so bf16 autocast outputs and the fp32 weights never meet in index_add),
     so an unselected expert costs nothing and contributes exactly zero. Note: with top_k = 1 the
     renormalised weight is p/p = 1, so the router learns only through the auxiliary losses
-    (Switch keeps the raw p instead; SPEC follows the released code's renormalisation)."""
+    (Switch keeps the raw p instead; SPEC follows the released code's renormalisation).
+    Copy with: expert_slot, Adapter, reset_linear, difference_loss, ConnectorOutput, AUX_KEYS,
+    aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
                  use_difference: bool = False, continuous: bool = True,
@@ -319,11 +342,15 @@ class CTMoA(nn.Module):
         for p in [*self.psi_t_other.parameters(), *self.psi_s.parameters()]:
             p.requires_grad_(False)
 
+    def task_adapter(self, i: int) -> Adapter:
+        """The task adapter of expert i: psi_t for i = 0, else psi_t_other[i-1] (expert_slot)."""
+        return self.get_submodule(expert_slot(i))
+
     def expert(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """h_i(h): (..., C_v) -> (..., C)."""
         if i == 0:
             return self.psi_t(h)
-        return self.psi_t_other[i - 1](h) + self.psi_c[i - 1](h)
+        return self.task_adapter(i)(h) + self.psi_c[i - 1](h)
 
     def forward(self, h: torch.Tensor) -> ConnectorOutput:
         B, N, Cv = h.shape
@@ -335,24 +362,24 @@ class CTMoA(nn.Module):
         own = self.psi_t(h)                                             # (B, N, C) h_0, used twice
 
         if self.top_k == T:  # dense: the renormalised weights are the full softmax
-            moa = probs[..., :1] * own                                  # (B, N, C), fp32
+            mixture = probs[..., :1] * own                              # (B, N, C), fp32
             for i in range(1, T):
-                moa = moa + probs[..., i:i + 1] * self.expert(i, h)     # (B, N, C)
+                mixture = mixture + probs[..., i:i + 1] * self.expert(i, h)   # (B, N, C)
         else:  # sparse: per-expert gather of the selected tokens from the whole batch
             flat_h = h.reshape(B * N, Cv)                               # (BN, C_v)
             flat_own = own.reshape(B * N, -1)                           # (BN, C)
             flat_i = top_i.reshape(B * N, self.top_k)                   # (BN, k)
             flat_p = top_p.reshape(B * N, self.top_k)                   # (BN, k), fp32
-            moa = h.new_zeros(B * N, own.shape[-1], dtype=torch.float32)   # (BN, C) fp32 accumulator
+            mixture = h.new_zeros(B * N, own.shape[-1], dtype=torch.float32)   # (BN, C) fp32 accumulator
             for i in range(T):
                 tok, slot = (flat_i == i).nonzero(as_tuple=True)        # (n_i,), (n_i,)
                 if tok.numel() == 0:
                     continue                                            # unselected: no compute, no grad
                 out_i = flat_own[tok] if i == 0 else self.expert(i, flat_h[tok])   # (n_i, C)
-                moa = moa.index_add(0, tok, flat_p[tok, slot, None] * out_i.float())
-            moa = moa.reshape(B, N, -1)                                 # (B, N, C)
+                mixture = mixture.index_add(0, tok, flat_p[tok, slot, None] * out_i.float())
+            mixture = mixture.reshape(B, N, -1)                         # (B, N, C)
         if self.gate is not None:   # continuous stage 2 [choice]: exactly h_0 at g = 0
-            moa = own + self.gate * (moa - own)                         # (B, N, C)
+            mixture = own + self.gate * (mixture - own)                 # (B, N, C)
 
         s = self.psi_s(h)                                               # (B, N, C), frozen
         # Switch balance loss per image: f = fraction of its tokens whose top-1 is expert i
@@ -362,15 +389,22 @@ class CTMoA(nn.Module):
         losses = dict(balance=balance, router_z=router_z)
         if self.use_difference:
             losses["difference"] = difference_loss(s, own)
-        return ConnectorOutput((s + moa).to(own.dtype), _aux(h, **losses))
+        return ConnectorOutput((s + mixture).to(own.dtype), aux_losses(h, **losses))
 
 
 def expert_tasks(tasks: Sequence[str], own_task: str) -> list[str]:
     """THE expert order of a CT-MoA for a client of `own_task`: own task first (h_0), then the
-    other tasks sorted by name (h_1 .. h_{T-1}). Everything that places an expert uses this."""
+    other tasks sorted by name (h_1 .. h_{T-1}). With expert_slot, everything that places an
+    expert uses this. Copy with: nothing else."""
     if own_task not in tasks:
         raise KeyError(f"own task {own_task!r} is not among the tasks {sorted(tasks)}")
     return [own_task] + [t for t in sorted(set(tasks)) if t != own_task]
+
+
+def expert_slot(i: int) -> str:
+    """THE place of expert i's task adapter in a CTMoA (its submodule and state-dict prefix):
+    `psi_t` for the own task (i = 0), `psi_t_other.{i-1}` for the others. Copy with: nothing else."""
+    return "psi_t" if i == 0 else f"psi_t_other.{i - 1}"
 
 
 @torch.no_grad()
@@ -381,12 +415,13 @@ def ctmoa_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict
     adapters it received {task: Adapter state_dict} (SPEC section 4). Experts in the order of
     expert_tasks; psi_s is carried over from stage 1 (then frozen); the router and psi_c's first
     layers are drawn from `generator`. With continuous=True (default) the result's output equals
-    the stage-1 output with psi_t = task_adapters[own_task] exactly."""
+    the stage-1 output with psi_t = task_adapters[own_task] exactly.
+    Copy with: CTMoA (and what it names), TaskClientConnector, expert_tasks."""
     order = expert_tasks(list(task_adapters), own_task)
     in_dim, out_dim = stage1.psi_t.linear_1.in_features, stage1.psi_t.linear_1.out_features
     moa = CTMoA(in_dim, out_dim, len(order), top_k, use_difference, continuous, generator)
-    for adapter, task in zip([moa.psi_t, *moa.psi_t_other], order):
-        adapter.load_state_dict(task_adapters[task])
+    for i, task in enumerate(order):
+        moa.task_adapter(i).load_state_dict(task_adapters[task])
     moa.psi_s.load_state_dict(stage1.psi_s.state_dict())
     return moa.to(stage1.psi_t.linear_1.weight.device)
 
@@ -395,40 +430,49 @@ def ctmoa_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict
 # Server: task-aware visual aggregation and adaptive text aggregation (SPEC section 5)
 
 
-def _check_keys(states: Sequence[dict[str, torch.Tensor]]) -> None:
+def check_same_keys(states: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Aggregation is by parameter name: every state must hold the same names.
+    Copy with: nothing else."""
     keys = set(states[0])
     for k, s in enumerate(states):
         if set(s) != keys:
             raise KeyError(f"state {k} has keys {sorted(set(s) ^ keys)} that state 0 does not share")
 
 
-def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor):
-    """Aggregate states key by key (Flower-style, by parameter name).
-
-    weights (K,): returns one state, sum_j w_j * states[j].
-    weights (K', K): returns K' states, row k = sum_j W[k, j] * states[j] (ATA's personalised
-    LoRA, one per client). Accumulates in float32, returns each tensor in its original dtype.
-    For LoRA, A and B are averaged as separate tensors (FedIT, the paper): mean(B) @ mean(A)
-    is not mean(B @ A); that is the method, not an approximation error of this code."""
-    _check_keys(states)
+def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One state, sum_j w_j * states[j], key by key (Flower-style, by parameter name); weights
+    (K,). Accumulates in float32, returns each tensor in its original dtype. For LoRA, A and B
+    are averaged as separate tensors (FedIT, the paper): mean(B) @ mean(A) is not mean(B @ A);
+    that is the method, not an approximation error of this code.
+    Copy with: weighted_averages, check_same_keys."""
     w = torch.as_tensor(weights, dtype=torch.float32)
-    if w.shape[-1] != len(states):
-        raise ValueError(f"weights have {w.shape[-1]} columns for {len(states)} states")
-    rows = w[None] if w.dim() == 1 else w                                  # (K', K)
-    out = [dict() for _ in range(rows.shape[0])]
+    if w.dim() != 1:
+        raise ValueError(f"weights must be (K,), got shape {tuple(w.shape)}; use weighted_averages for a matrix")
+    return weighted_averages(states, w[None])[0]
+
+
+def weighted_averages(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """K' states, row k = sum_j W[k, j] * states[j], key by key; weights W (K', K). ATA's
+    personalised LoRA, one per client. Only one key's K tensors are stacked at a time.
+    Copy with: check_same_keys."""
+    check_same_keys(states)
+    W = torch.as_tensor(weights, dtype=torch.float32)
+    if W.dim() != 2 or W.shape[1] != len(states):
+        raise ValueError(f"weights must be (K', {len(states)}), got shape {tuple(W.shape)}")
+    out = [dict() for _ in range(W.shape[0])]
     for key in states[0]:
-        stacked = torch.stack([s[key].float() for s in states])            # (K, *shape), one key at a time
-        mixed = torch.einsum("kj,j...->k...", rows.to(stacked.device), stacked)   # (K', *shape)
-        for k in range(rows.shape[0]):
+        stacked = torch.stack([s[key].float() for s in states])             # (K, *shape)
+        mixed = torch.einsum("kj,j...->k...", W.to(stacked.device), stacked)   # (K', *shape)
+        for k in range(W.shape[0]):
             out[k][key] = mixed[k].to(states[0][key].dtype)
-    return out[0] if w.dim() == 1 else out
+    return out
 
 
 def task_average(states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
                  tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Task-aware visual aggregation: the psi_t of the clients of each task, averaged with
     sample-count weights, gives that task's global adapter. Never mixes tasks.
-    Returns {task: state}."""
+    Returns {task: state}. Copy with: weighted_average, weighted_averages, check_same_keys."""
     if not len(states) == len(n_samples) == len(tasks):
         raise ValueError("states, n_samples and tasks must have one entry per client")
     out = {}
@@ -444,8 +488,8 @@ def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tenso
     """(K, K) Euclidean distances between clients, each client's tensors taken as one vector.
     One Gram matrix accumulated tensor by tensor (||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b):
     only one key's K tensors are stacked at a time, never K full copies. float64, since the
-    subtraction cancels when clients are close."""
-    _check_keys(states)
+    subtraction cancels when clients are close. Copy with: check_same_keys."""
+    check_same_keys(states)
     K = len(states)
     gram = torch.zeros(K, K, dtype=torch.float64)
     for key in states[0]:
@@ -457,67 +501,77 @@ def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tenso
     return d2.sqrt()
 
 
-ATA_FORMS = ("kernel", "top_m")
-
-
-def _neighbours(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
-    """The top_m nearest other clients of client k (ties broken by client index)."""
+def nearest_others(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
+    """The top_m nearest other clients of client k (ties broken by client index).
+    Copy with: nothing else."""
     K = d.shape[0]
     others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
     order = torch.sort(d[k, others], stable=True).indices
     return others[order[:top_m]]                                            # (M,)
 
 
-@torch.no_grad()
-def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
-                top_m: int | None = None, form: str = "kernel", eps: float = 1e-8) -> torch.Tensor:
-    """Adaptive text aggregation (ATA) of LoRA, as a (K, K) matrix W, rows sum to 1
-    (SPEC section 5); apply with weighted_average(lora_states, W). d_kj is the Euclidean
-    distance between the LoRA vectors of clients k and j (pairwise_distances); N_k the
-    M = top_m nearest other clients (ties by index). top_m None, or more than the K - 1 other
-    clients there are (client sampling makes K vary), means all of them: this is the one
-    place that rule lives.
-
-    form "kernel" (default) [choice]: the weights come from the distances themselves, as the
+def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int) -> torch.Tensor:
+    """ATA weights, form "kernel" (the default) [choice]: from the distances themselves, as the
     abstract says ("calculated based on the euclidean distance between parameters"):
         d_ref = median over clients k of min_{j != k} d_kj   (how near clients' nearest
                 neighbours typically are; a scale of the federation, so W is scale-free)
         s_kk = n_k,   s_kj = n_j * exp(-d_kj / d_ref) for j in N_k,   W_kj = s_kj / sum_j s_kj
-      A client whose neighbours are far (relative to d_ref) keeps more of its own LoRA;
-      identical clients (all d = 0) get FedAvg, n_j / sum n; d_ref = 0 with some d > 0 gives
-      those clients weight 0.
+    A client whose neighbours are far (relative to d_ref) keeps more of its own LoRA; identical
+    clients (all d = 0) get FedAvg, n_j / sum n; d_ref = 0 with some d > 0 gives those clients
+    weight 0. d (K, K) distances, n (K,) sample counts, m neighbours. -> (K, K) float64.
+    Copy with: nearest_others."""
+    K = d.shape[0]
+    ratio = torch.zeros_like(d)                                              # (K, K)
+    if K > 1:
+        nearest = (d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype))).min(dim=1).values   # (K,)
+        ratio = torch.where(d == 0, ratio, d / nearest.median())            # inf where d_ref = 0 < d
+    W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
+    for k in range(K):
+        nbrs = nearest_others(d, k, m)                                       # (M,)
+        W[k, nbrs] = n[nbrs].to(d.dtype) * torch.exp(-ratio[k, nbrs])
+    return W / W.sum(dim=1, keepdim=True)
 
-    form "top_m" (the earlier default, kept as an option):
+
+def ata_top_m(d: torch.Tensor, n: torch.Tensor, m: int, eps: float = 1e-8) -> torch.Tensor:
+    """ATA weights, form "top_m" (the earlier default, kept as an option):
         a_kj = (n_j / (d_kj + eps)) / sum_{j' in N_k} n_j' / (d_kj' + eps)
         W_kk = n_k / (n_k + n_N),   W_kj = n_N a_kj / (n_k + n_N),   n_N = sum_{j in N_k} n_j
-      Scale-free and FedAvg when all distances are equal and M = K-1; but with M = 1 the
-      self-weight is a constant 1/2 and distance only picks the neighbour.
-    [choice] The paper publishes neither form's exact normalisation."""
-    K = len(lora_states)
-    if form not in ATA_FORMS:
-        raise ValueError(f"ATA form must be one of {ATA_FORMS}, got {form!r}")
-    if top_m is not None and top_m < 0:
-        raise ValueError(f"ata_top_m must be >= 0 or None, got {top_m}")
-    m = K - 1 if top_m is None else min(top_m, K - 1)
-    n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
-    d = pairwise_distances(lora_states)                                     # (K, K)
+    Scale-free and FedAvg when all distances are equal and M = K-1; but with M = 1 the
+    self-weight is a constant 1/2 and distance only picks the neighbour. -> (K, K) float64.
+    Copy with: nearest_others."""
+    K = d.shape[0]
     W = torch.zeros(K, K, dtype=torch.float64)
-    if form == "kernel":
-        ratio = torch.zeros_like(d)                                          # (K, K)
-        if K > 1:
-            nearest = (d + torch.diag(torch.full((K,), float("inf"), dtype=torch.float64))).min(dim=1).values
-            d_ref = nearest.median()                                        # ()
-            ratio = torch.where(d == 0, ratio, d / d_ref)                   # inf where d_ref = 0 < d
-        for k in range(K):
-            W[k, k] = n[k]
-            nbrs = _neighbours(d, k, m) if m > 0 else torch.zeros(0, dtype=torch.long)
-            W[k, nbrs] = n[nbrs] * torch.exp(-ratio[k, nbrs])
-        return (W / W.sum(dim=1, keepdim=True)).float()
+    n = n.to(torch.float64)
     for k in range(K):
-        nbrs = _neighbours(d, k, m)
-        score = n[nbrs] / (d[k, nbrs] + eps)                                # (M,)
+        nbrs = nearest_others(d, k, m)                                       # (M,)
         n_nbr = n[nbrs].sum()
         W[k, k] = n[k] / (n[k] + n_nbr)
         if m > 0:
+            score = n[nbrs] / (d[k, nbrs] + eps)                             # (M,)
             W[k, nbrs] = n_nbr * (score / score.sum()) / (n[k] + n_nbr)
-    return W.float()
+    return W
+
+
+ATA_FORMS = {"kernel": ata_kernel, "top_m": ata_top_m}   # fed.ata_form picks one
+
+
+@torch.no_grad()
+def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
+                top_m: int | None = None, form: str = "kernel") -> torch.Tensor:
+    """Adaptive text aggregation (ATA) of LoRA, as a (K, K) matrix W, rows sum to 1 (SPEC
+    section 5); apply with weighted_averages(lora_states, W). d_kj is the Euclidean distance
+    between the LoRA vectors of clients k and j (pairwise_distances); N_k the M = top_m
+    nearest other clients (ties by index). top_m None, or more than the K - 1 other clients
+    there are (client sampling makes K vary), means all of them: this is the one place that
+    rule lives. `form` picks the weights from the distances: ata_kernel or ata_top_m
+    (ATA_FORMS). [choice] The paper publishes neither form's exact normalisation.
+    Copy with: ATA_FORMS, ata_kernel, ata_top_m, nearest_others, pairwise_distances,
+    check_same_keys."""
+    if form not in ATA_FORMS:
+        raise ValueError(f"ATA form must be one of {tuple(ATA_FORMS)}, got {form!r}")
+    if top_m is not None and top_m < 0:
+        raise ValueError(f"ata_top_m must be >= 0 or None, got {top_m}")
+    K = len(lora_states)
+    m = K - 1 if top_m is None else min(top_m, K - 1)
+    n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
+    return ATA_FORMS[form](pairwise_distances(lora_states), n, m).float()

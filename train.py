@@ -151,7 +151,7 @@ def validate(cfg: Config) -> None:
         (0 <= f.warmup_ratio <= 1, "fed.warmup_ratio", "in [0, 1]"),
         (f.top_k is None or f.top_k >= 1, "fed.top_k", ">= 1 or null"),
         (f.ata_top_m is None or f.ata_top_m >= 0, "fed.ata_top_m", ">= 0 or null"),
-        (f.ata_form in pilot.ATA_FORMS, "fed.ata_form", f"one of {pilot.ATA_FORMS}"),
+        (f.ata_form in pilot.ATA_FORMS, "fed.ata_form", f"one of {tuple(pilot.ATA_FORMS)}"),
         (m.lora_r > 0, "model.lora_r", "> 0"),
         (finite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", "a finite number > 0"),
         (0 <= m.lora_dropout < 1, "model.lora_dropout", "in [0, 1)"),

@@ -1,4 +1,4 @@
-"""ATA aggregation (pilot.ata_weights + pilot.weighted_average): time and peak extra memory for
+"""ATA aggregation (pilot.ata_weights + pilot.weighted_averages): time and peak extra memory for
 K clients with P LoRA parameters each. Each (K, P) runs in a fresh process so its peak RSS is
 its own. Expect time ~ K^2 P and extra memory ~ K P (the K personalised outputs themselves)
 plus one key's stacked copy, never a second stacked copy of everything.
@@ -26,7 +26,7 @@ def one(K: int, P: int, device: str) -> dict:
     before = rss_mb()
     t = time.perf_counter()
     W = pilot.ata_weights(states, n, top_m=min(2, K - 1))
-    out = pilot.weighted_average(states, W)
+    out = pilot.weighted_averages(states, W)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t

@@ -4,7 +4,7 @@ that fit this machine (about 0.1B, 0.5B and 1.3B parameters, random weights buil
 configs, a small CLIP in front), in float32 and bfloat16. Each (size, dtype) runs in a fresh
 process: RSS before the model is built is subtracted. Prints estimate / measured per row.
 
-    python benchmarks/bench_memory_plan.py           # ~5 min on 2 cores, ~14 GB peak
+    python benchmarks/bench_memory_plan.py           # ~15 min on 2 cores (bf16 is slow on CPU), ~12 GB peak
     python benchmarks/bench_memory_plan.py --smoke   # one tiny size
 
 The step is the local step of fed.local_train: the PilotLlava forward with the stage-1
@@ -26,7 +26,7 @@ SIZES = {   # hidden, layers, MLP, heads (LLaMA shape, vocab 32000)
     "1.3B": (2048, 24, 5504, 16),
     "smoke": (128, 2, 256, 4),
 }
-SEQ, BATCH = 512, 1
+SEQ, BATCH = 256, 1   # bf16 on a CPU without AVX-512 runs ~4 GFLOP/s: 256 tokens keep 1.3B near 8 min
 
 
 def llava_config(size: str):
@@ -96,6 +96,7 @@ def main():
             out = subprocess.run([sys.executable, __file__, "--one", size, dtype], capture_output=True, text=True,
                                  check=True, cwd=os.path.dirname(__file__))
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"# {json.dumps(rows[-1])}", file=sys.stderr, flush=True)   # progress: a row as it is done
     emit("memory_plan", seq=SEQ, batch=BATCH, rows=rows)
 
 

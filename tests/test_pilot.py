@@ -356,9 +356,11 @@ def test_weighted_average_by_hand():
     states = _states(torch.tensor([[1.0, 2, 3, 4, 5], [3.0, 4, 5, 6, 7]]))
     avg = weighted_average(states, torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(avg["a"], torch.tensor([2.5, 3.5]))
-    rows = weighted_average(states, torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    rows = pilot.weighted_averages(states, torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
     torch.testing.assert_close(rows[0]["b"], states[0]["b"])
     torch.testing.assert_close(rows[1]["b"], torch.tensor([[4.0], [5.0], [6.0]]))
+    with pytest.raises(ValueError, match="use weighted_averages for a matrix"):   # one return type each
+        weighted_average(states, torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
 
 
 def test_weighted_average_refuses_mismatched_keys():
