@@ -393,7 +393,7 @@ def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, l
     transformers LLaVA checkpoint. Written to a temp dir and renamed, so a crash leaves none.
     Deterministic: one thread during the build (a CPU matmul's sum order depends on the
     thread count), every draw from the CPU generator seeded here inside fork_rng (CUDA's RNG
-    is never touched)."""
+    is never touched). (One function: the build is one transaction, from config to rename.)"""
     if steps < 1:
         raise ValueError(f"model.embedded_pretrain_steps must be >= 1, got {steps}")
     import shutil
@@ -488,7 +488,9 @@ def meta_config(cfg: ModelConfig):
 
 def size_report(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> dict:
     """Parameter counts by group, bytes a client sends and receives per round, and an estimate
-    of peak GPU memory for one local step, per stage, built on the meta device."""
+    of peak GPU memory for one local step, per stage, built on the meta device. (One formula per
+    memory term, kept together so the plan reads as one; benchmarks/bench_memory_plan.py checks
+    it against a measured step.)"""
     from transformers import LlavaForConditionalGeneration
     config, source = meta_config(cfg)
     with torch.device("meta"):

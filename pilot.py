@@ -233,15 +233,17 @@ def difference_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     [choice] The D x D matrix has D^2 = 5.6e12 entries at LLaVA size (D = 576 * 4096), so
     the released formula cannot run. The same number, exactly, via B x B Gram matrices:
         sum((X_a^T X_b)^2) = trace(X_b^T X_a X_a^T X_b) = sum((X_a X_a^T) * (X_b X_b^T)),
-    then divide by D^2. Cost O(B^2 D) time, O(B^2) extra memory. Computed in float32.
+    then divide by D^2. Cost O(B^2 D) time, O(B^2) extra memory. Computed in float32, with
+    autocast off: under autocast `.float()` alone would still run the matmuls in bf16.
     Copy with: nothing else."""
-    xa = a.reshape(a.shape[0], -1).float()                          # (B, D)
-    xb = b.reshape(b.shape[0], -1).float()                          # (B, D)
-    xa = xa / (xa.norm(dim=1, keepdim=True).detach() + 1e-6)        # (B, D)
-    xb = xb / (xb.norm(dim=1, keepdim=True).detach() + 1e-6)        # (B, D)
-    d = xa.shape[1]
-    # divide each Gram by D before the product, to keep the float32 sum well inside range
-    return ((xa @ xa.t() / d) * (xb @ xb.t() / d)).sum()            # (B, B) -> ()
+    with torch.autocast(a.device.type, enabled=False):
+        xa = a.reshape(a.shape[0], -1).float()                      # (B, D)
+        xb = b.reshape(b.shape[0], -1).float()                      # (B, D)
+        xa = xa / (xa.norm(dim=1, keepdim=True).detach() + 1e-6)    # (B, D)
+        xb = xb / (xb.norm(dim=1, keepdim=True).detach() + 1e-6)    # (B, D)
+        d = xa.shape[1]
+        # divide each Gram by D before the product, to keep the float32 sum well inside range
+        return ((xa @ xa.t() / d) * (xb @ xb.t() / d)).sum()        # (B, B) -> ()
 
 
 class TaskClientConnector(nn.Module):
@@ -355,7 +357,8 @@ class CTMoA(nn.Module):
     def forward(self, h: torch.Tensor) -> ConnectorOutput:
         B, N, Cv = h.shape
         T = self.num_tasks
-        logits = self.router(h).float()                                 # (B, N, T)
+        with torch.autocast(h.device.type, enabled=False):              # the router in fp32, as ST-MoE keeps it
+            logits = F.linear(h.float(), self.router.weight.float())    # (B, N, T)
         probs = logits.softmax(dim=-1)                                  # (B, N, T)
         top_p, top_i = probs.topk(self.top_k, dim=-1)                   # (B, N, k), (B, N, k)
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)                 # renormalise over top-k

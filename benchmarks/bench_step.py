@@ -38,6 +38,63 @@ def random_base(shape: str, device: str) -> model.Base:
     return model.base_from_llava(llava, None, None, shape)
 
 
+def time_step(m, conn, batch: dict, dev: str, repeats: int, flops: float, peak_tflops) -> dict:
+    """One training step of `m` with connector `conn`: best time, tokens/s, TFLOP/s (MFU)."""
+    m.set_connector(conn.to(dev))
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+            out = m(**batch)
+            loss = out.ce + sum(out.aux.values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t = best_time(step, dev, repeats=repeats)
+    tokens = batch["input_ids"].numel()
+    r = {"step_s": round(t, 5), "tokens_per_s": round(tokens / t, 1), "achieved_tflops": round(flops / t / 1e12, 4)}
+    if peak_tflops:
+        r["mfu"] = round(flops / t / 1e12 / peak_tflops, 4)
+    if dev.startswith("cuda"):
+        r["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    return r
+
+
+def measure(shape: str, args) -> dict:
+    """Plain, stage-1 and stage-2 steps on one random base of `shape`."""
+    dev = args.device
+    base = random_base(shape, dev)
+    plain = model.build_connector("plain", base)
+    cfg = model.ModelConfig(lora_r=64 if shape == "7b" else 8, lora_alpha=16.0, gradient_checkpointing=shape == "7b")
+    m = model.build_model(base, plain, cfg)
+    B, N, L = args.batch_size, base.n_image_tokens, args.text_tokens
+    vc = base.vision.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, base.lm.config.vocab_size, (B, L + N), generator=g)
+    ids[:, 4:4 + N] = base.image_token_id                    # the image sits after a short prefix
+    labels = torch.full_like(ids, -100)
+    labels[:, -L // 2:] = ids[:, -L // 2:]                   # supervise the last half of the text
+    batch = dict(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), labels=labels.to(dev),
+                 pixel_values=torch.randn(B, 3, vc.image_size, vc.image_size, generator=g).to(dev))
+    stage1 = model.build_connector("stage1", base)
+    stage2 = pilot.ctmoa_from_stage1(stage1, {t: stage1.psi_t.state_dict() for t in "abc"}, "a")
+    p_lm = sum(p.numel() for p in base.lm.parameters())
+    p_vision = sum(p.numel() for p in base.vision.parameters())
+    # frozen weights: forward 2 P t, backward only activation gradients 2 P t (no weight grads);
+    # gradient checkpointing adds one more LLM forward; vision runs forward only
+    flops = (6 if cfg.gradient_checkpointing else 4) * p_lm * B * (L + N) + 2 * p_vision * B * (N + 1)
+    repeats = 3 if args.smoke or shape == "7b" else 10
+    row = {"image_tokens": N, "tokens_per_step": B * (L + N)}
+    for name, conn in (("plain", plain), ("pilot_stage1", stage1), ("pilot_stage2", stage2)):
+        row[name] = time_step(m, conn, batch, dev, repeats, flops, args.peak_tflops)
+    row["stage1_over_plain"] = round(row["pilot_stage1"]["step_s"] / row["plain"]["step_s"], 3)
+    row["stage2_over_plain"] = round(row["pilot_stage2"]["step_s"] / row["plain"]["step_s"], 3)
+    row["connector_over_llm_params"] = round(sum(p.numel() for p in plain.parameters()) / p_lm, 4)
+    return row
+
+
 def main():
     ap = parser(__doc__)
     ap.add_argument("--shapes", nargs="+", default=["tiny", "llava_like"], choices=["tiny", "llava_like", "7b"])
@@ -45,58 +102,9 @@ def main():
     ap.add_argument("--text-tokens", type=int, default=64, help="prompt + answer tokens beside the image")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     args = ap.parse_args()
-    dev = args.device
-    figures = {"device": dev, "batch_size": args.batch_size}
+    figures = {"device": args.device, "batch_size": args.batch_size}
     for shape in (["tiny"] if args.smoke else args.shapes):
-        base = random_base(shape, dev)
-        plain = model.build_connector("plain", base)
-        cfg = model.ModelConfig(lora_r=64 if shape == "7b" else 8, lora_alpha=16.0,
-                                gradient_checkpointing=shape == "7b")
-        m = model.build_model(base, plain, cfg)
-        B, N, L = args.batch_size, base.n_image_tokens, args.text_tokens
-        vc = base.vision.config
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(5, base.lm.config.vocab_size, (B, L + N), generator=g)
-        ids[:, 4:4 + N] = base.image_token_id                    # the image sits after a short prefix
-        labels = torch.full_like(ids, -100)
-        labels[:, -L // 2:] = ids[:, -L // 2:]                   # supervise the last half of the text
-        batch = dict(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), labels=labels.to(dev),
-                     pixel_values=torch.randn(B, 3, vc.image_size, vc.image_size, generator=g).to(dev))
-        stage1 = model.build_connector("stage1", base)
-        stage2 = pilot.ctmoa_from_stage1(stage1, {t: stage1.psi_t.state_dict() for t in "abc"}, "a")
-        p_lm = sum(p.numel() for p in base.lm.parameters())
-        p_vision = sum(p.numel() for p in base.vision.parameters())
-        # frozen weights: forward 2 P t, backward only activation gradients 2 P t (no weight grads);
-        # gradient checkpointing adds one more LLM forward; vision runs forward only
-        passes = 6 if cfg.gradient_checkpointing else 4
-        flops = passes * p_lm * B * (L + N) + 2 * p_vision * B * (N + 1)
-        row = {"image_tokens": N, "tokens_per_step": B * (L + N)}
-        for name, conn in (("plain", plain), ("pilot_stage1", stage1), ("pilot_stage2", stage2)):
-            m.set_connector(conn.to(dev))
-            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
-                    out = m(**batch)
-                    loss = out.ce + sum(out.aux.values())
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if dev.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            t = best_time(step, dev, repeats=3 if args.smoke or shape == "7b" else 10)
-            r = {"step_s": round(t, 5), "tokens_per_s": round(B * (L + N) / t, 1),
-                 "achieved_tflops": round(flops / t / 1e12, 4)}
-            if args.peak_tflops:
-                r["mfu"] = round(flops / t / 1e12 / args.peak_tflops, 4)
-            if dev.startswith("cuda"):
-                r["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-            row[name] = r
-        row["stage1_over_plain"] = round(row["pilot_stage1"]["step_s"] / row["plain"]["step_s"], 3)
-        row["stage2_over_plain"] = round(row["pilot_stage2"]["step_s"] / row["plain"]["step_s"], 3)
-        row["connector_over_llm_params"] = round(sum(p.numel() for p in plain.parameters()) / p_lm, 4)
-        figures[shape] = row
-        del m, base, plain, stage1, stage2
+        figures[shape] = measure(shape, args)
     emit("step_cost", **figures)
 
 

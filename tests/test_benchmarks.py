@@ -20,7 +20,8 @@ def _run(name):
     return json.loads(lines[0])
 
 
-@pytest.mark.parametrize("name", ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead"])
+@pytest.mark.parametrize("name", ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead", "data",
+                                  "base_load"])
 def test_benchmark_smoke(name):
     res = _run(name)
     if name == "ctmoa":
@@ -35,3 +36,7 @@ def test_benchmark_smoke(name):
         assert set(res["tiny"]) >= {"plain", "pilot_stage1", "pilot_stage2"} and res["tiny"]["image_tokens"] == 16
     if name == "round_overhead":
         assert 0 <= res["overhead_fraction"] < 1 and [r["stage"] for r in res["rows"]] == [1, 2]
+    if name == "data":
+        assert [row["records"] for row in res["rows"]] == [200] and res["rows"][0]["pictures_per_s_0_workers"] > 0
+    if name == "base_load":
+        assert len(res["runs"]) == 3 and res["safetensors_bytes"] > 0

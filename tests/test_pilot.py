@@ -259,6 +259,19 @@ def test_ctmoa_forward_and_backward_under_bf16_autocast(top_k):
     assert moa.psi_t.linear_1.weight.grad is not None and torch.isfinite(moa.psi_t.linear_1.weight.grad).all()
 
 
+def test_difference_loss_and_router_stay_float32_under_bf16_autocast():
+    # autocast, not the input dtype, picks a matmul's precision: .float() alone is not enough
+    a, b = torch.randn(3, 4, 6, generator=_g(1)), torch.randn(3, 4, 6, generator=_g(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = difference_loss(a, b)
+    assert under.dtype == torch.float32 and torch.equal(under, difference_loss(a, b))
+    moa = _random_ctmoa(top_k=3)
+    h = torch.randn(2, 5, 4, generator=_g(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = moa(h).aux["router_z"]
+    assert z.dtype == torch.float32 and torch.equal(z, moa(h).aux["router_z"])   # logits in fp32 either way
+
+
 def test_init_comes_from_the_generator_not_the_global_rng():
     stage1, adapters = _stage1_and_adapters()
     torch.manual_seed(1)
