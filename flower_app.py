@@ -314,7 +314,7 @@ class GridNodes:
     outer bound only. `tap(direction, k, content)` sees every message that leaves or reaches
     the server (tests record it); `wire` counts serialised bytes."""
 
-    def __init__(self, grid: Grid, node_of: dict[int, int], tasks, timeout: float, tap=None, poll: float = 0.5,
+    def __init__(self, grid: Grid, node_of: dict[int, int], tasks, timeout: float, tap=None, poll: float = 1.0,
                  steps: dict[int, int] | None = None, step_timeout: float = 0.0):
         self.grid, self.node_of, self.tasks, self.timeout, self.tap = grid, dict(node_of), list(tasks), timeout, tap
         self.poll, self.steps, self.step_timeout = poll, dict(steps or {}), step_timeout

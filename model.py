@@ -377,7 +377,7 @@ def word_tokenizer(words: list[str]):
 
 
 def embedded_checkpoint(cfg: ModelConfig) -> str:
-    """Path of the embedded base, built on first use (about a minute on 2 CPU cores)."""
+    """Path of the embedded base, built on first use (README: how long it takes)."""
     import data
     recipe = dict(EMBEDDED, steps=cfg.embedded_pretrain_steps, vocab=data.vocabulary(), version=2)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -524,9 +524,10 @@ def size_report(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, 
         frozen = total_base - proj                   # the projector's weights become the connector's
         # activations (Korthikanti et al. 2022, bf16, flash/SDPA attention: 34 s b h bytes per layer);
         # with checkpointing only each layer's input is kept, plus one layer being recomputed
-        per_layer = 34 * L * B * c
-        acts = (layers * 2 * L * B * c + per_layer) if cfg.gradient_checkpointing else layers * per_layer
-        logits = L * B * tc.vocab_size * (2 + 4 + 4)  # bf16 logits, fp32 upcast for the loss, its grad
+        # (34 counts 16-bit activations; a float32 base keeps float32 ones, twice the bytes)
+        per_layer = 34 * L * B * c * wbytes // 2
+        acts = (layers * 2 * L * B * c * wbytes + per_layer) if cfg.gradient_checkpointing else layers * per_layer
+        logits = L * B * tc.vocab_size * (wbytes + 4 + 4)   # logits in the base dtype, fp32 upcast for the loss, its grad
         mem = {"frozen_weights": frozen * wbytes, "client_weights_fp32": client_side * 4,
                "gradients_fp32": trainable * 4, "adamw_state_fp32": trainable * 8,
                "activations": acts, "logits": logits}

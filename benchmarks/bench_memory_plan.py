@@ -54,7 +54,9 @@ def one(size: str, dtype: str) -> dict:
         report = model_mod.size_report(cfg, "pilot", 3, BATCH, SEQ)
     estimate = report["stages"]["pilot stage 1"]["memory_bytes"]
     before = rss_mb()
-    llava = LlavaForConditionalGeneration(config).to(model_mod.DTYPES[dtype])
+    # built in its dtype from the start: a float32 build converted afterwards would put a
+    # transient float32 copy into the peak
+    llava = LlavaForConditionalGeneration._from_config(config, dtype=model_mod.DTYPES[dtype])
     base = model_mod.base_from_llava(llava, None, None, size)
     del llava
     g = torch.Generator().manual_seed(0)
@@ -86,13 +88,15 @@ def one(size: str, dtype: str) -> dict:
 def main():
     ap = parser(__doc__)
     ap.add_argument("--one", nargs=2, metavar=("SIZE", "DTYPE"), help="internal: one measurement")
+    ap.add_argument("--sizes", nargs="+", default=["0.1B", "0.5B", "1.3B"], choices=list(SIZES))
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(*args.one)))
         return
     rows = []
-    for size in (["smoke"] if args.smoke else ["0.1B", "0.5B", "1.3B"]):
-        for dtype in ("float32", "bfloat16"):
+    for size in (["smoke"] if args.smoke else args.sizes):
+        for dtype in args.dtypes:
             out = subprocess.run([sys.executable, __file__, "--one", size, dtype], capture_output=True, text=True,
                                  check=True, cwd=os.path.dirname(__file__))
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

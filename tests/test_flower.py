@@ -186,3 +186,54 @@ def test_a_node_that_missed_the_handover_catches_up_from_the_next_stage2_message
         assert all(torch.equal(state[prefix + k], v) for k, v in adapter.items())
     state, reply = f.nodes[0].local_round(state, 2, 2, True)
     assert reply["upload"] is not None and reply["losses"]["steps"] > 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1][0] != "Z"    # a zombie has ended; its reaper is not ours
+    except FileNotFoundError:
+        return False
+
+
+def _group_members(pgids) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) in pgids:
+                    out.add(int(entry))
+            except ProcessLookupError:
+                pass
+    return out
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
+def test_localhost_processes_die_with_their_parent_whatever_the_signal(tmp_path, signame):
+    # a process holding a Localhost (a SuperLink and one SuperNode) is stopped the way a job
+    # scheduler or `timeout` stops it (SIGTERM), or killed outright (SIGKILL): every Flower
+    # process it started ends too. Waits for events, with generous outer bounds only.
+    import signal
+    import subprocess
+    import sys
+    code = ("import sys, time; sys.path.insert(0, %r); import flower_app\n"
+            "with flower_app.Localhost(1, %r) as lh:\n"
+            "    print(' '.join(str(p.pid) for p in lh.procs), flush=True)\n"
+            "    time.sleep(600)\n") % (ROOT, str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        leaders = [int(x) for x in proc.stdout.readline().split()]
+        assert len(leaders) == 2 and all(_alive(p) for p in leaders)
+        deadline = time.monotonic() + 120
+        while len(_group_members(set(leaders))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)                                           # the SuperNode's SuperExec has started
+        members = _group_members(set(leaders))
+        proc.send_signal(getattr(signal, signame))
+        proc.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        while any(_alive(p) for p in members | _group_members(set(leaders))):
+            assert time.monotonic() < deadline, f"still running after {signame}: {sorted(p for p in members if _alive(p))}"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
