@@ -133,12 +133,12 @@ def test_deployment_engine_on_localhost_equals_the_in_process_loop(localhost, tm
 
 def test_a_killed_supernode_is_left_out_and_the_run_goes_on(localhost, tmp_path, embedded_dir):
     # runs after the test above on the same SuperLink; kills SuperNode 2 (client count0) once
-    # round 1's training messages are out. The run does not wait for a reply deadline: the
+    # the round's training messages are out. The run does not wait for a reply deadline: the
     # node is lost when the SuperLink stops listing it as online (Flower's heartbeats), so
     # the live nodes may take as long as this machine needs. The bounds below only keep a
     # broken run from hanging the suite.
     import subprocess
-    config = _config(tmp_path, embedded_dir, stage1_rounds=2, stage2_rounds=0)
+    config = _config(tmp_path, embedded_dir, stage1_rounds=1, stage2_rounds=0)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost", "--run-config",
                              _run_config(config, run_dir), "--stream"],
@@ -155,12 +155,11 @@ def test_a_killed_supernode_is_left_out_and_the_run_goes_on(localhost, tmp_path,
         if proc.poll() is None:
             proc.kill()
     log, results = _flower_run(run_dir)
-    assert [rec["round"] for rec in log] == [1, 2]
-    for rec in log:
-        assert rec["lost"] == ["count0"]
-        assert set(rec["after_local"]) == {"colour0", "shape0"}
-        assert set(rec["lora_weights"]) == {"colour0", "shape0"}   # aggregated over the two that replied
-    assert set(results["final_state_sha256"]) == {"colour0", "shape0"}
+    (rec,) = log
+    assert rec["lost"] == ["count0"]
+    assert set(rec["after_local"]) == set(rec["after_download"]) == {"colour0", "shape0"}
+    assert set(rec["lora_weights"]) == {"colour0", "shape0"}      # aggregated over the two that replied
+    assert set(results["final_state_sha256"]) == {"colour0", "shape0"}   # the final message skipped it too
 
 
 def test_a_node_that_missed_the_handover_catches_up_from_the_next_stage2_message(tmp_path, embedded_dir):
