@@ -6,7 +6,7 @@ Two sources, one form (`Sample`: a picture, or the file it is read from, and its
        A: three VQA-style tasks            colour, shape, count
        B: three mixed tasks                caption, grounding (position), vqa (colour)
      Several clients per task; each client has its own visual style (background tint,
-     object sizes) and label prior; with `minority_phrasing` one client in two (clients 1,
+     object sizes) and label prior; with `minority_phrasing` every odd-indexed client (clients 1,
      3, ...) answers in its task's second phrasing, so personalisation matters; small train
      sets so collaboration matters; a held-out test split per client.
      D: real handwritten digits (scikit-learn's bundled 8 x 8 digits, an optional extra):
