@@ -40,6 +40,17 @@ def llava_config(size: str):
     return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=31999, image_seq_length=196)
 
 
+def random_batch(n_img: int, image_token_id: int, g) -> dict:
+    """BATCH x SEQ random tokens, the image after the first, labels on the text after it."""
+    import torch
+    ids = torch.randint(0, 31000, (BATCH, SEQ), generator=g)
+    ids[:, 1:1 + n_img] = image_token_id
+    labels = ids.clone()
+    labels[:, :1 + n_img] = -100
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                pixel_values=torch.randn(BATCH, 3, 224, 224, generator=g))
+
+
 def one(size: str, dtype: str) -> dict:
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -62,13 +73,7 @@ def one(size: str, dtype: str) -> dict:
     g = torch.Generator().manual_seed(0)
     connector = model_mod.build_connector("stage1", base, False, g)
     pilot_model = model_mod.build_model(base, connector, cfg, g)
-    n_img = base.n_image_tokens
-    ids = torch.randint(0, 31000, (BATCH, SEQ), generator=g)
-    ids[:, 1:1 + n_img] = config.image_token_id
-    labels = ids.clone()
-    labels[:, :1 + n_img] = -100
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                 pixel_values=torch.randn(BATCH, 3, 224, 224, generator=g))
+    batch = random_batch(base.n_image_tokens, config.image_token_id, g)
     fcfg = fed.FedConfig()
     opt, params = fed.make_optimizer(pilot_model, fcfg, 1e-4)
     pilot_model.train()
