@@ -721,7 +721,8 @@ class Batches(torch.utils.data.Dataset):
     process when num_workers > 0, so pictures decode while the model works on the previous
     batch. Every batch also carries "kept" (the plan's indices it holds) and "skipped": with
     skip_bad a sample whose file does not decode is left out and named there (a batch left
-    with no sample is those two lists alone); without it that file is a DataError."""
+    with no sample is those two lists alone); without it the batch is {"error": message}, which
+    the reader raises as a DataError (fed._loader), one line whichever process decoded it."""
 
     def __init__(self, enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequence[int]],
                  prompts: bool = False, skip_bad: bool = False):
@@ -737,8 +738,8 @@ class Batches(torch.utils.data.Dataset):
                 pictures.append(picture(self.samples[j], self.enc.max_image_side))
                 kept.append(j)
             except DataError as e:
-                if not self.skip_bad:
-                    raise
+                if not self.skip_bad:   # travels as data: a worker's raise would arrive wrapped in its traceback
+                    return {"error": str(e), "skipped": [], "kept": []}
                 skipped.append(str(e))
         collate = self.enc.collate_prompts if self.prompts else self.enc.collate
         batch = collate([self.samples[j] for j in kept], pictures) if kept else {}

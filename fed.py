@@ -309,6 +309,8 @@ def _loader(enc: data_mod.Encoder, samples, plan, dev: torch.device, prompts: bo
     left out and its message added to `skipped` once. Yields (batch or None, kept indices)."""
     for batch in data_mod.batch_loader(enc, samples, plan, prompts, enc.num_workers, dev.type == "cuda",
                                        enc.skip_bad_records):
+        if "error" in batch:
+            raise data_mod.DataError(batch["error"])
         bad, kept = batch.pop("skipped"), batch.pop("kept")
         if skipped is not None:
             skipped.extend(m for m in bad if m not in skipped)

@@ -128,8 +128,12 @@ def test_a_picture_that_fails_mid_run_is_named_or_skipped_and_listed(manifest, t
     _break(bad)
     weights = dict.fromkeys(("difference", "balance", "router_z"), 0.0)
     model, _, enc = train.build_model(cfg)
-    with pytest.raises(data.DataError, match=rf"record 5 \(id '{bad.id}'\): cannot read image {bad.image}"):
-        fed.local_train(model, enc, clients[0].train, cfg.fed, 1e-3, weights, torch.Generator().manual_seed(0))
+    for workers in (0, 2):   # one line naming the file and record, whichever process decoded it
+        enc.num_workers = workers
+        with pytest.raises(data.DataError) as e:
+            fed.local_train(model, enc, clients[0].train, cfg.fed, 1e-3, weights, torch.Generator().manual_seed(0))
+        assert str(e.value).startswith(f"{bad.source}: cannot read image {bad.image}") and "\n" not in str(e.value)
+    enc.num_workers = 0
     enc.skip_bad_records = True
     skipped = []
     losses = fed.local_train(model, enc, clients[0].train, cfg.fed, 1e-3, weights, torch.Generator().manual_seed(0),
