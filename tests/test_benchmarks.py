@@ -39,4 +39,4 @@ def test_benchmark_smoke(name):
     if name == "data":
         assert [row["records"] for row in res["rows"]] == [200] and res["rows"][0]["pictures_per_s_0_workers"] > 0
     if name == "base_load":
-        assert len(res["runs"]) == 3 and res["safetensors_bytes"] > 0
+        assert len(res["runs"]) == 1 and res["safetensors_bytes"] > 0 and res["runs"][0]["load_s"] > 0
