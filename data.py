@@ -676,13 +676,12 @@ class Encoder:
                 else:
                     texts.append(piece)
                     owner.append(i)
-        bar = tqdm(total=len(samples), desc="tokenising", unit="record", disable=None if progress else True,
-                   leave=False)
+        bar = tqdm(total=len(texts), desc="tokenising", unit="text", disable=None if progress else True, leave=False)
         for lo in range(0, len(texts), chunk):
             ids = self.tokenizer(texts[lo:lo + chunk], add_special_tokens=False).input_ids
             for i, t in zip(owner[lo:lo + chunk], ids):
                 n[i] += len(t)
-            bar.update(len(set(owner[lo:lo + chunk])))
+            bar.update(len(ids))
         bar.close()
         return n
 
