@@ -53,7 +53,8 @@ import data as data_mod
 import model as model_mod
 import pilot
 
-METHODS = ("pilot", "local", "fedavg", "fedprox", "pilot_no_diff", "pilot_no_moa", "pilot_fedavg_lora")
+METHODS = ("pilot", "local", "fedavg", "fedprox", "pilot_no_diff", "pilot_no_moa", "pilot_fedavg_lora",
+           "pilot_task_oracle")
 
 # -----------------------------------------------------------------------------
 # Config (keys of the `fed:` section of config.yaml)
@@ -79,9 +80,10 @@ class FedConfig:
     lambda_b: float = 0.1            # balance loss (released script: 0.1)
     lambda_z: float = 0.01           # router z-loss (released script: 0.01)
     top_k: int | None = None         # CT-MoA experts per token; null = T (dense, released script)
-    ata_form: str = "kernel"         # ATA weights: kernel (from the distances) | top_m (earlier form)
+    ata_form: str = "spread"         # ATA weights from the distances: spread | kernel, top_m (earlier forms)
+    ata_tau: float | None = None     # ATA temperature; null: the form's default (spread 0.25, others 1)
     ata_top_m: int | None = None     # ATA neighbours M; null (or > K-1) = all other clients
-    continuous_stage2: bool = True   # CT-MoA gate g = 0 at init: stage 2 starts where stage 1 ended
+    stage2_ramp_steps: int | None = None   # CT-MoA gate g: 0 -> 1 over this many stage-2 steps; null: one round's; 0: g = 1
     prox_mu: float = 0.01            # fedprox only
     released_init: bool = False      # psi_s starts as a copy of the projector (released code)
     eval_batch_size: int = 32
@@ -193,11 +195,27 @@ class Server:
     Pure tensor arithmetic over the messages: it never sees data or anything else."""
 
     def __init__(self, method: str, tasks: Sequence[str], n_samples: Sequence[int], ata_top_m: int | None,
-                 ata_form: str = "kernel"):
+                 ata_form: str = "spread", ata_tau: float | None = None):
         self.method, self.tasks, self.n_samples = method, list(tasks), list(n_samples)
-        self.ata_top_m, self.ata_form = ata_top_m, ata_form
+        self.ata_top_m, self.ata_form, self.ata_tau = ata_top_m, ata_form, ata_tau
         self.task_adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.lora_weights: dict[int, dict[str, float]] = {}   # last round's LoRA mix, for the log
+        self.lora_distances: tuple[list[int], list[list[float]]] | None = None   # (uploaders, their K x K d)
+
+    def lora_mix(self, ids: list[int], loras: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """W (K', K') over the uploading clients `ids`: ATA from the LoRA distances (pilot),
+        FedAvg weights (pilot_fedavg_lora), or the task oracle: FedAvg within each task
+        (pilot_task_oracle; the server knows every client's task, as task_average needs)."""
+        n = torch.tensor([float(self.n_samples[k]) for k in ids])               # (K',)
+        d = pilot.pairwise_distances(loras)                                       # (K', K')
+        self.lora_distances = (list(ids), d.tolist())
+        if self.method == "pilot_fedavg_lora":
+            return (n / n.sum()).expand(len(ids), len(ids))
+        if self.method == "pilot_task_oracle":
+            same = torch.tensor([[self.tasks[j] == self.tasks[k] for j in ids] for k in ids])   # (K', K')
+            W = same * n
+            return W / W.sum(dim=1, keepdim=True)
+        return pilot.ata_weights(loras, n.tolist(), self.ata_top_m, self.ata_form, self.ata_tau, d=d)
 
     def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], all_tasks: bool):
         """uploads {client: message} -> downloads {client: message}, for EVERY client: the
@@ -222,10 +240,7 @@ class Server:
             self.task_adapters.update(pilot.task_average([uploads[k]["task_adapter"] for k in ids], n,
                                                          [self.tasks[k] for k in ids]))
             # adaptive text aggregation: one personalised LoRA per uploading client
-            if self.method == "pilot_fedavg_lora":
-                W = (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(len(ids), len(ids))
-            else:
-                W = pilot.ata_weights(loras, n, self.ata_top_m, self.ata_form)
+            W = self.lora_mix(ids, loras)
             personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
             tasks = [self.tasks[k] for k in ids]
             self.lora_weights = {k: {"self": W[i, i].item(),
@@ -320,10 +335,11 @@ def _loader(enc: data_mod.Encoder, samples, plan, dev: torch.device, prompts: bo
 def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
                 prox_mu: float = 0.0, where: str = "", progress=None,
-                skipped: list[str] | None = None) -> dict[str, float]:
+                skipped: list[str] | None = None, after_step=None) -> dict[str, float]:
     """One client's local epochs on the shared model (its state already loaded). Returns the
     mean of each loss term over the steps, and the number of steps. Batches come from a
-    DataLoader (data.batch_loader) in the plan's order, so workers change nothing but speed."""
+    DataLoader (data.batch_loader) in the plan's order, so workers change nothing but speed.
+    `after_step(s)`, if given, is called after optimiser step s (0-based): the gate ramp."""
     model.train()
     plan = plan_batches(len(samples), cfg, gen)
     opt, params = make_optimizer(model, cfg, lr_lora)
@@ -353,6 +369,8 @@ def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Seq
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)
         if progress is not None:
             progress.set_postfix_str(f"{where} loss {sums['loss'] / (step + 1):.3f}", refresh=False)
             progress.update(1)
@@ -433,8 +451,7 @@ class Client:
         (170M parameters at 7B), for the key names or for a client state to fill."""
         cfg, b = self.cfg, self.base
         with torch.device("meta"):
-            return pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), cfg.top_k, cfg.lambda_d_stage2 > 0,
-                               cfg.continuous_stage2)
+            return pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), cfg.top_k, cfg.lambda_d_stage2 > 0)
 
     def structure(self, stage: int) -> None:
         """Give the model the connector structure of `stage`; its values come from the client
@@ -453,20 +470,44 @@ class Client:
                     "balance": 0.0, "router_z": 0.0}
         return {"difference": cfg.lambda_d_stage2, "balance": cfg.lambda_b, "router_z": cfg.lambda_z}
 
+    def steps_per_round(self) -> int:
+        """Optimiser steps in one of this client's local rounds (plan_batches' count)."""
+        cfg, n = self.cfg, len(self.data.train)
+        return cfg.local_epochs * math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
+
+    def gate_ramp(self):
+        """[choice] The CT-MoA gate's schedule: g = min(1, s / R) after the client's s-th
+        stage-2 optimiser step, R = fed.stage2_ramp_steps (null: one round's steps, so the first
+        stage-2 round ramps and every later one is the paper's formula exactly). The ramp's
+        progress is kept in the gate itself (s = round(g R)), so it survives checkpoints,
+        resumes and rounds the client sits out. -> after_step for local_train, or None (R = 0)."""
+        R = self.cfg.stage2_ramp_steps
+        R = self.steps_per_round() if R is None else R
+        if R == 0:
+            return None
+        gate = self.model.connector.gate
+        done = round(gate.item() * R)                  # stage-2 steps before this round
+        return lambda step: gate.fill_(min(1.0, (done + step + 1) / R))
+
     def train(self, state: dict[str, torch.Tensor], r: int, stage: int, progress=None) -> dict[str, float]:
-        """Local training of round r from `state`; the trained state is left in the model."""
+        """Local training of round r from `state`; the trained state is left in the model. In
+        stage 2 the losses carry the gate g the round ended with."""
         cfg = self.cfg
         self.structure(stage)
         model_mod.load_client_state(self.model, state)
         dev = next(self.model.lm.parameters()).device
         pilot.set_dropout_generator(self.model, torch.Generator(dev).manual_seed(derive_seed(self.seed, "dropout", r, self.k)))
         try:
-            return local_train(self.model, self.enc, self.data.train, cfg,
-                               cfg.lr_lora_stage1 if stage == 1 else cfg.lr_lora_stage2, self.loss_weights(stage),
-                               generator(self.seed, "data", r, self.k), cfg.prox_mu if cfg.method == "fedprox" else 0.0,
-                               where=f"client {self.data.name} round {r}", progress=progress, skipped=self.data.skipped)
+            losses = local_train(self.model, self.enc, self.data.train, cfg,
+                                 cfg.lr_lora_stage1 if stage == 1 else cfg.lr_lora_stage2, self.loss_weights(stage),
+                                 generator(self.seed, "data", r, self.k), cfg.prox_mu if cfg.method == "fedprox" else 0.0,
+                                 where=f"client {self.data.name} round {r}", progress=progress,
+                                 skipped=self.data.skipped, after_step=self.gate_ramp() if stage == 2 else None)
         finally:
             pilot.set_dropout_generator(self.model, None)
+        if stage == 2:
+            losses["gate"] = self.model.connector.gate.item()
+        return losses
 
     def local_round(self, state: dict[str, torch.Tensor], r: int, stage: int, chosen: bool, progress=None):
         """-> (state, reply). A chosen client trains; a non-finite result is not kept and not
@@ -502,14 +543,15 @@ class Client:
     def stage2_state(self, state: dict[str, torch.Tensor], adapters: dict[str, dict[str, torch.Tensor]]):
         """The client's first stage-2 state, built from its stage-1 state and the T task
         adapters IT RECEIVED (SPEC section 4): own adapter -> h_0, the others -> frozen experts,
-        psi_s carried over; router, psi_c and gate from one generator, the same on every client."""
+        psi_s carried over; router and psi_c from one generator, the same on every client; the
+        gate at 0 (ramped by gate_ramp), or at 1 when fed.stage2_ramp_steps is 0."""
         cfg, b = self.cfg, self.base
         with torch.device("meta"):   # a shell for the state's values: nothing drawn
             stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
         stage1 = stage1.to_empty(device="cpu")
         stage1.load_state_dict(adapter_tensors(state, "connector."))
         moa = pilot.ctmoa_from_stage1(stage1, adapters, self.data.task, cfg.top_k, cfg.lambda_d_stage2 > 0,
-                                      cfg.continuous_stage2, generator(self.seed, "init-stage2"))
+                                      0.0 if cfg.stage2_ramp_steps != 0 else 1.0, generator(self.seed, "init-stage2"))
         return {f"connector.{n}": v.detach().clone() for n, v in moa.state_dict().items()} | lora_tensors(state)
 
     def score(self, state: dict[str, torch.Tensor], stage: int, full: bool = False) -> dict[str, float]:
@@ -542,7 +584,7 @@ class Coordinator:
         self.cfg, self.names, self.seed = cfg, list(names), seed
         self.tasks = sorted(set(client_tasks))
         self.pilot = cfg.method.startswith("pilot")
-        self.server = Server(cfg.method, client_tasks, n_samples, cfg.ata_top_m, cfg.ata_form)
+        self.server = Server(cfg.method, client_tasks, n_samples, cfg.ata_top_m, cfg.ata_form, cfg.ata_tau)
         if self.pilot:   # [choice] every task's global adapter starts as the initial psi_t (own copy each)
             self.server.task_adapters = {t: {k: v.clone() for k, v in initial_adapter.items()} for t in self.tasks}
 
@@ -575,8 +617,9 @@ class Coordinator:
         uploads = {k: rep["upload"] for k, rep in replies.items() if rep["upload"] is not None}
         downloads = self.server.aggregate(uploads, all_tasks=stage == 2 or handover)
         mix = dict(self.server.lora_weights) if self.pilot and uploads else None
+        dist = self.server.lora_distances if self.pilot and uploads else None
         return {"round": r, "stage": stage, "chosen": chosen, "handover": handover, "replies": replies,
-                "uploads": uploads, "downloads": downloads, "lora_weights": mix}
+                "uploads": uploads, "downloads": downloads, "lora_weights": mix, "distances": dist}
 
     def close(self, opened: dict, taken: dict[int, dict]) -> dict:
         """The round's log record, from its first half and the replies to its downloads
@@ -593,10 +636,18 @@ class Coordinator:
         record = {"round": opened["round"], "stage": opened["stage"], "clients": [names[k] for k in opened["chosen"]],
                   "excluded": [names[k] for k, rep in replies.items() if rep["excluded"]],
                   "lost": [names[k] for k in lost],
-                  "losses": {names[k]: rep["losses"] for k, rep in replies.items() if rep["losses"] is not None},
+                  "losses": {names[k]: {t: v for t, v in rep["losses"].items() if t != "gate"}
+                             for k, rep in replies.items() if rep["losses"] is not None},
                   "comm": comm,
                   "seconds_local_training": round(sum(rep["seconds_local"] for rep in replies.values()), 4),
                   "seconds_scoring": round(sum(rep["seconds_scoring"] for rep in (*replies.values(), *taken.values())), 4)}
+        gates = {names[k]: rep["losses"]["gate"] for k, rep in replies.items()
+                 if rep["losses"] is not None and "gate" in rep["losses"]}
+        if gates:   # the CT-MoA gate g each client's round ended with (1: the paper's mixture)
+            record["gate"] = gates
+        if opened["distances"] is not None:   # the K x K LoRA distances ATA saw, uploaders in order
+            record["lora_distances"] = {"clients": [names[k] for k in opened["distances"][0]],
+                                        "d": [[round(x, 6) for x in row] for row in opened["distances"][1]]}
         if opened["lora_weights"] is not None:   # how each client's new LoRA was mixed: itself, task mates, other tasks
             record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
                                       for k, mix in opened["lora_weights"].items()}

@@ -291,20 +291,22 @@ class CTMoA(nn.Module):
     [choice] psi_c starts with its last layer zeroed (released code: a copy of the projector),
     so at the start of stage 2 expert i equals the other task's global adapter.
 
-    [choice] Continuous stage 2 (`continuous=True`, the default): a learned scalar gate g,
-    initialised at 0, blends from the own expert to the paper's mixture,
+    The gate g (a buffer, not learned) blends from the own expert to the paper's mixture:
 
-        CT-MoA(H) = h_0(H) + g * (sum_i P_i(H) h_i(H) - h_0(H)),
+        CT-MoA(H) = lerp(h_0(H), sum_i P_i(H) h_i(H), g) = h_0 + g * (sum_i P_i h_i - h_0),
 
-    so at g = 0 the connector's output is exactly the stage-1 output with psi_t = the own
-    task's global adapter, and at g = 1 it is exactly the paper's sum_i P_i h_i (the P_i sum to
-    1). Why: in the federated setting the experts are *different* tasks' adapters, so a fresh
-    router mixing them moves every client's visual tokens at the boundary (25-38% on the
-    default run), while in the released single-machine code all experts start as the same
-    projector copy and the mix changes nothing. The router keeps learning: its auxiliary
-    losses act from step 0, and the output's gradient reaches it as soon as g moves (g's own
-    gradient, <dL/dx, mixture - h_0>, is non-zero at g = 0). `continuous=False` is the paper's
-    formula from the first step (no gate).
+    exactly h_0 at g = 0 and exactly the paper's sum_i P_i h_i at g = 1 (torch.lerp returns
+    its end point bit for bit at weight 1, its start at 0). A CTMoA built alone has g = 1: it IS
+    the paper's formula. [choice] The federated loop ramps g from 0 to 1 over the first
+    fed.stage2_ramp_steps local steps of stage 2 (fed.Client.train), so stage 2 starts exactly
+    where stage 1 ended and reaches the paper's mixture. Why: in the federated setting the
+    experts are *different* tasks' adapters, so a fresh router mixing them moves every
+    client's visual tokens at the boundary (25-38% on the default run), while in the
+    released single-machine code all experts start as the same projector copy and the mix
+    changes nothing. An earlier version learned g (from 0, at the connector's learning rate):
+    Adam moves a scalar by about lr a step, so g stayed below 0.1 and the "CT-MoA" was over
+    90% h_0. The router learns from step 0: its auxiliary losses act at once, and the output's
+    gradient reaches it in proportion to g.
 
     Auxiliary losses, raw (the caller weighs them; released script: lambda_b 0.1, lambda_z 0.01):
         balance  = T^2 * mean_{b,i}( mean_n P[b,n,i] * frac_n(top1[b,n] == i) )  (Switch, per
@@ -324,7 +326,7 @@ class CTMoA(nn.Module):
     aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
-                 use_difference: bool = False, continuous: bool = True,
+                 use_difference: bool = False, gate: float = 1.0,
                  generator: torch.Generator | None = None):
         super().__init__()
         top_k = num_tasks if top_k is None else top_k
@@ -339,7 +341,7 @@ class CTMoA(nn.Module):
         self.router = nn.Linear(in_dim, num_tasks, bias=False)                       # phi
         if g is not None:
             reset_linear(self.router, g)
-        self.gate = nn.Parameter(torch.zeros(())) if continuous else None           # g, continuous stage 2
+        self.register_buffer("gate", torch.tensor(float(gate)))                     # g, set by its owner
         self.psi_s = Adapter(in_dim, out_dim, zero_last=True, generator=g)          # frozen
         for p in [*self.psi_t_other.parameters(), *self.psi_s.parameters()]:
             p.requires_grad_(False)
@@ -381,8 +383,7 @@ class CTMoA(nn.Module):
                 out_i = flat_own[tok] if i == 0 else self.expert(i, flat_h[tok])   # (n_i, C)
                 mixture = mixture.index_add(0, tok, flat_p[tok, slot, None] * out_i.float())
             mixture = mixture.reshape(B, N, -1)                         # (B, N, C)
-        if self.gate is not None:   # continuous stage 2 [choice]: exactly h_0 at g = 0
-            mixture = own + self.gate * (mixture - own)                 # (B, N, C)
+        mixture = torch.lerp(own.float(), mixture.float(), self.gate.float())   # (B, N, C): h_0 at g = 0, the paper at 1
 
         s = self.psi_s(h)                                               # (B, N, C), frozen
         # Switch balance loss per image: f = fraction of its tokens whose top-1 is expert i
@@ -413,16 +414,17 @@ def expert_slot(i: int) -> str:
 @torch.no_grad()
 def ctmoa_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict[str, torch.Tensor]],
                       own_task: str, top_k: int | None = None, use_difference: bool = False,
-                      continuous: bool = True, generator: torch.Generator | None = None) -> CTMoA:
+                      gate: float = 0.0, generator: torch.Generator | None = None) -> CTMoA:
     """Build client k's stage-2 CT-MoA from its stage-1 connector and the T global task
     adapters it received {task: Adapter state_dict} (SPEC section 4). Experts in the order of
     expert_tasks; psi_s is carried over from stage 1 (then frozen); the router and psi_c's first
-    layers are drawn from `generator`. With continuous=True (default) the result's output equals
-    the stage-1 output with psi_t = task_adapters[own_task] exactly.
+    layers are drawn from `generator`. With gate = 0 (default: the federated loop then ramps it
+    to 1) the result's output equals the stage-1 output with psi_t = task_adapters[own_task]
+    exactly; gate = 1 is the paper's mixture from the first step.
     Copy with: CTMoA (and what it names), TaskClientConnector, expert_tasks."""
     order = expert_tasks(list(task_adapters), own_task)
     in_dim, out_dim = stage1.psi_t.linear_1.in_features, stage1.psi_t.linear_1.out_features
-    moa = CTMoA(in_dim, out_dim, len(order), top_k, use_difference, continuous, generator)
+    moa = CTMoA(in_dim, out_dim, len(order), top_k, use_difference, gate, generator)
     for i, task in enumerate(order):
         moa.task_adapter(i).load_state_dict(task_adapters[task])
     moa.psi_s.load_state_dict(stage1.psi_s.state_dict())
@@ -513,16 +515,50 @@ def nearest_others(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
     return others[order[:top_m]]                                            # (M,)
 
 
-def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int) -> torch.Tensor:
-    """ATA weights, form "kernel" (the default) [choice]: from the distances themselves, as the
-    abstract says ("calculated based on the euclidean distance between parameters"):
+def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> torch.Tensor:
+    """ATA weights, form "spread" (the default) [choice]: the contrast comes from the SPREAD of
+    the distances, not their common level. LoRA distances share a large offset
+    (d^2 = |a|^2 + |b|^2 - 2<a,b> is dominated by the norms): on scenario A a client's task
+    mates sit at ~1.0 and the other tasks at ~1.2 times its nearest distance. So:
+        o_k  = min_{j != k} d_kj                 row k's offset: its nearest other client
+        c    = median_k o_k                      the federation's typical nearest distance
+        b_k  = min(o_k, c)                       a far outlier is measured from c, not from its
+                                                 own far neighbour, so it keeps its own LoRA
+        s    = median over pairs j != k of (d_kj - o_k)   the robust spread (lower median)
+        z_kj = (d_kj - b_k) / s                  0 for the nearest, ~1 one spread further on
+        s_kk = n_k,   s_kj = n_j * exp(-z_kj / tau) for j in N_k,   W_kj = s_kj / sum_j s_kj
+    The self-weight is the client's sample count, as if it were its own nearest neighbour. The
+    weights do not fade as K grows (a client's task mates keep their share at K = 9, 27, 81);
+    identical distances give FedAvg, n_j / sum n; s = 0 with some d_kj > b_k gives those
+    clients weight 0. tau (fed.ata_tau) is chosen on validation data (benchmarks/sweep.py).
+    When one group holds over half of every row, s is that group's inner spread: a larger tau
+    then. d (K, K) distances, n (K,) sample counts, m neighbours. -> (K, K) float64.
+    Copy with: nearest_others."""
+    K = d.shape[0]
+    W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
+    if K == 1:
+        return W / W.sum(dim=1, keepdim=True)
+    nearest = (d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype))).min(dim=1).values   # (K,) o_k
+    offset = torch.minimum(nearest, nearest.median())                       # (K,) b_k
+    off_diag = ~torch.eye(K, dtype=torch.bool)
+    spread = (d - nearest[:, None])[off_diag].median()                      # () s
+    excess = (d - offset[:, None]).clamp_min(0)                             # (K, K) d_kj - b_k
+    z = excess / spread if spread > 0 else torch.where(excess > 0, float("inf"), 0.0).to(d.dtype)
+    for k in range(K):
+        nbrs = nearest_others(d, k, m)                                       # (M,)
+        W[k, nbrs] = n[nbrs].to(d.dtype) * torch.exp(-z[k, nbrs] / tau)
+    return W / W.sum(dim=1, keepdim=True)
+
+
+def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0) -> torch.Tensor:
+    """ATA weights, form "kernel" (the earlier default, kept as an option):
         d_ref = median over clients k of min_{j != k} d_kj   (how near clients' nearest
                 neighbours typically are; a scale of the federation, so W is scale-free)
-        s_kk = n_k,   s_kj = n_j * exp(-d_kj / d_ref) for j in N_k,   W_kj = s_kj / sum_j s_kj
-    A client whose neighbours are far (relative to d_ref) keeps more of its own LoRA; identical
+        s_kk = n_k,   s_kj = n_j * exp(-d_kj / (tau d_ref)) for j in N_k,   W_kj = s_kj / sum_j s_kj
+    Its flaw: every other client sits at ~1-1.2 d_ref (the common offset of LoRA distances),
+    so the self-weight is ~1 / (1 + 0.33 (K - 1)), set by K, not by the data. Identical
     clients (all d = 0) get FedAvg, n_j / sum n; d_ref = 0 with some d > 0 gives those clients
-    weight 0. d (K, K) distances, n (K,) sample counts, m neighbours. -> (K, K) float64.
-    Copy with: nearest_others."""
+    weight 0. -> (K, K) float64. Copy with: nearest_others."""
     K = d.shape[0]
     ratio = torch.zeros_like(d)                                              # (K, K)
     if K > 1:
@@ -531,13 +567,13 @@ def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int) -> torch.Tensor:
     W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
     for k in range(K):
         nbrs = nearest_others(d, k, m)                                       # (M,)
-        W[k, nbrs] = n[nbrs].to(d.dtype) * torch.exp(-ratio[k, nbrs])
+        W[k, nbrs] = n[nbrs].to(d.dtype) * torch.exp(-ratio[k, nbrs] / tau)
     return W / W.sum(dim=1, keepdim=True)
 
 
-def ata_top_m(d: torch.Tensor, n: torch.Tensor, m: int, eps: float = 1e-8) -> torch.Tensor:
-    """ATA weights, form "top_m" (the earlier default, kept as an option):
-        a_kj = (n_j / (d_kj + eps)) / sum_{j' in N_k} n_j' / (d_kj' + eps)
+def ata_top_m(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+    """ATA weights, form "top_m" (the first form, kept as an option):
+        a_kj = (n_j / (d_kj + eps)^(1/tau)) / sum_{j' in N_k} n_j' / (d_kj' + eps)^(1/tau)
         W_kk = n_k / (n_k + n_N),   W_kj = n_N a_kj / (n_k + n_N),   n_N = sum_{j in N_k} n_j
     Scale-free and FedAvg when all distances are equal and M = K-1; but with M = 1 the
     self-weight is a constant 1/2 and distance only picks the neighbour. -> (K, K) float64.
@@ -550,31 +586,36 @@ def ata_top_m(d: torch.Tensor, n: torch.Tensor, m: int, eps: float = 1e-8) -> to
         n_nbr = n[nbrs].sum()
         W[k, k] = n[k] / (n[k] + n_nbr)
         if m > 0:
-            score = n[nbrs] / (d[k, nbrs] + eps)                             # (M,)
+            score = n[nbrs] / (d[k, nbrs] + eps) ** (1 / tau)                # (M,)
             W[k, nbrs] = n_nbr * (score / score.sum()) / (n[k] + n_nbr)
     return W
 
 
-ATA_FORMS = {"kernel": ata_kernel, "top_m": ata_top_m}   # fed.ata_form picks one
+ATA_FORMS = {"spread": ata_spread, "kernel": ata_kernel, "top_m": ata_top_m}   # fed.ata_form picks one
 
 
 @torch.no_grad()
 def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
-                top_m: int | None = None, form: str = "kernel") -> torch.Tensor:
+                top_m: int | None = None, form: str = "spread", tau: float | None = None,
+                d: torch.Tensor | None = None) -> torch.Tensor:
     """Adaptive text aggregation (ATA) of LoRA, as a (K, K) matrix W, rows sum to 1 (SPEC
     section 5); apply with weighted_averages(lora_states, W). d_kj is the Euclidean distance
-    between the LoRA vectors of clients k and j (pairwise_distances); N_k the M = top_m
-    nearest other clients (ties by index). top_m None, or more than the K - 1 other clients
-    there are (client sampling makes K vary), means all of them: this is the one place that
-    rule lives. `form` picks the weights from the distances: ata_kernel or ata_top_m
-    (ATA_FORMS). [choice] The paper publishes neither form's exact normalisation.
-    Copy with: ATA_FORMS, ata_kernel, ata_top_m, nearest_others, pairwise_distances,
-    check_same_keys."""
+    between the LoRA vectors of clients k and j (pairwise_distances; pass `d` if already
+    computed); N_k the M = top_m nearest other clients (ties by index). top_m None, or more
+    than the K - 1 other clients there are (client sampling makes K vary), means all of them:
+    this is the one place that rule lives. `form` picks the weights from the distances
+    (ATA_FORMS: ata_spread, ata_kernel, ata_top_m), `tau` its temperature (None: the form's
+    default). [choice] The paper publishes no exact normalisation.
+    Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others,
+    pairwise_distances, check_same_keys."""
     if form not in ATA_FORMS:
         raise ValueError(f"ATA form must be one of {tuple(ATA_FORMS)}, got {form!r}")
     if top_m is not None and top_m < 0:
         raise ValueError(f"ata_top_m must be >= 0 or None, got {top_m}")
+    if tau is not None and not tau > 0:
+        raise ValueError(f"ata_tau must be > 0 or None, got {tau}")
     K = len(lora_states)
     m = K - 1 if top_m is None else min(top_m, K - 1)
     n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
-    return ATA_FORMS[form](pairwise_distances(lora_states), n, m).float()
+    d = pairwise_distances(lora_states) if d is None else d.to(torch.float64)
+    return (ATA_FORMS[form](d, n, m) if tau is None else ATA_FORMS[form](d, n, m, tau)).float()

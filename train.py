@@ -153,6 +153,9 @@ def validate(cfg: Config) -> None:
         (f.top_k is None or f.top_k >= 1, "fed.top_k", ">= 1 or null"),
         (f.ata_top_m is None or f.ata_top_m >= 0, "fed.ata_top_m", ">= 0 or null"),
         (f.ata_form in pilot.ATA_FORMS, "fed.ata_form", f"one of {tuple(pilot.ATA_FORMS)}"),
+        (f.ata_tau is None or (finite(f.ata_tau) and f.ata_tau > 0), "fed.ata_tau", "a finite number > 0 or null"),
+        (f.stage2_ramp_steps is None or f.stage2_ramp_steps >= 0, "fed.stage2_ramp_steps",
+         ">= 0 or null (one stage-2 round's steps)"),
         (m.lora_r > 0, "model.lora_r", "> 0"),
         (finite(m.lora_alpha) and m.lora_alpha > 0, "model.lora_alpha", "a finite number > 0"),
         (0 <= m.lora_dropout < 1, "model.lora_dropout", "in [0, 1)"),
@@ -211,7 +214,7 @@ def load_config(path: str, overrides: list[str]) -> Config:
 # What defines a run: a resume must match these exactly. Every other key (the rounds of stage
 # 2, learning rates, loss weights, epochs, ATA's settings, evaluation) may change on resume;
 # the change is printed and applies from the next round on.
-IDENTITY_KEYS = ("seed", "fed.method", "fed.stage1_rounds", "fed.top_k", "fed.continuous_stage2",
+IDENTITY_KEYS = ("seed", "fed.method", "fed.stage1_rounds", "fed.top_k", "fed.stage2_ramp_steps",
                  "fed.released_init", "model.llava", "model.vision", "model.llm", "model.projector",
                  "model.lora_r", "model.lora_alpha", "model.lora_targets", "model.dtype",
                  "model.embedded_pretrain_steps", "data.scenario", "data.manifest")

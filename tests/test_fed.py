@@ -149,3 +149,33 @@ def test_non_finite_loss_names_client_round_and_step(tiny_llava_dir):
         f.states[0] = {k: (v * float("nan") if "psi_t.linear_1.weight" in k else v) for k, v in f.states[0].items()}
     with pytest.raises(FloatingPointError, match=f"client {f.clients[0].name} round 1 step 0"):
         f.run_round(1)
+
+
+@pytest.mark.parametrize("ramp,gates", [(3, (2 / 3, 1.0)), (None, (1.0, 1.0)), (0, (1.0, 1.0))])
+def test_the_gate_ramps_to_the_papers_mixture_and_each_round_logs_it_and_the_distances(tiny_llava_dir, ramp, gates):
+    # 4 samples, batch 2, 1 epoch: 2 steps a round. Ramp R: g = min(1, s / R) after s stage-2 steps
+    cfg = _cfg(tiny_llava_dir, stage2_ramp_steps=ramp)
+    cfg.fed.stage2_rounds = 2
+    f = train.build(cfg)
+    first = f.run_round(1)
+    assert "gate" not in first                                                 # stage 1 has no gate
+    assert all(s["connector.gate"].item() == (1.0 if ramp == 0 else 0.0) for s in f.states)   # at the handover
+    for r, want in zip((2, 3), gates):
+        opened = f.train_and_aggregate(r, f)
+        rec = f.close(opened, f.deliver(r, opened["downloads"], opened["handover"]))
+        assert rec["gate"] == {name: pytest.approx(want, abs=1e-7) for name in f.names}
+        assert all(s["connector.gate"].item() == pytest.approx(want, abs=1e-7) for s in f.states)
+        ids = sorted(opened["uploads"])
+        d = pilot.pairwise_distances([opened["uploads"][k]["lora"] for k in ids])
+        assert rec["lora_distances"]["clients"] == [f.names[k] for k in ids]
+        torch.testing.assert_close(torch.tensor(rec["lora_distances"]["d"], dtype=torch.float64), d, atol=1e-6, rtol=0)
+
+
+def test_the_task_oracle_averages_lora_within_each_task_only():
+    n, tasks = [1, 3, 2], ["a", "a", "b"]
+    ups = {k: {"lora": {"lm.x.lora_A": torch.full((2,), float(10 ** k))},
+               "task_adapter": {"connector.psi_t.w": torch.zeros(1)}} for k in range(3)}
+    down = fed.Server("pilot_task_oracle", tasks, n, None).aggregate(ups, False)
+    torch.testing.assert_close(down[0]["lora"]["lm.x.lora_A"], torch.full((2,), (1 * 1 + 3 * 10) / 4))
+    torch.testing.assert_close(down[1]["lora"]["lm.x.lora_A"], torch.full((2,), (1 * 1 + 3 * 10) / 4))
+    torch.testing.assert_close(down[2]["lora"]["lm.x.lora_A"], torch.full((2,), 100.0))

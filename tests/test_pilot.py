@@ -163,11 +163,11 @@ def test_stage1_starts_equal_to_the_task_adapter():
     assert released.psi_s(h).abs().sum() > 0
 
 
-def _random_ctmoa(T=3, top_k=None, seed=0, continuous=True):
-    moa = CTMoA(4, 6, T, top_k, continuous=continuous, generator=_g(seed))
+def _random_ctmoa(T=3, top_k=None, seed=0, gate=1.0):
+    moa = CTMoA(4, 6, T, top_k, gate=gate, generator=_g(seed))
     with torch.no_grad():
         for p in moa.parameters():
-            p.normal_(std=0.5, generator=_g(seed + 1))     # non-zero psi_c, gate, a non-uniform router
+            p.normal_(std=0.5, generator=_g(seed + 1))     # non-zero psi_c, a non-uniform router
     return moa
 
 
@@ -188,18 +188,45 @@ def _slow_ctmoa(moa, h):
                 else:
                     e = moa.psi_t_other[i - 1](x) + moa.psi_c[i - 1](x)
                 mix += p[i] / z * e
-            if moa.gate is not None:   # continuous stage 2: h_0 + g (mixture - h_0)
+            if moa.gate != 1:   # during the ramp: h_0 + g (mixture - h_0); at g = 1 the paper's sum
                 mix = moa.psi_t(x) + moa.gate * (mix - moa.psi_t(x))
             out[b, n] = moa.psi_s(x) + mix
     return out
 
 
-@pytest.mark.parametrize("continuous", [True, False])
+@pytest.mark.parametrize("gate", [1.0, 0.3, 0.0])
 @pytest.mark.parametrize("top_k", [3, 2, 1])
-def test_ctmoa_equals_a_slow_loop_reference(top_k, continuous):
-    moa = _random_ctmoa(top_k=top_k, continuous=continuous)
+def test_ctmoa_equals_a_slow_loop_reference(top_k, gate):
+    moa = _random_ctmoa(top_k=top_k, gate=gate)
     h = torch.randn(2, 5, 4, generator=_g(7))
     torch.testing.assert_close(moa(h).tokens, _slow_ctmoa(moa, h), rtol=1e-5, atol=1e-5)
+
+
+def test_a_ctmoa_built_alone_is_the_papers_formula():
+    # x = psi_s(H) + sum_i P_i h_i, by hand, against CTMoA's default (no ramp: g = 1)
+    moa = _random_ctmoa(top_k=3)
+    assert moa.gate.item() == 1.0 and "gate" not in dict(moa.named_parameters())   # a buffer, never learned
+    h = torch.randn(2, 5, 4, generator=_g(7))
+    with torch.no_grad():
+        p = torch.softmax(h @ moa.router.weight.t(), dim=-1)                      # (B, N, T)
+        paper = moa.psi_s(h) + sum(p[..., i:i + 1] * moa.expert(i, h) for i in range(3))
+    torch.testing.assert_close(moa(h).tokens, paper, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [3, 1])
+def test_the_gate_ramps_from_stage1_to_the_papers_mixture(top_k):
+    stage1, adapters = _stage1_and_adapters()
+    h = torch.randn(2, 5, 4, generator=_g(9))
+    with torch.no_grad():
+        stage1.psi_t.load_state_dict(adapters["colour"])
+        before = stage1(h).tokens
+        moa = ctmoa_from_stage1(stage1, adapters, "colour", top_k, generator=_g(3))     # g = 0
+        paper = ctmoa_from_stage1(stage1, adapters, "colour", top_k, gate=1.0, generator=_g(3))(h).tokens
+        assert torch.equal(moa(h).tokens, before)                       # g = 0: bit for bit the stage-1 output
+        moa.gate.fill_(0.25)
+        torch.testing.assert_close(moa(h).tokens, 0.75 * before + 0.25 * paper, rtol=0, atol=1e-6)
+        moa.gate.fill_(1.0)
+        assert torch.equal(moa(h).tokens, paper)                        # g = 1: bit for bit the paper's mixture
 
 
 def _stage1_and_adapters(seed=0):
@@ -220,18 +247,17 @@ def test_continuous_stage2_starts_exactly_where_stage1_ended(top_k):
         stage1.psi_t.load_state_dict(adapters["colour"])      # stage 1 with psi_t = own global adapter
         before = stage1(h).tokens
         after = ctmoa_from_stage1(stage1, adapters, "colour", top_k, generator=_g(3))(h).tokens
-        jump = ctmoa_from_stage1(stage1, adapters, "colour", top_k, continuous=False, generator=_g(3))(h).tokens
+        jump = ctmoa_from_stage1(stage1, adapters, "colour", top_k, gate=1.0, generator=_g(3))(h).tokens
     assert ((after - before).norm() / before.norm()).item() <= 1e-5
     assert ((jump - before).norm() / before.norm()).item() > 1e-2   # the paper's mix from step 0 jumps
 
 
-def test_continuous_stage2_keeps_the_router_and_the_gate_learning():
+def test_continuous_stage2_keeps_the_router_learning():
     stage1, adapters = _stage1_and_adapters()
     moa = ctmoa_from_stage1(stage1, adapters, "colour", generator=_g(3))
     h = torch.randn(2, 5, 4, generator=_g(9))
     out = moa(h)
     (out.tokens.pow(2).sum() + out.aux["balance"] + out.aux["router_z"]).backward()
-    assert moa.gate.grad.abs().item() > 0                          # the output moves g away from 0
     assert moa.router.weight.grad.abs().sum().item() > 0          # aux losses train the router from step 0
     moa.zero_grad()
     with torch.no_grad():
@@ -241,7 +267,7 @@ def test_continuous_stage2_keeps_the_router_and_the_gate_learning():
 
 
 def test_a_directly_built_ctmoa_adds_nothing_from_psi_s():
-    moa = CTMoA(4, 6, 3, continuous=False)
+    moa = CTMoA(4, 6, 3)
     h = torch.randn(2, 3, 4)
     assert torch.equal(moa.psi_s(h), torch.zeros(2, 3, 6))
 
@@ -288,7 +314,7 @@ def test_init_comes_from_the_generator_not_the_global_rng():
 
 
 def test_ctmoa_top1_sends_each_token_to_one_expert_and_grads_only_to_trainables():
-    moa = _random_ctmoa(top_k=1, continuous=False)   # the paper's mixture, no gate
+    moa = _random_ctmoa(top_k=1)   # the paper's mixture (g = 1)
     h = torch.randn(2, 5, 4)
     with torch.no_grad():
         chosen = moa.router(h).argmax(-1)                        # (B, N)
@@ -309,10 +335,8 @@ def test_ctmoa_top1_sends_each_token_to_one_expert_and_grads_only_to_trainables(
 
 
 def test_ctmoa_trainable_parameters_are_own_adapter_cross_adapters_and_router():
-    names = sorted(n.split(".")[0] for n, p in CTMoA(4, 6, 3).named_parameters() if p.requires_grad)
-    assert set(names) == {"psi_t", "psi_c", "router", "gate"}
-    names = sorted(n.split(".")[0] for n, p in CTMoA(4, 6, 3, continuous=False).named_parameters() if p.requires_grad)
-    assert set(names) == {"psi_t", "psi_c", "router"}
+    names = sorted(n.split(".")[0] for n, p in CTMoA(4, 6, 3, gate=0.0).named_parameters() if p.requires_grad)
+    assert set(names) == {"psi_t", "psi_c", "router"}         # g is a buffer: the loop sets it
 
 
 def test_balance_and_z_loss_equal_hand_computed_values():
@@ -443,13 +467,80 @@ def test_ata_top_m_zero_keeps_each_client_local():
         assert torch.equal(W, torch.eye(3))
 
 
-# the default, distance-driven form ("kernel")
+# the default form ("spread")
+
+def test_spread_ata_by_hand():
+    # clients on a line at 0, 1, 3, 4: every nearest distance is 1, so c = 1 and b_k = 1; the
+    # 12 deviations d_kj - o_k are 0,0,0,0,1,1,2,2,2,2,3,3, lower median s = 1
+    v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4, [4.0] + [0.0] * 4])
+    n = [1.0, 2.0, 1.0, 1.0]
+    W = ata_weights(_states(v), n, form="spread", tau=0.5)
+    e = math.exp
+    s0 = torch.tensor([1.0, 2 * e(0), 1 * e(-2 / 0.5), 1 * e(-3 / 0.5)])   # z_01 = 0, z_02 = 2, z_03 = 3
+    torch.testing.assert_close(W[0], (s0 / s0.sum()).float())
+    s1 = torch.tensor([1 * e(0), 2.0, 1 * e(-1 / 0.5), 1 * e(-2 / 0.5)])
+    torch.testing.assert_close(W[1], (s1 / s1.sum()).float())
+    torch.testing.assert_close(W.sum(1), torch.ones(4))
+
+
+def _task_world(K: int, ratio: float = 1.2, P: int = 20_000, seed: int = 0):
+    """K clients in 3 tasks, LoRA-like vectors: a shared part (the common offset of LoRA
+    norms), a task part and a large individual part, scaled so that other tasks sit ~`ratio`
+    times as far as task mates (scenario A's LoRAs: ~1.2)."""
+    g = _g(seed)
+    shared = torch.randn(P, generator=g) * 5
+    centres = torch.randn(3, P, generator=g) * (ratio ** 2 - 1) ** 0.5
+    tasks = [k % 3 for k in range(K)]
+    v = torch.stack([shared + centres[t] + torch.randn(P, generator=g) for t in tasks])
+    return [{"A": x[:P // 2].reshape(-1, 4), "B": x[P // 2:]} for x in v], tasks
+
+
+@pytest.mark.parametrize("K", [9, 27, 81])
+def test_spread_ata_keeps_a_clients_weight_on_its_own_task_as_k_grows(K):
+    states, tasks = _task_world(K)
+    d = pilot.pairwise_distances(states)
+    mates, others = d[0, [j for j in range(K) if j and tasks[j] == 0]], d[0, [j for j in range(K) if tasks[j] != 0]]
+    assert 1.15 < others.mean() / mates.mean() < 1.25                         # ~20% over a large common offset
+    own = lambda W: torch.tensor([sum(W[k, j] for j in range(K) if tasks[j] == tasks[k]) for k in range(K)])
+    spread = own(ata_weights(states, [8] * K, form="spread"))
+    assert spread.min() > 0.9, spread                                          # at every K
+    kernel = own(ata_weights(states, [8] * K, form="kernel"))
+    assert kernel.max() < 0.55                                                 # the earlier form: set by K, not d
+
+
+def test_spread_ata_gives_fedavg_for_equal_distances_and_is_scale_free():
+    n = [1, 2, 3, 4]
+    equal = _states(torch.eye(4, 5) * 3.0)                                     # every distance 3 sqrt(2)
+    fedavg = (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(4, 4)
+    torch.testing.assert_close(ata_weights(equal, n, form="spread"), fedavg)
+    torch.testing.assert_close(ata_weights(_states(torch.ones(4, 5)), n, form="spread"), fedavg)   # identical
+    v = torch.randn(6, 5, generator=_g(2))
+    W = ata_weights(_states(v), n + [2, 2], form="spread")
+    torch.testing.assert_close(ata_weights(_states(v * 1e4), n + [2, 2], form="spread"), W)
+
+
+@pytest.mark.parametrize("form", ["spread", "kernel"])
+def test_ata_self_weight_rises_as_the_neighbours_move_away(form):
+    base = torch.tensor([[0.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0], [0.0, 1, 0, 0, 0], [1.0, 1, 0, 0, 0], [2.0, 1, 0, 0, 0]])
+    selfw = []
+    for far in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
+        v = base.clone()
+        v[0, 2] = far                                  # client 0 moves away from all the others
+        W = ata_weights(_states(v), [1] * 5, form=form)
+        torch.testing.assert_close(W.sum(1), torch.ones(5))
+        selfw.append(W[0, 0].item())
+    assert selfw[0] < 0.5 and selfw[-1] > 0.99, selfw  # a far outlier keeps its own LoRA
+    if form == "kernel":                               # (spread's s moves with client 0 too: not monotone)
+        assert all(a < b for a, b in zip(selfw, selfw[1:])), selfw
+
+
+# the earlier distance-driven form ("kernel")
 
 def test_kernel_ata_by_hand():
     # clients on a line at 0, 1, 3: nearest distances 1, 1, 2 -> d_ref = median = 1
     v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4])
     n = [1.0, 2.0, 1.0]
-    W = ata_weights(_states(v), n)                      # top_m None: every other client
+    W = ata_weights(_states(v), n, form="kernel")       # top_m None: every other client
     e = math.exp
     s0 = torch.tensor([1.0, 2 * e(-1), 1 * e(-3)])     # s_kj = n_j exp(-d_kj / d_ref), s_kk = n_k
     torch.testing.assert_close(W[0], (s0 / s0.sum()).float())
@@ -458,27 +549,15 @@ def test_kernel_ata_by_hand():
     torch.testing.assert_close(W.sum(1), torch.ones(3))
 
 
-def test_kernel_ata_self_weight_rises_as_the_neighbours_move_away():
-    base = torch.tensor([[0.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0], [0.0, 1, 0, 0, 0], [1.0, 1, 0, 0, 0]])
-    selfw = []
-    for far in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
-        v = base.clone()
-        v[0, 2] = far                                  # client 0 moves away from all the others
-        W = ata_weights(_states(v), [1, 1, 1, 1])
-        torch.testing.assert_close(W.sum(1), torch.ones(4))
-        selfw.append(W[0, 0].item())
-    assert all(a < b for a, b in zip(selfw, selfw[1:])), selfw
-    assert selfw[-1] > 0.99
-
-
 def test_kernel_ata_gives_fedavg_for_identical_clients_and_is_scale_free():
     n = [3, 1, 2, 6]
     same = _states(torch.ones(4, 5))
-    torch.testing.assert_close(ata_weights(same, n), (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(4, 4))
+    torch.testing.assert_close(ata_weights(same, n, form="kernel"),
+                               (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(4, 4))
     v = torch.randn(4, 5, generator=_g(2))
-    W = ata_weights(_states(v), n, top_m=2)
+    W = ata_weights(_states(v), n, top_m=2, form="kernel")
     assert ((W > 0).sum(1) == 3).all()                 # itself and its 2 nearest
-    torch.testing.assert_close(ata_weights(_states(v * 1e4), n, top_m=2), W)
+    torch.testing.assert_close(ata_weights(_states(v * 1e4), n, top_m=2, form="kernel"), W)
 
 
 def test_top_m_beyond_the_other_clients_means_all_of_them():
