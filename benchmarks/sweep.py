@@ -1,17 +1,17 @@
 """benchmarks/sweep.py -- where Pilot helps and where it hurts: a map over data worlds, not one point.
 
-    python benchmarks/sweep.py                  # the whole map, ~1 hour on 2 cores; resumes after a kill
-    python benchmarks/sweep.py --plan           # list the runs, run nothing
-    python benchmarks/sweep.py --worlds D --samples 32 --seeds 0   # a corner of it
+    python benchmarks/sweep.py --worlds D --samples 32     # the map's goal cell: 42 runs, ~50 min on 2 cores
+    python benchmarks/sweep.py                  # the whole map (every world and N); resumes after a kill
+    python benchmarks/sweep.py --plan           # list the seed-0 runs, run nothing
 
 Every run is `python train.py --config config.yaml` with the overrides below (in-process, two
-workers of one thread each), in runs/sweep/<world>_n<N>_<method>_lr<LR>_s<seed>/. A run whose
-results.json exists is read back, a run cut off mid-way continues with --resume: killing the
-sweep loses at most the rounds in flight.
+workers of one thread each), in runs/sweep/<world>_n<N>_<method>_lr<LR>[_tau<T>]_s<seed>/. A
+run whose results.json exists is read back, a run cut off mid-way continues with --resume:
+killing the sweep loses at most the rounds in flight.
 
-The worlds and the budget were fixed, and written down here, before any Pilot score on them
-was seen (Scenario A's generator itself predates this sweep; the phrasing switch and scenario
-D were added for it):
+The worlds and their budgets were fixed, and written down here, before any Pilot score on them
+was seen (scenario A's generator predates the sweep; the phrasing switch and scenario D were
+added for it):
   A-shared  scenario A (colour / shape / count VQA, 3 clients each, own background, object
             sizes and label prior), every client of a task answering in the task's first
             phrasing ("3", "red"): the paper's setting, where a task's clients share a public
@@ -21,20 +21,27 @@ D were added for it):
             where averaging should hurt.
   D         real handwritten digits (scikit-learn's 8 x 8 digits, upscaled): one visual skill
             asked in three formats (digit, odd/even, greater than four), IID splits within a
-            task. The skill is not in the embedded base, so a client must learn it from few
-            samples, alone or with others.
+            task. The skill is not in the embedded base, and a client's few samples teach it
+            slowly: the world the paper's abstract argues for, once the budget lets it learn.
   samples per client: 8, 32, 128 training samples, plus 8 validation samples carved from the
             client's own data and 32 test samples, per client.
-Budget, the same for every method: 4 rounds (pilot: 2 of stage 1, 2 of stage 2), batch 8,
-local epochs = max(1, 64 // N) (8 local steps a round at N = 8 and 32, 16 at N = 128).
-Fair tuning: each method's learning rate (connector and LoRA alike) is chosen from the same grid
-LRS, per world and sample size, on the clients' validation splits (mean score after local
-training, last round, seed 0), never on test; seeds 1 and 2 then run with the chosen value.
+Budgets (BUDGETS), the same for every method in a world, batch 8:
+  A worlds  4 rounds (pilot: 2 of stage 1, 2 of stage 2), local epochs = max(1, 64 // N):
+            8 local steps a round at N = 8 and 32, 16 at N = 128.
+  D         8 rounds (pilot: 4 + 4), local epochs = max(1, 256 // N): 32 local steps a round
+            (256 in all). Chosen with `local` ALONE, on validation, before any Pilot run on it:
+            the earlier 4 x 8 steps left every method at chance (0.37); at 8 x 32 steps, N = 32,
+            lr 3e-3, seed 0, local's validation score after local training rose from 0.40
+            (round 1) to 0.51-0.58 (rounds 4-8), clearly above chance.
+Fair tuning: the learning rate of local, fedavg, fedprox and pilot (connector and LoRA alike)
+is chosen from the same grid LRS, per world and sample size, on the clients' validation splits
+(mean score after local training, last round, seed 0), never on test; then pilot's ATA
+temperature from TAUS at its chosen rate, the same way. Seeds 1 and 2 run with the chosen
+values. The ablations differ from pilot in one thing each and run at pilot's chosen rate and
+temperature: pilot_no_moa (stage 1 for all rounds: what CT-MoA adds, and with it psi_s frozen
+and lambda_d off in stage 2), pilot_task_oracle (LoRA averaged within each task: the upper
+reference for any distance rule), pilot_kernel and pilot_top_m (the earlier ATA forms).
 sweep.json records every choice.
-
-Methods: local, fedavg, fedprox (the baselines), pilot (this project's defaults: continuous
-stage 2, kernel ATA over all clients), pilot_no_moa (stage 1 for all rounds: what CT-MoA adds),
-pilot_top_m (the earlier ATA: top_m form, M = 1: what distance-driven weights add).
 
 Outputs: runs/sweep/sweep.json, runs/sweep/table.md (mean +- sd over seeds at both evaluation
 points, Pilot minus the best baseline) and, where matplotlib is installed (pip install -r
@@ -61,23 +68,32 @@ WORLDS = {"A-shared": ["data.scenario=A", "data.minority_phrasing=false"],
 SAMPLES = (8, 32, 128)
 METHODS = {"local": ["fed.method=local"], "fedavg": ["fed.method=fedavg"], "fedprox": ["fed.method=fedprox"],
            "pilot": ["fed.method=pilot"], "pilot_no_moa": ["fed.method=pilot_no_moa"],
+           "pilot_task_oracle": ["fed.method=pilot_task_oracle"],
+           "pilot_kernel": ["fed.method=pilot", "fed.ata_form=kernel"],
            "pilot_top_m": ["fed.method=pilot", "fed.ata_form=top_m", "fed.ata_top_m=1"]}
 BASELINES = ("local", "fedavg", "fedprox")
+TUNED = (*BASELINES, "pilot")                  # the rest are ablations, at pilot's chosen values
+WITH_TAU = ("pilot", "pilot_no_moa")           # the ablations that use the spread ATA's tau
 LRS = (1e-3, 3e-3, 1e-2)
+TAUS = (0.1, 0.25, 1.0)                        # 0.25: ata_spread's default, run with the LRs
 SEEDS = (0, 1, 2)
-COMMON = ["fed.stage1_rounds=2", "fed.stage2_rounds=2", "fed.batch_size=8", "data.val_per_client=8",
-          "data.test_per_client=32", "data.clients_per_task=3"]
+COMMON = ["fed.batch_size=8", "data.val_per_client=8", "data.test_per_client=32", "data.clients_per_task=3"]
+BUDGETS = {"A-shared": (2, 2, 64), "A-mixed": (2, 2, 64), "D": (4, 4, 256)}   # stage-1, stage-2 rounds, steps
+DEFAULT_TAU = 0.25
 POINTS = ("after_local", "after_download")
 
 
-def job_dir(out: str, world: str, n: int, method: str, lr: float, seed: int) -> str:
-    return os.path.join(out, f"{world}_n{n}_{method}_lr{lr:g}_s{seed}")
+def job_dir(out: str, world: str, n: int, method: str, lr: float, tau: float | None, seed: int) -> str:
+    t = "" if tau is None else f"_tau{tau:g}"
+    return os.path.join(out, f"{world}_n{n}_{method}_lr{lr:g}{t}_s{seed}")
 
 
-def overrides(world: str, n: int, method: str, lr: float, seed: int, run_dir: str) -> list[str]:
+def overrides(world: str, n: int, method: str, lr: float, tau: float | None, seed: int, run_dir: str) -> list[str]:
     lrs = [f"fed.{k}={lr}" for k in ("lr_connector", "lr_lora_stage1", "lr_lora_stage2")]
-    return (COMMON + WORLDS[world] + METHODS[method] + lrs
-            + [f"data.train_per_client={n}", f"fed.local_epochs={max(1, 64 // n)}", f"seed={seed}",
+    s1, s2, steps = BUDGETS[world]
+    return (COMMON + WORLDS[world] + METHODS[method] + lrs + ([f"fed.ata_tau={tau}"] if tau is not None else [])
+            + [f"fed.stage1_rounds={s1}", f"fed.stage2_rounds={s2}",
+               f"data.train_per_client={n}", f"fed.local_epochs={max(1, steps // n)}", f"seed={seed}",
                f"run_dir={run_dir}"])
 
 
@@ -91,12 +107,12 @@ def run_one(job: tuple) -> tuple:
     import torch
     import train
     torch.set_num_threads(1)
-    out, world, n, method, lr, seed = job
-    run_dir = job_dir(out, world, n, method, lr, seed)
+    out, world, n, method, lr, tau, seed = job
+    run_dir = job_dir(out, world, n, method, lr, tau, seed)
     res = os.path.join(run_dir, "results.json")
     if not os.path.exists(res):
         argv = ["--config", os.path.join(ROOT, "config.yaml")]
-        for o in overrides(world, n, method, lr, seed, run_dir):
+        for o in overrides(world, n, method, lr, tau, seed, run_dir):
             argv += ["--set", o]
         if os.path.isdir(run_dir):
             argv.append("--resume")          # cut off by a kill: continue from its last round
@@ -115,7 +131,8 @@ def run_all(jobs: list, workers: int) -> dict:
         results = pool.imap_unordered(run_one, jobs)
     for i, (job, s) in enumerate(results, 1):
         done[job] = s
-        print(f"[{i}/{len(jobs)}] {job[1]} n={job[2]} {job[3]} lr={job[4]:g} seed={job[5]}: "
+        tau = "" if job[5] is None else f" tau={job[5]:g}"
+        print(f"[{i}/{len(jobs)}] {job[1]} n={job[2]} {job[3]} lr={job[4]:g}{tau} seed={job[6]}: "
               f"after_local {s['after_local']['test']:.3f} (val {s['after_local']['val']:.3f})", flush=True)
     if workers > 1:
         pool.close()
@@ -127,6 +144,11 @@ def cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def label(choice: tuple) -> str:
+    lr, tau = choice
+    return f"{lr:g}" if tau is None else f"{lr:g}, tau {tau:g}"
 
 
 def tables(grid: dict, chosen: dict, worlds, samples, methods) -> tuple[str, dict]:
@@ -151,11 +173,11 @@ def tables(grid: dict, chosen: dict, worlds, samples, methods) -> tuple[str, dic
                 row = [cell(scores[m]) if scores[m] else "-" for m in methods]
                 row.append(f"{gap:+.3f} (vs {best})" if gap is not None else "-")
                 text.append(f"| {w} | {n} | " + " | ".join(row) + " |")
-    text += ["", "Learning rates chosen on validation (seed 0):", "",
+    text += ["", "Learning rate (and pilot's ATA temperature) chosen on validation (seed 0); ablations use pilot's:", "",
              "| world | N | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for w in worlds:
         for n in samples:
-            text.append(f"| {w} | {n} | " + " | ".join(f"{chosen[(w, n, m)]:g}" if (w, n, m) in chosen else "-"
+            text.append(f"| {w} | {n} | " + " | ".join(label(chosen[(w, n, m)]) if (w, n, m) in chosen else "-"
                                                       for m in methods) + " |")
     return "\n".join(text) + "\n", gaps
 
@@ -186,6 +208,11 @@ def figure(gaps: dict, worlds, samples, path: str) -> str:
     return f"figure: {path}"
 
 
+def pick(scores: dict) -> float:
+    """The value with the best validation score after local training; ties -> the smaller."""
+    return max(scores, key=lambda v: (scores[v], -v))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
@@ -195,12 +222,17 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--figure", default=os.path.join(ROOT, "docs", "sweep.png"))
-    ap.add_argument("--plan", action="store_true", help="print the runs and stop")
+    ap.add_argument("--plan", action="store_true", help="print the seed-0 tuning runs and stop")
     args = ap.parse_args()
-    cells = [(w, n, m) for w in args.worlds for n in args.samples for m in args.methods]
-    first = [(args.out, w, n, m, lr, args.seeds[0]) for w, n, m in cells for lr in LRS]
-    print(f"{len(cells)} cells x {len(LRS)} learning rates at seed {args.seeds[0]}, then "
-          f"{len(args.seeds) - 1} more seeds at the chosen rate: {len(first) + len(cells) * (len(args.seeds) - 1)} runs")
+    s0, more = args.seeds[0], args.seeds[1:]
+    tuned = [m for m in args.methods if m in TUNED]
+    if any(m not in TUNED for m in args.methods) and "pilot" not in tuned:
+        tuned.append("pilot")                       # the ablations run at pilot's chosen values
+    cells = [(w, n) for w in args.worlds for n in args.samples]
+    tau_of = lambda m: DEFAULT_TAU if m in WITH_TAU else None   # noqa: E731
+    first = [(args.out, w, n, m, lr, tau_of(m), s0) for w, n in cells for m in tuned for lr in LRS]
+    print(f"{len(cells)} cells: {len(first)} learning-rate runs at seed {s0}, then pilot's temperature, "
+          f"then {len(more)} more seeds and the ablations")
     if args.plan:
         for job in first:
             print(" ".join(overrides(*job[1:], job_dir(*job))))
@@ -209,19 +241,36 @@ def main():
     import train
     model.embedded_checkpoint(train.load_config(os.path.join(ROOT, "config.yaml"), []).model)   # build once, here
     done = run_all(first, args.workers)
-    chosen = {}
-    for w, n, m in cells:   # the best validation score after local training; ties -> the smaller rate
-        val = {lr: done[(args.out, w, n, m, lr, args.seeds[0])]["after_local"]["val"] for lr in LRS}
-        chosen[(w, n, m)] = max(LRS, key=lambda lr: (val[lr], -lr))
-    rest = [(args.out, w, n, m, chosen[(w, n, m)], s) for w, n, m in cells for s in args.seeds[1:]]
+    chosen = {}                                     # (world, N, method) -> (lr, tau)
+    for w, n in cells:
+        for m in tuned:
+            lr = pick({lr: done[(args.out, w, n, m, lr, tau_of(m), s0)]["after_local"]["val"] for lr in LRS})
+            chosen[(w, n, m)] = (lr, tau_of(m))
+    if "pilot" in tuned:                            # then pilot's ATA temperature, at its chosen rate
+        taus = [(args.out, w, n, "pilot", chosen[(w, n, "pilot")][0], t, s0) for w, n in cells for t in TAUS
+                if t != DEFAULT_TAU]
+        done.update(run_all(taus, args.workers))
+        for w, n in cells:
+            lr = chosen[(w, n, "pilot")][0]
+            chosen[(w, n, "pilot")] = (lr, pick({t: done[(args.out, w, n, "pilot", lr, t, s0)]["after_local"]["val"]
+                                                 for t in TAUS}))
+    for w, n in cells:
+        for m in args.methods:
+            if m not in TUNED:
+                lr, tau = chosen[(w, n, "pilot")]
+                chosen[(w, n, m)] = (lr, tau if m in WITH_TAU else None)
+    rest = [(args.out, w, n, m, *chosen[(w, n, m)], s) for w, n in cells for m in args.methods
+            for s in (args.seeds if m not in TUNED else more)]
     done.update(run_all(rest, args.workers))
-    grid = {(w, n, m, s): done[(args.out, w, n, m, chosen[(w, n, m)], s)] for w, n, m in cells for s in args.seeds}
+    grid = {(w, n, m, s): done[(args.out, w, n, m, *chosen[(w, n, m)], s)]
+            for w, n in cells for m in args.methods for s in args.seeds}
     table, gaps = tables(grid, chosen, args.worlds, args.samples, args.methods)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump({"worlds": WORLDS, "common": COMMON, "lrs": LRS, "seeds": args.seeds,
-                   "chosen_lr": {"/".join(map(str, k)): v for k, v in chosen.items()},
+        json.dump({"worlds": WORLDS, "budgets": BUDGETS, "common": COMMON, "lrs": LRS, "taus": TAUS,
+                   "seeds": args.seeds,
+                   "chosen": {"/".join(map(str, k)): {"lr": v[0], "tau": v[1]} for k, v in chosen.items()},
                    "runs": {"/".join(map(str, k[1:])): v for k, v in done.items()}}, f, indent=1)
     print(table)
     print(figure(gaps, args.worlds, args.samples, args.figure))
