@@ -38,7 +38,7 @@ def main():
     h = torch.randn(B, N, Cv, device=dev, dtype=dt)
     figures = {"shape": dict(B=B, N=N, C_v=Cv, C=C, T=T), "device": dev}
     for top_k in (T, 1):
-        moa = pilot.CTMoA(Cv, C, T, top_k, continuous=False).to(dev, dt)   # the released mixture, no gate
+        moa = pilot.CTMoA(Cv, C, T, top_k).to(dev, dt)   # the paper's mixture (g = 1)
         with torch.no_grad():
             for p in moa.parameters():
                 p.normal_(std=0.05)

@@ -21,7 +21,8 @@ import flower_app  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ("round", "stage", "clients", "excluded", "losses", "comm", "lora_weights", "after_local", "after_download")
+KEYS = ("round", "stage", "clients", "excluded", "losses", "comm", "lora_weights", "lora_distances", "gate",
+        "after_local", "after_download")
 
 
 def _config(tmp_path, embedded_dir, **fed_keys):
@@ -119,7 +120,59 @@ def _run_config(config, run_dir, **extra):
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def test_deployment_engine_on_localhost_equals_the_in_process_loop(localhost, tmp_path, embedded_dir):
+def _kill_one_node_mid_round(work, config, run_dir) -> None:
+    """On its own Localhost: start a 1-round run, kill SuperNode 2 (client count0) once the
+    round's training messages are out, wait for the run to end. The run does not wait for a
+    reply deadline: the node is lost when the SuperLink stops listing it as online (Flower's
+    heartbeats, ~60 s), so the live nodes may take as long as this machine needs. The bounds
+    below only keep a broken run from hanging the suite."""
+    import subprocess
+    with flower_app.Localhost(3, work) as lh:
+        proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost",
+                                 "--run-config", _run_config(config, run_dir), "--stream"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lh.env)
+        try:
+            deadline = time.monotonic() + 600
+            wire = run_dir / "wire.jsonl"
+            while not (wire.exists() and '"chosen"' in wire.read_text()):
+                assert time.monotonic() < deadline and proc.poll() is None, "round 1 never started"
+                time.sleep(0.5)
+            lh.kill_node(2)
+            proc.wait(timeout=1200)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def killed_node_run(tmp_path_factory, embedded_dir):
+    """The killed-SuperNode scenario, started in a thread when first requested (by the
+    Deployment test, so that the two runs, mostly waiting on Flower's polls and heartbeats,
+    overlap), and joined by the test that checks it."""
+    import threading
+    tmp = tmp_path_factory.mktemp("flower-kill")
+    config = _config(tmp, embedded_dir, stage1_rounds=1, stage2_rounds=0)
+    outcome = {}
+
+    def scenario():
+        try:
+            _kill_one_node_mid_round(str(tmp), config, tmp / "run")
+        except BaseException as e:   # handed to the test that checks the run
+            outcome["error"] = e
+    thread = threading.Thread(target=scenario, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join(timeout=1800)
+        assert not thread.is_alive(), "the killed-SuperNode run did not end"
+        if "error" in outcome:
+            raise outcome["error"]
+        return _flower_run(tmp / "run")
+    yield join
+    thread.join(timeout=1800)
+
+
+def test_deployment_engine_on_localhost_equals_the_in_process_loop(localhost, killed_node_run, tmp_path, embedded_dir):
     config = _config(tmp_path, embedded_dir)
     reference, digests = _in_process(config)
     done = localhost.run(_run_config(config, tmp_path / "run"), timeout=900)
@@ -131,30 +184,8 @@ def test_deployment_engine_on_localhost_equals_the_in_process_loop(localhost, tm
     assert all(rec["wire_bytes"]["up"] > sum(sum(c["up"].values()) for c in rec["comm"].values()) for rec in log)
 
 
-def test_a_killed_supernode_is_left_out_and_the_run_goes_on(localhost, tmp_path, embedded_dir):
-    # runs after the test above on the same SuperLink; kills SuperNode 2 (client count0) once
-    # the round's training messages are out. The run does not wait for a reply deadline: the
-    # node is lost when the SuperLink stops listing it as online (Flower's heartbeats), so
-    # the live nodes may take as long as this machine needs. The bounds below only keep a
-    # broken run from hanging the suite.
-    import subprocess
-    config = _config(tmp_path, embedded_dir, stage1_rounds=1, stage2_rounds=0)
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost", "--run-config",
-                             _run_config(config, run_dir), "--stream"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=localhost.env)
-    try:
-        deadline = time.monotonic() + 600
-        wire = run_dir / "wire.jsonl"
-        while not (wire.exists() and '"chosen"' in wire.read_text()):
-            assert time.monotonic() < deadline and proc.poll() is None, "round 1 never started"
-            time.sleep(0.5)
-        localhost.kill_node(2)
-        proc.wait(timeout=1200)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log, results = _flower_run(run_dir)
+def test_a_killed_supernode_is_left_out_and_the_run_goes_on(killed_node_run):
+    log, results = killed_node_run()
     (rec,) = log
     assert rec["lost"] == ["count0"]
     assert set(rec["after_local"]) == set(rec["after_download"]) == {"colour0", "shape0"}
