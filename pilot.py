@@ -532,7 +532,10 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
     identical distances give FedAvg, n_j / sum n; s = 0 with some d_kj > b_k gives those
     clients weight 0. tau (fed.ata_tau) is chosen on validation data (benchmarks/sweep.py).
     When one group holds over half of every row, s is that group's inner spread: a larger tau
-    then. d (K, K) distances, n (K,) sample counts, m neighbours. -> (K, K) float64.
+    then. Where this differs from SPEC section 5 (offset and scale both per row): with a
+    purely per-row offset and scale, a far outlier's row (all its distances alike) looks like
+    anyone's and it is averaged away; capping the offset at c and sharing one s keeps the
+    outlier's own LoRA (tested) and keeps z in the same units for every client. d (K, K) distances, n (K,) sample counts, m neighbours. -> (K, K) float64.
     Copy with: nearest_others."""
     K = d.shape[0]
     W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms

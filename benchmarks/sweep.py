@@ -1,6 +1,6 @@
 """benchmarks/sweep.py -- where Pilot helps and where it hurts: a map over data worlds, not one point.
 
-    python benchmarks/sweep.py --worlds D --samples 32     # the map's goal cell: 42 runs, ~50 min on 2 cores
+    python benchmarks/sweep.py --worlds D --samples 32     # the map's goal cell: 34 runs, ~75 min on 2 cores
     python benchmarks/sweep.py                  # the whole map (every world and N); resumes after a kill
     python benchmarks/sweep.py --plan           # list the seed-0 runs, run nothing
 

@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/: each script runs at its smallest setting and prints one JSON
 line whose correctness figures hold (timings are reported, never asserted)."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead", "data", "base_load"]
 
 
 def _run(name):
@@ -20,10 +22,17 @@ def _run(name):
     return json.loads(lines[0])
 
 
-@pytest.mark.parametrize("name", ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead", "data",
-                                  "base_load"])
-def test_benchmark_smoke(name):
-    res = _run(name)
+@pytest.fixture(scope="module")
+def smoke_runs():
+    """Every script's smoke run, two at a time (their start-up, imports and a tiny base build,
+    is mostly one core's work); each test waits for its own."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        yield {name: pool.submit(_run, name) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_benchmark_smoke(name, smoke_runs):
+    res = smoke_runs[name].result(timeout=1200)
     if name == "ctmoa":
         assert res["top_k=3"]["max_abs_diff"] < 1e-5 and res["top_k=1"]["max_abs_diff"] < 1e-5
     if name == "difference_loss":

@@ -127,7 +127,9 @@ def _kill_one_node_mid_round(work, config, run_dir) -> None:
     heartbeats, ~60 s), so the live nodes may take as long as this machine needs. The bounds
     below only keep a broken run from hanging the suite."""
     import subprocess
-    with flower_app.Localhost(3, work) as lh:
+    lh = flower_app.Localhost(3, work)
+    lh.env["OMP_NUM_THREADS"] = "1"          # one torch thread per process: it shares the cores with another run
+    with lh:
         proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost",
                                  "--run-config", _run_config(config, run_dir), "--stream"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lh.env)
@@ -173,7 +175,9 @@ def killed_node_run(tmp_path_factory, embedded_dir):
 
 
 def test_deployment_engine_on_localhost_equals_the_in_process_loop(localhost, killed_node_run, tmp_path, embedded_dir):
-    config = _config(tmp_path, embedded_dir)
+    # one round (each message is a fresh ClientApp process here, the costly part); the
+    # Simulation test above runs the same ClientApp through the handover and stage 2
+    config = _config(tmp_path, embedded_dir, stage2_rounds=0)
     reference, digests = _in_process(config)
     done = localhost.run(_run_config(config, tmp_path / "run"), timeout=900)
     assert done.returncode == 0, open(os.path.join(localhost.workdir, "flwr-run.log")).read()[-3000:]
