@@ -111,7 +111,9 @@ def test_simulation_equals_the_in_process_loop_and_private_state_stays_on_the_no
 @pytest.fixture(scope="module")
 def localhost(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("flower-localhost"))
-    with flower_app.Localhost(3, work) as lh:
+    lh = flower_app.Localhost(3, work)
+    lh.env["OMP_NUM_THREADS"] = "1"          # one torch thread per process: the killed-node run shares the cores
+    with lh:
         yield lh
 
 
@@ -242,32 +244,41 @@ def _group_members(pgids) -> set[int]:
     return out
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
-def test_localhost_processes_die_with_their_parent_whatever_the_signal(tmp_path, signame):
-    # a process holding a Localhost (a SuperLink and one SuperNode) is stopped the way a job
-    # scheduler or `timeout` stops it (SIGTERM), or killed outright (SIGKILL): every Flower
-    # process it started ends too. Waits for events, with generous outer bounds only.
+def test_localhost_processes_die_with_their_parent_whatever_the_signal(tmp_path):
+    # two processes, each holding a Localhost (a SuperLink and one SuperNode), are stopped the
+    # way a job scheduler or `timeout` stops one (SIGTERM) and killed outright (SIGKILL), side
+    # by side: every Flower process each started ends too. Waits for events, with generous
+    # outer bounds only.
     import signal
     import subprocess
     import sys
-    code = ("import sys, time; sys.path.insert(0, %r); import flower_app\n"
-            "with flower_app.Localhost(1, %r) as lh:\n"
-            "    print(' '.join(str(p.pid) for p in lh.procs), flush=True)\n"
-            "    time.sleep(600)\n") % (ROOT, str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    holders = {}
+    for signame in ("SIGTERM", "SIGKILL"):
+        code = ("import sys, time; sys.path.insert(0, %r); import flower_app\n"
+                "with flower_app.Localhost(1, %r) as lh:\n"
+                "    print(' '.join(str(p.pid) for p in lh.procs), flush=True)\n"
+                "    time.sleep(600)\n") % (ROOT, str(tmp_path / signame))
+        (tmp_path / signame).mkdir()
+        holders[signame] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        leaders = [int(x) for x in proc.stdout.readline().split()]
-        assert len(leaders) == 2 and all(_alive(p) for p in leaders)
-        deadline = time.monotonic() + 120
-        while len(_group_members(set(leaders))) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)                                           # the SuperNode's SuperExec has started
-        members = _group_members(set(leaders))
-        proc.send_signal(getattr(signal, signame))
-        proc.wait(timeout=120)
-        deadline = time.monotonic() + 120
-        while any(_alive(p) for p in members | _group_members(set(leaders))):
-            assert time.monotonic() < deadline, f"still running after {signame}: {sorted(p for p in members if _alive(p))}"
-            time.sleep(0.2)
+        members = {}
+        for signame, proc in holders.items():
+            leaders = [int(x) for x in proc.stdout.readline().split()]
+            assert len(leaders) == 2 and all(_alive(p) for p in leaders)
+            deadline = time.monotonic() + 120
+            while len(_group_members(set(leaders))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)                                       # the SuperNode's SuperExec has started
+            members[signame] = (set(leaders), _group_members(set(leaders)))
+        for signame, proc in holders.items():
+            proc.send_signal(getattr(signal, signame))
+        for signame, proc in holders.items():
+            proc.wait(timeout=120)
+            leaders, started = members[signame]
+            deadline = time.monotonic() + 120
+            while any(_alive(p) for p in started | _group_members(leaders)):
+                assert time.monotonic() < deadline, f"still running after {signame}: {sorted(p for p in started if _alive(p))}"
+                time.sleep(0.2)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for proc in holders.values():
+            if proc.poll() is None:
+                proc.kill()
