@@ -213,35 +213,16 @@ def pick(scores: dict) -> float:
     return max(scores, key=lambda v: (scores[v], -v))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
-    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
-    ap.add_argument("--samples", nargs="+", type=int, default=list(SAMPLES))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--figure", default=os.path.join(ROOT, "docs", "sweep.png"))
-    ap.add_argument("--plan", action="store_true", help="print the seed-0 tuning runs and stop")
-    args = ap.parse_args()
-    s0, more = args.seeds[0], args.seeds[1:]
-    tuned = [m for m in args.methods if m in TUNED]
-    if any(m not in TUNED for m in args.methods) and "pilot" not in tuned:
-        tuned.append("pilot")                       # the ablations run at pilot's chosen values
-    cells = [(w, n) for w in args.worlds for n in args.samples]
-    tau_of = lambda m: DEFAULT_TAU if m in WITH_TAU else None   # noqa: E731
-    first = [(args.out, w, n, m, lr, tau_of(m), s0) for w, n in cells for m in tuned for lr in LRS]
-    print(f"{len(cells)} cells: {len(first)} learning-rate runs at seed {s0}, then pilot's temperature, "
-          f"then {len(more)} more seeds and the ablations")
-    if args.plan:
-        for job in first:
-            print(" ".join(overrides(*job[1:], job_dir(*job))))
-        return
-    import model
-    import train
-    model.embedded_checkpoint(train.load_config(os.path.join(ROOT, "config.yaml"), []).model)   # build once, here
-    done = run_all(first, args.workers)
-    chosen = {}                                     # (world, N, method) -> (lr, tau)
+def tau_of(method: str) -> float | None:
+    """The ATA temperature a seed-0 learning-rate run uses: the spread form's default, or none."""
+    return DEFAULT_TAU if method in WITH_TAU else None
+
+
+def tune(done: dict, args, cells: list, tuned: list) -> dict:
+    """(world, N, method) -> (lr, tau), from the seed-0 runs in `done` (which it extends):
+    each tuned method's rate on validation, then pilot's tau at its rate (runs it needs), then
+    the ablations at pilot's values."""
+    s0, chosen = args.seeds[0], {}
     for w, n in cells:
         for m in tuned:
             lr = pick({lr: done[(args.out, w, n, m, lr, tau_of(m), s0)]["after_local"]["val"] for lr in LRS})
@@ -259,6 +240,37 @@ def main():
             if m not in TUNED:
                 lr, tau = chosen[(w, n, "pilot")]
                 chosen[(w, n, m)] = (lr, tau if m in WITH_TAU else None)
+    return chosen
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
+    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    ap.add_argument("--samples", nargs="+", type=int, default=list(SAMPLES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--figure", default=os.path.join(ROOT, "docs", "sweep.png"))
+    ap.add_argument("--plan", action="store_true", help="print the seed-0 tuning runs and stop")
+    args = ap.parse_args()
+    s0, more = args.seeds[0], args.seeds[1:]
+    tuned = [m for m in args.methods if m in TUNED]
+    if any(m not in TUNED for m in args.methods) and "pilot" not in tuned:
+        tuned.append("pilot")                       # the ablations run at pilot's chosen values
+    cells = [(w, n) for w in args.worlds for n in args.samples]
+    first = [(args.out, w, n, m, lr, tau_of(m), s0) for w, n in cells for m in tuned for lr in LRS]
+    print(f"{len(cells)} cells: {len(first)} learning-rate runs at seed {s0}, then pilot's temperature, "
+          f"then {len(more)} more seeds and the ablations")
+    if args.plan:
+        for job in first:
+            print(" ".join(overrides(*job[1:], job_dir(*job))))
+        return
+    import model
+    import train
+    model.embedded_checkpoint(train.load_config(os.path.join(ROOT, "config.yaml"), []).model)   # build once, here
+    done = run_all(first, args.workers)
+    chosen = tune(done, args, cells, tuned)
     rest = [(args.out, w, n, m, *chosen[(w, n, m)], s) for w, n in cells for m in args.methods
             for s in (args.seeds if m not in TUNED else more)]
     done.update(run_all(rest, args.workers))
