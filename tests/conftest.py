@@ -3,6 +3,7 @@ test session (no downloads: everything comes from transformers configs)."""
 
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -37,6 +38,44 @@ def embedded_dir(tmp_path_factory):
     """The embedded base recipe at test size: a few pretraining steps only."""
     cfg = model.ModelConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), embedded_pretrain_steps=5)
     return model.embedded_checkpoint(cfg)
+
+
+class Background:
+    """fn(*args) in a daemon thread; join() returns what it returned or raises what it raised."""
+
+    def __init__(self, fn, *args):
+        self.outcome: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self.outcome["result"] = fn(*args)
+        except BaseException as e:   # handed to the test that joins
+            self.outcome["error"] = e
+
+    def join(self, timeout: float = 1800):
+        self.thread.join(timeout)    # an outer bound only: a broken run must not hang the suite
+        assert not self.thread.is_alive(), "the background run did not end"
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["result"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request, tmp_path_factory):
+    """Work that mostly waits, started in background threads when the session starts, so that
+    its waiting overlaps the rest of the suite. A test module lists it in BACKGROUND = {fixture
+    name: fn(tmp_path, embedded_dir)}; one run starts for every such fixture that a selected
+    test uses (none when none is selected). -> {fixture name: Background}."""
+    started = {}
+    for item in request.session.items:
+        for name, fn in getattr(getattr(item, "module", None), "BACKGROUND", {}).items():
+            if name in item.fixturenames and name not in started:
+                started[name] = Background(fn, tmp_path_factory.mktemp(name), request.getfixturevalue("embedded_dir"))
+    yield started
+    for run in started.values():
+        run.thread.join(timeout=1800)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

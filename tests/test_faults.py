@@ -41,11 +41,24 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, 
     ref_dir.mkdir(), kill_dir.mkdir()
     ref_cfg = _write_config(ref_dir, embedded_dir, local_epochs=3)
     kill_cfg = _write_config(kill_dir, embedded_dir, local_epochs=3)
-    subprocess.run(_cli(ref_cfg), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    # the uninterrupted reference runs alongside (its result does not depend on the timing)
+    ref = subprocess.Popen(_cli(ref_cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(ref_dir / "stderr", "w"))
+    try:
+        _kill_three_times_then_resume(kill_cfg, kill_dir)
+        assert ref.wait(timeout=600) == 0, (ref_dir / "stderr").read_text()[-3000:]
+    finally:
+        if ref.poll() is None:
+            ref.kill()
     reference = json.load(open(ref_dir / "run" / "results.json"))
+    resumed = json.load(open(kill_dir / "run" / "results.json"))
+    assert resumed["own"] == reference["own"] and resumed["rounds"] == reference["rounds"]
+    assert _same(_final_states(kill_dir / "run"), _final_states(ref_dir / "run"))
 
-    # kill it three times: in round 2's local training, then at two other moments of the
-    # resumed runs (start-up, training, aggregation or checkpoint writing, wherever they land)
+
+def _kill_three_times_then_resume(kill_cfg, kill_dir):
+    """SIGKILL the run three times: in round 2's local training, then at two other moments of
+    the resumed runs (start-up, training, aggregation or checkpoint writing, wherever they
+    land); then resume it to the end."""
     log = kill_dir / "run" / "log.jsonl"
     for i, delay in enumerate((0.5, 4.0, 6.5)):
         proc = subprocess.Popen(_cli(kill_cfg, *(["--resume"] if i else [])), cwd=ROOT,
@@ -63,9 +76,6 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, 
             assert not (kill_dir / "run" / "results.json").exists()
     done = subprocess.run(_cli(kill_cfg, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed = json.load(open(kill_dir / "run" / "results.json"))
-    assert resumed["own"] == reference["own"] and resumed["rounds"] == reference["rounds"]
-    assert _same(_final_states(kill_dir / "run"), _final_states(ref_dir / "run"))
 
 
 def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path, embedded_dir):

@@ -5,7 +5,8 @@ server; a killed SuperNode is left out once it is gone, however slow the live on
 
 Under the Simulation Engine (Ray, ~20 s) and under the Deployment Engine on 127.0.0.1: a
 SuperLink and three SuperNodes as separate processes (each message runs in a fresh ClientApp
-process there, so these take a few minutes on 2 cores)."""
+process there, so these take a few minutes on 2 cores: they run in background threads from
+the start of the session, see BACKGROUND)."""
 
 import json
 import os
@@ -108,30 +109,39 @@ def test_simulation_equals_the_in_process_loop_and_private_state_stays_on_the_no
     _assert_only_shared_parts(up)
 
 
-@pytest.fixture(scope="module")
-def localhost(tmp_path_factory):
-    work = str(tmp_path_factory.mktemp("flower-localhost"))
-    lh = flower_app.Localhost(3, work)
-    lh.env["OMP_NUM_THREADS"] = "1"          # one torch thread per process: the killed-node run shares the cores
-    with lh:
-        yield lh
-
-
 def _run_config(config, run_dir, **extra):
     items = {"config": config, "clients": 3, "run-dir": str(run_dir), "record-wire": True, **extra}
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def _kill_one_node_mid_round(work, config, run_dir) -> None:
+def _localhost(tmp) -> "flower_app.Localhost":
+    lh = flower_app.Localhost(3, str(tmp))
+    lh.env["OMP_NUM_THREADS"] = "1"          # one torch thread per process: the suite shares the cores
+    # the SuperExecs look for work every 1 s, not 0.25 s (FLOWER_ENV): ~1 s more per run, in the
+    # background, for a fifth of the idle CPU the other tests would otherwise share
+    lh.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1"
+    return lh
+
+
+def _deployment_scenario(tmp, embedded_dir):
+    """On its own Localhost: a 1-round run (each message is a fresh ClientApp process here,
+    the costly part; the Simulation test runs the same ClientApp through the handover and
+    stage 2). -> (config, `flwr run`'s return code, its log)."""
+    config = _config(tmp, embedded_dir, stage2_rounds=0)
+    with _localhost(tmp) as lh:
+        done = lh.run(_run_config(config, tmp / "run"), timeout=900)
+    return config, done.returncode, open(os.path.join(lh.workdir, "flwr-run.log")).read()[-3000:]
+
+
+def _killed_node_scenario(tmp, embedded_dir):
     """On its own Localhost: start a 1-round run, kill SuperNode 2 (client count0) once the
     round's training messages are out, wait for the run to end. The run does not wait for a
     reply deadline: the node is lost when the SuperLink stops listing it as online (Flower's
     heartbeats, ~60 s), so the live nodes may take as long as this machine needs. The bounds
     below only keep a broken run from hanging the suite."""
     import subprocess
-    lh = flower_app.Localhost(3, work)
-    lh.env["OMP_NUM_THREADS"] = "1"          # one torch thread per process: it shares the cores with another run
-    with lh:
+    config, run_dir = _config(tmp, embedded_dir, stage1_rounds=1, stage2_rounds=0), tmp / "run"
+    with _localhost(tmp) as lh:
         proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost",
                                  "--run-config", _run_config(config, run_dir), "--stream"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lh.env)
@@ -146,52 +156,40 @@ def _kill_one_node_mid_round(work, config, run_dir) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+    return run_dir
 
 
-@pytest.fixture(scope="module")
-def killed_node_run(tmp_path_factory, embedded_dir):
-    """The killed-SuperNode scenario, started in a thread when first requested (by the
-    Deployment test, so that the two runs, mostly waiting on Flower's polls and heartbeats,
-    overlap), and joined by the test that checks it."""
-    import threading
-    tmp = tmp_path_factory.mktemp("flower-kill")
-    config = _config(tmp, embedded_dir, stage1_rounds=1, stage2_rounds=0)
-    outcome = {}
-
-    def scenario():
-        try:
-            _kill_one_node_mid_round(str(tmp), config, tmp / "run")
-        except BaseException as e:   # handed to the test that checks the run
-            outcome["error"] = e
-    thread = threading.Thread(target=scenario, daemon=True)
-    thread.start()
-
-    def join():
-        thread.join(timeout=1800)
-        assert not thread.is_alive(), "the killed-SuperNode run did not end"
-        if "error" in outcome:
-            raise outcome["error"]
-        return _flower_run(tmp / "run")
-    yield join
-    thread.join(timeout=1800)
+# The two Localhost runs mostly wait (Flower's polls and heartbeats, a process start per
+# message), so conftest.py starts them in background threads when the session starts, if a
+# selected test asks for them: their waiting overlaps the rest of the suite. Each test joins
+# its own run.
+BACKGROUND = {"deployment_run": _deployment_scenario, "killed_node_run": _killed_node_scenario}
 
 
-def test_deployment_engine_on_localhost_equals_the_in_process_loop(localhost, killed_node_run, tmp_path, embedded_dir):
-    # one round (each message is a fresh ClientApp process here, the costly part); the
-    # Simulation test above runs the same ClientApp through the handover and stage 2
-    config = _config(tmp_path, embedded_dir, stage2_rounds=0)
+@pytest.fixture
+def deployment_run(background):
+    return background["deployment_run"].join()
+
+
+@pytest.fixture
+def killed_node_run(background):
+    return _flower_run(background["killed_node_run"].join())
+
+
+def test_deployment_engine_on_localhost_equals_the_in_process_loop(deployment_run):
+    config, returncode, run_log = deployment_run
+    assert returncode == 0, run_log
     reference, digests = _in_process(config)
-    done = localhost.run(_run_config(config, tmp_path / "run"), timeout=900)
-    assert done.returncode == 0, open(os.path.join(localhost.workdir, "flwr-run.log")).read()[-3000:]
-    log, results = _flower_run(tmp_path / "run")
+    run_dir = os.path.join(os.path.dirname(config), "run")
+    log, results = _flower_run(run_dir)
     _assert_same_run(reference, digests, log, results)
-    wire = [json.loads(line) for line in open(tmp_path / "run" / "wire.jsonl")]
+    wire = [json.loads(line) for line in open(os.path.join(run_dir, "wire.jsonl"))]
     _assert_only_shared_parts([w["records"] for w in wire if w["direction"] == "up"])
     assert all(rec["wire_bytes"]["up"] > sum(sum(c["up"].values()) for c in rec["comm"].values()) for rec in log)
 
 
 def test_a_killed_supernode_is_left_out_and_the_run_goes_on(killed_node_run):
-    log, results = killed_node_run()
+    log, results = killed_node_run
     (rec,) = log
     assert rec["lost"] == ["count0"]
     assert set(rec["after_local"]) == set(rec["after_download"]) == {"colour0", "shape0"}
