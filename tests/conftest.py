@@ -9,7 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(2)
+# one torch thread: the tiny models gain nothing from two, and the suite's background runs and
+# subprocesses share the two cores (two threads each would fight over them in OpenMP's spin-waits)
+torch.set_num_threads(1)
 
 import data  # noqa: E402
 import model  # noqa: E402

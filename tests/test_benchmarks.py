@@ -15,7 +15,7 @@ NAMES = ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead", 
 
 def _run(name):
     out = subprocess.run([sys.executable, os.path.join("benchmarks", f"bench_{name}.py"), "--smoke"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1
@@ -24,8 +24,8 @@ def _run(name):
 
 @pytest.fixture(scope="module")
 def smoke_runs():
-    """Every script's smoke run, two at a time (their start-up, imports and a tiny base build,
-    is mostly one core's work); each test waits for its own."""
+    """Every script's smoke run, two at a time, one torch thread each (their start-up, imports
+    and a tiny base build, is mostly one core's work); each test waits for its own."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         yield {name: pool.submit(_run, name) for name in NAMES}
 

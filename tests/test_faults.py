@@ -36,13 +36,19 @@ def _cli(config, *extra):
     return [sys.executable, "train.py", "--config", config, *extra]
 
 
+# two runs at once on 2 cores: one torch thread each (two threads each would fight over the
+# cores in OpenMP's spin-waits and take several times as long)
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, embedded_dir):
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
     ref_cfg = _write_config(ref_dir, embedded_dir, local_epochs=3)
     kill_cfg = _write_config(kill_dir, embedded_dir, local_epochs=3)
     # the uninterrupted reference runs alongside (its result does not depend on the timing)
-    ref = subprocess.Popen(_cli(ref_cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(ref_dir / "stderr", "w"))
+    ref = subprocess.Popen(_cli(ref_cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(ref_dir / "stderr", "w"),
+                           env=ONE_THREAD)
     try:
         _kill_three_times_then_resume(kill_cfg, kill_dir)
         assert ref.wait(timeout=600) == 0, (ref_dir / "stderr").read_text()[-3000:]
@@ -62,7 +68,7 @@ def _kill_three_times_then_resume(kill_cfg, kill_dir):
     log = kill_dir / "run" / "log.jsonl"
     for i, delay in enumerate((0.5, 4.0, 6.5)):
         proc = subprocess.Popen(_cli(kill_cfg, *(["--resume"] if i else [])), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
         if i == 0:
             deadline = time.time() + 300
             while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
@@ -74,7 +80,8 @@ def _kill_three_times_then_resume(kill_cfg, kill_dir):
         proc.wait()
         if i == 0:   # later kills may land after the results were written, which is fine
             assert not (kill_dir / "run" / "results.json").exists()
-    done = subprocess.run(_cli(kill_cfg, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(kill_cfg, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
