@@ -66,7 +66,7 @@ class Background:
 
 @pytest.fixture(scope="session", autouse=True)
 def background(request, tmp_path_factory):
-    """Work that mostly waits, started in background threads when the session starts, so that
+    """Work that waits on other processes, started in background threads when the session starts, so that
     its waiting overlaps the rest of the suite. A test module lists it in BACKGROUND = {fixture
     name: fn(tmp_path, embedded_dir)}; one run starts for every such fixture that a selected
     test uses (none when none is selected). -> {fixture name: Background}."""

@@ -126,11 +126,11 @@ def _localhost(tmp) -> "flower_app.Localhost":
 def _deployment_scenario(tmp, embedded_dir):
     """On its own Localhost: a 1-round run (each message is a fresh ClientApp process here,
     the costly part; the Simulation test runs the same ClientApp through the handover and
-    stage 2). -> (config, `flwr run`'s return code, its log)."""
-    config = _config(tmp, embedded_dir, stage2_rounds=0)
+    stage 2). -> (config, run dir, `flwr run`'s return code, the end of its log)."""
+    config, run_dir = _config(tmp, embedded_dir, stage2_rounds=0), tmp / "run"
     with _localhost(tmp) as lh:
-        done = lh.run(_run_config(config, tmp / "run"), timeout=900)
-    return config, done.returncode, open(os.path.join(lh.workdir, "flwr-run.log")).read()[-3000:]
+        done = lh.run(_run_config(config, run_dir), timeout=900)
+    return config, run_dir, done.returncode, open(os.path.join(lh.workdir, "flwr-run.log")).read()[-3000:]
 
 
 def _killed_node_scenario(tmp, embedded_dir):
@@ -159,8 +159,8 @@ def _killed_node_scenario(tmp, embedded_dir):
     return run_dir
 
 
-# The two Localhost runs mostly wait (Flower's polls and heartbeats, a process start per
-# message), so conftest.py starts them in background threads when the session starts, if a
+# The two Localhost runs wait on other processes (Flower's polls and heartbeats, a process
+# start per message), so conftest.py starts them in background threads when the session starts, if a
 # selected test asks for them: their waiting overlaps the rest of the suite. Each test joins
 # its own run.
 BACKGROUND = {"deployment_run": _deployment_scenario, "killed_node_run": _killed_node_scenario}
@@ -177,13 +177,12 @@ def killed_node_run(background):
 
 
 def test_deployment_engine_on_localhost_equals_the_in_process_loop(deployment_run):
-    config, returncode, run_log = deployment_run
+    config, run_dir, returncode, run_log = deployment_run
     assert returncode == 0, run_log
     reference, digests = _in_process(config)
-    run_dir = os.path.join(os.path.dirname(config), "run")
     log, results = _flower_run(run_dir)
     _assert_same_run(reference, digests, log, results)
-    wire = [json.loads(line) for line in open(os.path.join(run_dir, "wire.jsonl"))]
+    wire = [json.loads(line) for line in open(run_dir / "wire.jsonl")]
     _assert_only_shared_parts([w["records"] for w in wire if w["direction"] == "up"])
     assert all(rec["wire_bytes"]["up"] > sum(sum(c["up"].values()) for c in rec["comm"].values()) for rec in log)
 
