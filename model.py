@@ -329,13 +329,24 @@ def build_connector(kind: str, base: Base, released_init: bool = False,
     return conn.to(dev)
 
 
+def enable_checkpointing(lm: nn.Module) -> None:
+    """Activation (gradient) checkpointing on every decoder layer, non-reentrant. transformers
+    renamed `gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)` to
+    `activation_checkpointing_enable(activation_checkpointing_kwargs=...)` during 5.x (5.17 has
+    only the old name, 5.24 both): take the new one where it exists."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(base: Base, connector: nn.Module, cfg: ModelConfig,
                 generator: torch.Generator | None = None) -> PilotLlava:
     """Wrap the LM's linears with LoRA (freezing the rest; A drawn from `generator`) and
     assemble the model."""
     pilot.add_lora(base.lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, generator)
     if cfg.gradient_checkpointing:   # recompute each decoder layer in backward (7B on one GPU)
-        base.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base.lm)
     return PilotLlava(base.vision, base.lm, connector, base.image_token_id, base.feature_layer, base.drop_cls)
 
 

@@ -1,7 +1,8 @@
 """ATA aggregation (pilot.ata_weights + pilot.weighted_averages): time and peak extra memory for
 K clients with P LoRA parameters each. Each (K, P) runs in a fresh process so its peak RSS is
-its own. Expect time ~ K^2 P and extra memory ~ K P (the K personalised outputs themselves)
-plus one key's stacked copy, never a second stacked copy of everything.
+its own (on CUDA: peak GPU memory, timed after an untimed warm-up call). Expect time ~ K^2 P
+and extra memory ~ K P (the K personalised outputs themselves) plus one key's stacked copy,
+never a second stacked copy of everything.
 
     python benchmarks/bench_ata.py [--device cuda]
 """
@@ -23,15 +24,21 @@ def one(K: int, P: int, device: str) -> dict:
     shapes = [(P // 8,)] * 8                     # 8 tensors per client, like 8 LoRA factors
     states = [{f"t{i}": torch.randn(s, generator=g).to(device) for i, s in enumerate(shapes)} for _ in range(K)]
     n = [10 + k for k in range(K)]
-    before = rss_mb()
+    cuda = device.startswith("cuda")
+    if cuda:   # the first CUDA calls load kernels and cuBLAS: once, on a small copy, untimed
+        small = [{k: v[:8] for k, v in st.items()} for st in states]
+        pilot.weighted_averages(small, pilot.ata_weights(small, n, top_m=min(2, K - 1)))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2 ** 20 if cuda else rss_mb()
     t = time.perf_counter()
     W = pilot.ata_weights(states, n, top_m=min(2, K - 1))
     out = pilot.weighted_averages(states, W)
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     state_mb = K * P * 4 / 2 ** 20
-    extra = peak_rss_mb() - before
+    extra = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()) - before   # GPU memory on cuda
     del out
     return {"K": K, "P": P, "seconds": round(seconds, 4), "ns_per_K2P": round(seconds / (K * K * P) * 1e9, 4),
             "states_mb": round(state_mb, 1), "extra_peak_mb": round(extra, 1),

@@ -19,7 +19,9 @@ def loop_forward(moa: pilot.CTMoA, h: torch.Tensor) -> torch.Tensor:
     outs = []
     for b in range(h.shape[0]):
         x = h[b]                                                      # (N, C_v)
-        p = moa.router(x).float().softmax(-1)                         # (N, T)
+        # router logits in fp32 as CTMoA computes them: from a bf16 router a near-tie can pick
+        # another top-1 expert, and the comparison would measure that, not the batching
+        p = torch.nn.functional.linear(x.float(), moa.router.weight.float()).softmax(-1)   # (N, T)
         top_p, top_i = p.topk(moa.top_k, dim=-1)                      # (N, k)
         w = torch.zeros_like(p).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))  # (N, T)
         y = moa.psi_s(x)                                              # (N, C)

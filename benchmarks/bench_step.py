@@ -1,7 +1,8 @@
 """Step cost of the connector: one training step (forward, backward, AdamW) of pilot stage 1,
 pilot stage 2 (CT-MoA, T=3) and plain LLaVA (fedavg) on the same RANDOM base (no download),
 reported as time, tokens per second, achieved TFLOP/s (and model FLOPs utilisation when
---peak-tflops is given), peak GPU memory, and ratios to plain LLaVA.
+--peak-tflops is given), peak GPU memory, and ratios to plain LLaVA; then scoring's cost: one
+batch of greedy answers with the KV cache through stage 2's CT-MoA (`generate`).
 
 Shapes: `tiny` (the embedded default's), `llava_like` (LLaVA-1.5-7B / 8 in width and / 4 in
 depth: C_v:C = 1:4, MLP 2.7 C, 64 image tokens) and `7b` (LLaVA-1.5-7B itself: 576 image
@@ -62,6 +63,27 @@ def time_step(m, conn, batch: dict, dev: str, repeats: int, flops: float, peak_t
     return r
 
 
+def time_generate(m, conn, batch: dict, dev: str, prompt_len: int, max_new_tokens: int, repeats: int) -> dict:
+    """Scoring's cost: greedy generation with the KV cache (PilotLlava.generate, as
+    fed.evaluate calls it) of one batch of prompts of `prompt_len` tokens, image included.
+    The random base rarely emits EOS, so every answer runs the whole `max_new_tokens`."""
+    m.set_connector(conn.to(dev))
+    m.eval()
+    prompt = dict(input_ids=batch["input_ids"][:, :prompt_len], attention_mask=batch["attention_mask"][:, :prompt_len],
+                  pixel_values=batch["pixel_values"])
+    lengths = []
+
+    def gen():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+            lengths.append(max(len(s) for s in m.generate(**prompt, max_new_tokens=max_new_tokens,
+                                                           eos_token_id=2, pad_token_id=0)))
+    t = best_time(gen, dev, repeats=repeats)
+    m.train()
+    B = prompt["input_ids"].shape[0]
+    return {"batch": B, "prompt_tokens": prompt_len, "max_new_tokens": max_new_tokens, "longest_answer": lengths[-1],
+            "batch_s": round(t, 5), "answers_per_s": round(B / t, 1)}
+
+
 def measure(shape: str, args) -> dict:
     """Plain, stage-1 and stage-2 steps on one random base of `shape`."""
     dev = args.device
@@ -89,6 +111,9 @@ def measure(shape: str, args) -> dict:
     row = {"image_tokens": N, "tokens_per_step": B * (L + N)}
     for name, conn in (("plain", plain), ("pilot_stage1", stage1), ("pilot_stage2", stage2)):
         row[name] = time_step(m, conn, batch, dev, repeats, flops, args.peak_tflops)
+    # scoring: eval_batch_size prompts (the image and the first text tokens) at once, stage 2's CT-MoA
+    gen_batch = {k: v[:1].expand(args.eval_batch_size, *v.shape[1:]).contiguous() for k, v in batch.items()}
+    row["generate"] = time_generate(m, stage2, gen_batch, dev, 4 + N + min(L, 32), args.max_new_tokens, repeats)
     row["stage1_over_plain"] = round(row["pilot_stage1"]["step_s"] / row["plain"]["step_s"], 3)
     row["stage2_over_plain"] = round(row["pilot_stage2"]["step_s"] / row["plain"]["step_s"], 3)
     row["connector_over_llm_params"] = round(sum(p.numel() for p in plain.parameters()) / p_lm, 4)
@@ -100,6 +125,8 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["tiny", "llava_like"], choices=["tiny", "llava_like", "7b"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--text-tokens", type=int, default=64, help="prompt + answer tokens beside the image")
+    ap.add_argument("--eval-batch-size", type=int, default=32, help="prompts scored at once (fed.eval_batch_size)")
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="answer length scored (data.max_new_tokens)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     args = ap.parse_args()
     figures = {"device": args.device, "batch_size": args.batch_size}

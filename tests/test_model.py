@@ -174,13 +174,15 @@ def test_embedded_base_is_built_once_and_loads_through_path_a(embedded_dir):
 
 
 def test_bf16_base_with_fp32_trainables_and_gradient_checkpointing(tiny_llava_dir):
-    """A bf16 base (the GPU setting) runs with fp32 connector/LoRA; checkpointing changes no gradient."""
+    """A bf16 base (the GPU setting) runs with fp32 connector/LoRA; checkpointing is on and
+    changes no gradient."""
     grads = {}
     for ckpt in (False, True):
         base = model.load_llava(tiny_llava_dir, dtype=torch.bfloat16)
         cfg = model.ModelConfig(lora_r=4, gradient_checkpointing=ckpt)
         torch.manual_seed(0)
         m = model.build_model(base, model.build_connector("stage1", base), cfg).train()
+        assert m.lm.is_gradient_checkpointing == ckpt
         assert m.connector.psi_t.linear_1.weight.dtype == torch.float32
         assert next(m.lm.parameters()).dtype == torch.bfloat16
         enc, samples = _batch(base)
@@ -190,6 +192,24 @@ def test_bf16_base_with_fp32_trainables_and_gradient_checkpointing(tiny_llava_di
         assert all(torch.isfinite(g).all() for g in grads[ckpt].values())
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n])
+
+
+def test_checkpointing_under_both_transformers_names():
+    """transformers 5.17 (a GPU image's) has only gradient_checkpointing_enable; later 5.x
+    adds activation_checkpointing_enable: enable_checkpointing calls the one there is,
+    non-reentrant either way."""
+    class Old(torch.nn.Module):
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.called = ("old", gradient_checkpointing_kwargs)
+
+    class New(Old):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            self.called = ("new", activation_checkpointing_kwargs)
+
+    for cls, name in ((Old, "old"), (New, "new")):
+        lm = cls()
+        model.enable_checkpointing(lm)
+        assert lm.called == (name, {"use_reentrant": False})
 
 
 def test_size_report_of_llava_15_7b_offline():
