@@ -582,7 +582,7 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
               f"headline: {HEADLINE}\n\n")
     table = results_table(last, cross, fedn.clients, comm_total)
     if full is not None:
-        table += (f"\nRounds scored {cfg.fed.eval_max_samples} test samples per client (fed.eval_max_samples); the "
+        table += (f"\nRounds scored at most {cfg.fed.eval_max_samples} test samples per client (fed.eval_max_samples); the "
                   f"final states on every test sample: mean {_mean(full):.3f} "
                   + ", ".join(f"{k} {v:.3f}" for k, v in full.items()) + "\n")
     write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_figures.sh -- the GPU figures of README and docs/cost.md in one go, on one
-# CUDA GPU in bf16 (about 6 min on an H200):
+# CUDA GPU in bf16 (about 5 min on an H200):
 #   1. the default run, `python train.py --config config.yaml` on CUDA with a bf16 base
 #      (the embedded base is built on the CPU on first use, or taken from .cache/);
 #   2. bench_step.py: one training step of plain LLaVA, Pilot stage 1 and stage 2 at the tiny,
 #      the LLaVA-like and the LLaVA-1.5-7B shapes, then 7B at micro-batch 4 x 2,048 tokens,
 #      the shape of the `--dry-run` memory estimate in docs/cost.md;
 #   3. bench_ctmoa.py, bench_difference_loss.py and bench_ata.py on CUDA;
-#   4. the default config for one round of each stage with 4 DataLoader workers (pinned memory).
+#   4. the default config for one round of each stage with 4 DataLoader workers (pinned memory);
+#   5. the real run's data path on the embedded base: 2,000 LLaVA-JSON records of 336 x 336 JPEGs
+#      over 9 clients (`jpeg`: benchmarks/common.write_jpeg_manifest), then `manifest`: 4 workers,
+#      gradient checkpointing, one round of each stage, 64 records scored per client and point.
 #
 #     bash benchmarks/gpu_figures.sh [OUT_DIR]        # default: runs/gpu
 #     PEAK_TFLOPS=989 PYTHON=python3 bash benchmarks/gpu_figures.sh   # the GPU's dense bf16 peak, for MFU
@@ -59,3 +62,9 @@ step difference_loss 90 "$py" benchmarks/bench_difference_loss.py --device cuda
 step ata 90 "$py" benchmarks/bench_ata.py --device cuda
 step default_workers 150 "$py" train.py --config config.yaml --set model.device=cuda --set model.dtype=bfloat16 \
     --set data.num_workers=4 --set fed.stage1_rounds=1 --set fed.stage2_rounds=1 --set run_dir="$run_dir/workers"
+step jpeg 120 "$py" -c 'import sys; sys.path.insert(0, "benchmarks"); import common
+print(common.write_jpeg_manifest(sys.argv[1], 2000))' "$run_dir/jpeg"
+step manifest 240 "$py" train.py --config config.yaml --set model.device=cuda --set model.dtype=bfloat16 \
+    --set model.gradient_checkpointing=true --set data.scenario=manifest --set data.manifest="$run_dir/jpeg/manifest.yaml" \
+    --set data.num_workers=4 --set fed.stage1_rounds=1 --set fed.stage2_rounds=1 --set fed.local_epochs=1 \
+    --set fed.eval_max_samples=64 --set run_dir="$run_dir/manifest"
