@@ -76,7 +76,7 @@ def time_generate(m, conn, batch: dict, dev: str, prompt_len: int, max_new_token
     def gen():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
             lengths.append(max(len(s) for s in m.generate(**prompt, max_new_tokens=max_new_tokens,
-                                                           eos_token_id=2, pad_token_id=0)))
+                                                           eos_token_id=2, pad_token_id=0)))   # LLaMA ids
     t = best_time(gen, dev, repeats=repeats)
     m.train()
     B = prompt["input_ids"].shape[0]

@@ -51,8 +51,8 @@ step() {                           # step NAME LIMIT_S COMMAND...: run it, log i
 
 step default 300 "$py" train.py --config config.yaml --set model.device=cuda --set model.dtype=bfloat16 \
     --set run_dir="$run_dir/default"
-[[ -f "$run_dir/default/results.md" ]] && cp "$run_dir/default/results.md" "$out/default_results.md" 2>/dev/null
-[[ -f "$run_dir/default/log.jsonl" ]] && cp "$run_dir/default/log.jsonl" "$out/default_log.jsonl" 2>/dev/null
+[[ -f "$run_dir/default/results.md" ]] && cp "$run_dir/default/results.md" "$out/default_results.md"
+[[ -f "$run_dir/default/log.jsonl" ]] && cp "$run_dir/default/log.jsonl" "$out/default_log.jsonl"
 step step_7b 180 "$py" benchmarks/bench_step.py --device cuda --shapes 7b --peak-tflops "$peak"
 step step_7b_2048 150 "$py" benchmarks/bench_step.py --device cuda --shapes 7b --batch-size 4 --text-tokens 1472 \
     --peak-tflops "$peak"
