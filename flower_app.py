@@ -40,13 +40,18 @@ federation (the order of the in-process run: data.load_clients). Its data is the
 config `set="data.scenario=manifest data.manifest=/its/manifest.yaml"` (a manifest holding
 that one client). A node may set only data.* and the model's paths, device and dtype keys.
 
-A node is lost when it is gone, not when it is slow: a client whose SuperNode leaves the
-SuperLink's list of online nodes (Flower's heartbeats: about a minute after it dies), or for
-which Flower answers with an error, is left out of that round, and of later ones while it is
-gone, as fed.py leaves out a non-finite update; the round's log record names it under "lost".
-`timeout` is only an outer bound on one message's round trip. A node that missed the handover
-message catches up from the next stage-2 message, which carries every task's adapter. Flower
-runs do not checkpoint: the client states are on the nodes.
+A node is lost when it is gone, not when it is slow. Flower marks a node offline about a
+minute after its last heartbeat, and a machine too busy to send them looks exactly like a dead
+one; so a client whose node goes quiet mid-message (it leaves the online nodes, or Flower
+answers that its ClientApp stopped responding) is sent the same message again once its node is
+back, and lost only if it stays away `rejoin-timeout` seconds (or after `retries` resends). A
+ClientApp answers each message once (reply_once), so a resend never applies a round twice: the
+run ends as if the node had never been away. A lost client, or one whose ClientApp raised, is
+left out of that round, and of later ones while its node is offline, as fed.py leaves out a
+non-finite update; the round's log record names it under "lost" (and under "resent" those sent
+a message again). `timeout` is only an outer bound on one message's round trip. A node that
+missed the handover message catches up from the next stage-2 message, which carries every
+task's adapter. Flower runs do not checkpoint: the client states are on the nodes.
 """
 
 from __future__ import annotations
@@ -92,6 +97,8 @@ class Settings:
     timeout: float = 3600.0          # outer bound on one message's round trip, seconds, plus ...
     step_timeout: float = 60.0       # ... this many seconds per local training step it asks for
     join_timeout: float = 600.0      # seconds to wait for `clients` nodes to connect
+    rejoin_timeout: float = 120.0    # seconds a node Flower lost sight of mid-message has to come back
+    retries: int = 3                 # times one message is sent again to a node that came back
     record_wire: bool = False        # write wire.jsonl: every record name that reaches the server
     overwrite: bool = False          # replace the run that run_dir holds
 
@@ -283,16 +290,44 @@ def finish_reply(rt: dict, context: Context, content: RecordDict) -> dict:
     return {"final": ConfigRecord({"state_sha256": state_sha256(state), "stage": stage}), **took}
 
 
+REPLY = "pilot.reply."   # the last reply, kept in the node's context under these record names
+
+
+def reply_once(context: Context, key: str, compute) -> dict:
+    """compute() -> the reply {record name: record}, at most once per message `key`: the reply
+    is kept in the node's context beside the state it left there. Flower saves a context only
+    when its ClientApp ends well, with the reply, so state and kept reply always agree. The
+    server sends a message again when it lost sight of the node (GridNodes.exchange): if the
+    first one was done, its reply is given again and the round is not applied twice; if it was
+    not, the context is as before it and compute() runs as it would have. Costs one reply's
+    size in the node's context (its upload: the LoRA factors and a task adapter)."""
+    kept = context.state.config_records.get(REPLY + "key")
+    if kept is not None and kept["key"] == key:
+        return {name[len(REPLY):]: context.state[name] for name in list(context.state)
+                if name.startswith(REPLY) and name != REPLY + "key"}
+    reply = compute()
+    for name in [n for n in context.state if n.startswith(REPLY)]:
+        del context.state[name]
+    for name, record in reply.items():
+        context.state[REPLY + name] = record
+    context.state[REPLY + "key"] = ConfigRecord({"key": key})
+    return reply
+
+
 def make_client_app(settings: Settings | None = None) -> ClientApp:
-    """The ClientApp: three message types, each a function above. `settings` None: read them
-    from the run config (`flwr run`)."""
+    """The ClientApp: three message types, each a function above; the two that change the
+    client's state answer each message once (reply_once). `settings` None: read them from the
+    run config (`flwr run`)."""
     app, runtimes = ClientApp(), NodeRuntimes()
 
     def handle(reply_fn):
         def handler(msg: Message, context: Context) -> Message:
             rt = runtimes.get(settings or Settings.from_run_config(context.run_config), context.node_config)
-            args = (rt,) if reply_fn is hello_reply else (rt, context, msg.content)
-            return Message(RecordDict(reply_fn(*args)), reply_to=msg)
+            if reply_fn is hello_reply:
+                return Message(RecordDict(hello_reply(rt)), reply_to=msg)
+            key = f"{msg.metadata.run_id}/{msg.metadata.message_type}/{msg.content['config'].get('round', 'final')}"
+            return Message(RecordDict(reply_once(context, key, lambda: reply_fn(rt, context, msg.content))),
+                           reply_to=msg)
         return handler
 
     app.query("hello")(handle(hello_reply))
@@ -305,58 +340,108 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
 # ServerApp: fed.Coordinator's rounds over GridNodes, one message per client and round
 
 
+# Flower's error codes that say the node or its ClientApp went quiet (its heartbeats lapsed, the
+# message or reply expired), not that the ClientApp raised: the message is sent again once the
+# node is online. An exception in the ClientApp (codes 1, 2) would only raise again.
+RESEND_ERRORS = {3: "message unavailable", 4: "reply unavailable", 5: "node unavailable", 8: "ClientApp crashed"}
+
+
 class GridNodes:
     """fed.py's `nodes` over a Flower Grid, in ONE message per client and round: round r's
     downloads (`carry`) ride with round r+1's training instruction, and the last round's with
     the final `finish` message; the replies to them (`took`) come back with it. Liveness is
-    Flower's: a client is lost when its SuperNode leaves the SuperLink's list of online nodes
-    (heartbeats) or Flower answers with an error, never because it is slow; `timeout` is an
-    outer bound only. `tap(direction, k, content)` sees every message that leaves or reaches
-    the server (tests record it); `wire` counts serialised bytes."""
+    Flower's, with patience: a node that Flower reports gone while it works on a message (it
+    leaves the SuperLink's online list, or the reply is one of RESEND_ERRORS) is sent the same
+    message again once it is back, and lost only if it stays away `rejoin_timeout` seconds,
+    or after `retries` resends; an error the ClientApp raised loses it at once. `timeout` is
+    an outer bound only. `tap(direction, k, content)` sees every message that leaves or
+    reaches the server (tests record it); `wire` counts serialised bytes, `resent` names the
+    clients sent a message again."""
 
     def __init__(self, grid: Grid, node_of: dict[int, int], tasks, timeout: float, tap=None, poll: float = 1.0,
-                 steps: dict[int, int] | None = None, step_timeout: float = 0.0):
+                 steps: dict[int, int] | None = None, step_timeout: float = 0.0, rejoin_timeout: float = 120.0,
+                 retries: int = 3):
         self.grid, self.node_of, self.tasks, self.timeout, self.tap = grid, dict(node_of), list(tasks), timeout, tap
         self.poll, self.steps, self.step_timeout = poll, dict(steps or {}), step_timeout
+        self.rejoin_timeout, self.retries = rejoin_timeout, retries
         self.wire = {"up": 0, "down": 0}
+        self.resent: set[int] = set()
         self.carry: dict[int, dict] = {}   # round r's downloads, sent with the next message
         self.handover = False              # the carried downloads start stage 2
         self.took: dict[int, dict] = {}    # replies to the carried downloads
 
     def exchange(self, contents: dict[int, RecordDict], message_type: str, steps: int = 0) -> dict[int, RecordDict]:
         """Send contents[k] to client k's node; -> {k: reply content} of every reply that came
-        back without error. A node not online is not sent to, and stops being waited for as
-        soon as it leaves; the outer bound (`timeout` + `step_timeout` x the local steps asked
-        for) ends the wait in any case."""
+        back without error. A node not online when the message goes out is not sent to.
+
+        Gone or only slow? A machine so busy that its heartbeats lapse for a minute looks to
+        Flower exactly like a dead one: the node leaves the online list and its message gets
+        an error reply. So a client whose node goes quiet mid-message waits (`away`) up to
+        `rejoin_timeout` seconds for the node to be online again, then gets the same message
+        again, at most `retries` times. That is safe: a ClientApp answers a message it has
+        already answered from its context (reply_once), so no round is applied twice, and the
+        run stays equal to the in-process one. The outer bound of one send is `timeout` +
+        `step_timeout` x the local steps asked for."""
         online = set(self.grid.get_node_ids())
-        targets = [k for k in contents if self.node_of.get(k) in online]
-        for k in targets:
-            self.wire["down"] += serialized_bytes(contents[k])
-            if self.tap:
-                self.tap("down", k, contents[k])
-        msgs = [Message(contents[k], dst_node_id=self.node_of[k], message_type=message_type) for k in targets]
-        pending = {mid: k for mid, k in zip(self.grid.push_messages(msgs), targets) if mid is not None}
         bound = self.timeout + self.step_timeout * steps
-        deadline, out = time.monotonic() + bound, {}
-        while pending:
+        pending: dict[str, tuple[int, float]] = {}   # message id -> (client, deadline)
+        away: dict[int, float] = {}                  # client -> when to stop waiting for its node
+        resends, out = {}, {}
+
+        def send(ks):
+            for k in ks:
+                self.wire["down"] += serialized_bytes(contents[k])
+                if self.tap:
+                    self.tap("down", k, contents[k])
+            msgs = [Message(contents[k], dst_node_id=self.node_of[k], message_type=message_type) for k in ks]
+            for mid, k in zip(self.grid.push_messages(msgs), ks):
+                if mid is not None:
+                    pending[mid] = (k, time.monotonic() + bound)
+                else:
+                    lose(k, "the SuperLink refused the message")
+
+        def lose(k, why):
+            print(f"warning: client {k} ({message_type}): {why}; lost", file=sys.stderr, flush=True)
+
+        def went_quiet(k, why):
+            if resends.get(k, 0) >= self.retries:
+                return lose(k, f"{why}, after {self.retries} resends")
+            print(f"warning: client {k} ({message_type}): {why}; sent again once its node is online "
+                  f"(waiting up to {self.rejoin_timeout:.0f} s)", file=sys.stderr, flush=True)
+            away[k] = time.monotonic() + self.rejoin_timeout
+
+        send([k for k in contents if self.node_of.get(k) in online])
+        while pending or away:
             for rep in self.grid.pull_messages(list(pending)):
-                k = pending.pop(rep.metadata.reply_to_message_id, None)
+                k = pending.pop(rep.metadata.reply_to_message_id, (None,))[0]
                 if k is None:
                     continue
                 if rep.has_error():
-                    print(f"warning: client {k} ({message_type}): {rep.error.reason}", file=sys.stderr)
+                    (went_quiet if rep.error.code in RESEND_ERRORS else lose)(k, rep.error.reason.rstrip("."))
                     continue
                 self.wire["up"] += serialized_bytes(rep.content)
                 if self.tap:
                     self.tap("up", k, rep.content)
                 out[k] = rep.content
-            online = set(self.grid.get_node_ids()) if pending else online
-            for mid, k in list(pending.items()):
-                if self.node_of[k] not in online or time.monotonic() > deadline:
-                    why = "its SuperNode left" if self.node_of[k] not in online else f"no reply in {bound:.0f} s"
-                    print(f"warning: client {k} ({message_type}): {why}; lost", file=sys.stderr)
+            online, now = set(self.grid.get_node_ids()), time.monotonic()
+            for mid, (k, deadline) in list(pending.items()):
+                if self.node_of[k] not in online:
                     del pending[mid]
-            if pending:
+                    went_quiet(k, "its SuperNode left the online nodes")
+                elif now > deadline:
+                    del pending[mid]
+                    lose(k, f"no reply in {bound:.0f} s")
+            back = [k for k in away if self.node_of[k] in online]
+            for k in back:
+                del away[k]
+                resends[k] = resends.get(k, 0) + 1
+                self.resent.add(k)
+            send(back)
+            for k, until in list(away.items()):
+                if now > until:
+                    del away[k]
+                    lose(k, f"its SuperNode was not back online within rejoin-timeout = {self.rejoin_timeout:.0f} s")
+            if pending or away:
                 time.sleep(self.poll)
         return out
 
@@ -409,7 +494,8 @@ def greet(grid: Grid, settings: Settings, tap=None) -> tuple[dict[int, int], lis
     adapter). Refuses nodes that do not cover partitions 0..K-1 once each, or that built
     different initial states."""
     nodes = join(grid, settings)
-    probe = GridNodes(grid, dict(enumerate(nodes)), [], settings.timeout, tap)
+    probe = GridNodes(grid, dict(enumerate(nodes)), [], settings.timeout, tap,
+                      rejoin_timeout=settings.rejoin_timeout, retries=settings.retries)
     got = probe.exchange({i: RecordDict({"config": ConfigRecord({"node": i})}) for i in range(len(nodes))},
                          "query.hello")
     if len(got) < len(nodes):
@@ -438,29 +524,31 @@ def wire_recorder(run_dir: str, names: list[str], tap=None):
     return record
 
 
-def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, grid: Grid, run_dir: str) -> tuple[list[dict], dict]:
+def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, run_dir: str) -> tuple[list[dict], dict]:
     """fed.Coordinator's rounds, one message per client each: round r's record is closed when
     round r+1's replies (or the final ones) bring back the replies to its downloads. A round's
-    seconds run from its message out to the next round's. -> (records, final replies)."""
+    seconds run from its message out to the next round's; its "resent" names the clients whose
+    round-r message (for the last round, also the final one) went out again. -> (records,
+    final replies)."""
     records, opened, t0 = [], None, time.perf_counter()
 
     def close(opened, t_open, t_next):
-        record = coord.close(opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire)}
+        record = coord.close(opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire),
+                                                 "resent": [coord.names[k] for k in sorted(opened["resent"])]}
         train.log_round(run_dir, record, t_open, seconds=t_next - t_open)
         print(train.round_line(record, coord.total_rounds) + (f"; lost {record['lost']}" if record["lost"] else ""),
               flush=True)
         records.append(record)
 
     for r in range(1, coord.total_rounds + 1):
-        online = set(grid.get_node_ids())
-        gn.node_of = {k: n for k, n in gn.node_of.items() if n in online}
         t_r = time.perf_counter()
-        gn.wire = {"up": 0, "down": 0}
-        current = coord.train_and_aggregate(r, gn)
+        gn.wire, gn.resent = {"up": 0, "down": 0}, set()
+        current = coord.train_and_aggregate(r, gn) | {"resent": gn.resent}
         if opened is not None:
             close(opened, t0, t_r)
         gn.deliver(r, current["downloads"], current["handover"])
         opened, t0 = current, t_r
+    gn.resent = opened["resent"]   # the final message's resends count with the last round's
     finals = gn.finish()
     close(opened, t0, time.perf_counter())
     return records, finals
@@ -482,8 +570,9 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
                  for k, m in enumerate(meta)}   # fed.plan_batches' count: the outer bound scales with it
         gn = GridNodes(grid, node_of, coord.tasks, settings.timeout,
                        wire_recorder(run_dir, names, tap) if settings.record_wire else tap,
-                       steps=steps, step_timeout=settings.step_timeout)
-        records, finals = run_rounds(coord, gn, grid, run_dir)
+                       steps=steps, step_timeout=settings.step_timeout, rejoin_timeout=settings.rejoin_timeout,
+                       retries=settings.retries)
+        records, finals = run_rounds(coord, gn, run_dir)
         results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": train.HEADLINE,
                    **{p: {"own": records[-1][p], "mean": records[-1]["mean"][p]} for p in fed_mod.EVAL_POINTS},
                    "final_state_sha256": {names[k]: reply["final"]["state_sha256"] for k, reply in sorted(finals.items())}}
@@ -621,6 +710,12 @@ class Localhost:
         os.killpg(self.nodes[i].pid, signal.SIGKILL)   # the SuperNode and the ClientApp it runs
         self.nodes[i].wait()
 
+    def pause_node(self, i: int, pause: bool = True) -> None:
+        """SIGSTOP (pause) or SIGCONT the SuperNode and its ClientApps: to Flower, a paused node
+        is a machine too busy to send its heartbeats."""
+        import signal
+        os.killpg(self.nodes[i].pid, signal.SIGSTOP if pause else signal.SIGCONT)
+
     def __exit__(self, *exc) -> None:
         import signal
         if self.previous_sigterm is not None:
@@ -629,6 +724,7 @@ class Localhost:
         for p in self.procs:
             if p.poll() is None:
                 try:
+                    os.killpg(p.pid, signal.SIGCONT)   # a paused process would see SIGTERM only once continued
                     os.killpg(p.pid, signal.SIGTERM)
                     p.wait(timeout=10)
                 except (ProcessLookupError, OSError):

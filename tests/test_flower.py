@@ -1,7 +1,9 @@
 """flower_app.py: the in-process federation of fed.py, run over Flower in one message per
 client and round, gives every client the same final state (SHA-256 of its tensors) and the
 same scores, losses, traffic and LoRA mixing; a client's private state never reaches the
-server; a killed SuperNode is left out once it is gone, however slow the live ones are.
+server; a killed SuperNode is left out once it is gone, however slow the live ones are; a node
+that Flower lost sight of (a paused one: a machine too busy to send heartbeats) gets its message
+again once it is back, and the run ends as if it had never been away.
 
 Under the Simulation Engine (Ray, ~20 s) and under the Deployment Engine on 127.0.0.1: a
 SuperLink and three SuperNodes as separate processes (each message runs in a fresh ClientApp
@@ -48,12 +50,18 @@ def _flower_run(run_dir):
     return log, json.load(open(os.path.join(run_dir, "results.json")))
 
 
-def _assert_same_run(reference, digests, log, results):
+def _warnings(run_log: str) -> str:
+    """The server's warnings in a run's output (why a client was lost or sent again)."""
+    return "\n".join(line for line in run_log.splitlines() if "warning:" in line) or "(no warnings)"
+
+
+def _assert_same_run(reference, digests, log, results, run_log=""):
+    assert [rec["lost"] for rec in log] == [ref["lost"] for ref in reference], _warnings(run_log)
     assert results["final_state_sha256"] == digests
     assert len(log) == len(reference)
     for ref, rec in zip(reference, log):
         assert {k: rec.get(k) for k in KEYS} == {k: ref.get(k) for k in KEYS}
-        assert rec["lost"] == [] and rec["engine"] == "flower"
+        assert rec["engine"] == "flower"
 
 
 ADAPTER = {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
@@ -95,6 +103,129 @@ def test_a_node_may_set_only_its_data_and_model_paths():
         flower_app.Settings.from_run_config({"rounds": 3})
 
 
+class FakeGrid:
+    """A SuperLink as GridNodes sees it. outcomes[node] lists what each message sent to that
+    node meets, in order: "reply"; an int, an error reply with that Flower error code; "away",
+    the node leaves the online nodes for the next 2 polls and never answers that message;
+    "gone", it leaves for good."""
+
+    def __init__(self, outcomes: dict[int, list]):
+        self.outcomes = {n: list(o) for n, o in outcomes.items()}
+        self.online, self.back_in = set(outcomes), {}
+        self.messages, self.sent = {}, []
+
+    def get_node_ids(self):
+        for node, polls in list(self.back_in.items()):
+            if polls == 0:
+                self.online.add(node)
+                del self.back_in[node]
+            elif polls is not None:
+                self.back_in[node] = polls - 1
+        return sorted(self.online)
+
+    def push_messages(self, msgs):
+        ids = []
+        for m in msgs:
+            node, outcome = m.metadata.dst_node_id, self.outcomes[m.metadata.dst_node_id].pop(0)
+            ids.append(f"{node}.{len(self.sent)}")
+            self.sent.append(node)
+            self.messages[ids[-1]] = outcome
+            if outcome in ("away", "gone"):
+                self.online.discard(node)
+                self.back_in[node] = 2 if outcome == "away" else None
+        return ids
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+        replies = []
+        for mid in ids:
+            outcome = self.messages[mid]
+            if outcome == "reply" or isinstance(outcome, int):
+                error = SimpleNamespace(code=outcome, reason=f"error {outcome}") if isinstance(outcome, int) else None
+                replies.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid), error=error,
+                                               has_error=lambda e=error: e is not None,
+                                               content=flower_app.RecordDict({"answer": flower_app.ConfigRecord({"id": mid})})))
+        return replies
+
+
+@pytest.fixture
+def in_a_run(monkeypatch):
+    """What a ServerApp process knows of itself, which flwr.app.Message reads: its run, task
+    and node (the SuperLink's, 0)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    for name, value in (("_run_id", 7), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _exchange(outcomes, **kw):
+    grid = FakeGrid({10 + k: o for k, o in outcomes.items()})
+    gn = flower_app.GridNodes(grid, {k: 10 + k for k in outcomes}, ["t"], timeout=3600, poll=0, **kw)
+    contents = {k: flower_app.RecordDict({"config": flower_app.ConfigRecord({"client": k})}) for k in outcomes}
+    got = gn.exchange(contents, "train.local_round")
+    return {k: c["answer"]["id"] for k, c in got.items()}, gn, grid
+
+
+def test_a_node_flower_lost_sight_of_gets_the_same_message_again_once_it_is_back(capsys, in_a_run):
+    # client 1's ClientApp stopped responding (Flower's error 8), client 2's node left the online
+    # nodes for a while: both are sent the message again and answer it; client 0 is untouched
+    got, gn, grid = _exchange({0: ["reply"], 1: [8, "reply"], 2: ["away", "reply"]})
+    assert got == {0: "10.0", 1: "11.3", 2: "12.4"}          # the answers to the second sends
+    assert grid.sent == [10, 11, 12, 11, 12] and gn.resent == {1, 2}
+    err = capsys.readouterr().err
+    assert "client 1 (train.local_round): error 8; sent again" in err
+    assert "client 2 (train.local_round): its SuperNode left the online nodes; sent again" in err
+    assert "lost" not in err
+
+
+def test_an_error_the_clientapp_raised_a_node_that_stays_away_and_one_that_keeps_failing_are_lost(capsys, in_a_run):
+    # error 2: the ClientApp raised (it would again); a node that does not come back within
+    # rejoin-timeout; a node whose ClientApp stops responding every time, past `retries`
+    got, gn, grid = _exchange({0: [2], 1: ["gone"], 2: [8, 8, 8], 3: ["reply"]}, rejoin_timeout=0, retries=2)
+    assert got == {3: "13.3"}
+    assert sorted(grid.sent) == [10, 11, 12, 12, 12, 13] and gn.resent == {2}
+    err = capsys.readouterr().err
+    assert "client 0 (train.local_round): error 2; lost" in err
+    assert "client 1 (train.local_round): its SuperNode was not back online within rejoin-timeout = 0 s; lost" in err
+    assert "client 2 (train.local_round): error 8, after 2 resends; lost" in err
+
+
+def test_a_message_sent_again_is_answered_once(tmp_path, embedded_dir):
+    # the real ClientApp, twice the same round-1 message (a resend): the second gets the first's
+    # reply, bit for bit, and the node's state is not trained twice. Had the first reply been
+    # lost with its context (Flower saves neither then), the resend computes the same reply.
+    import copy
+    from flwr.app import Context, Metadata
+    from flwr.app.message.message import make_message
+    config = _config(tmp_path, embedded_dir)
+    app = flower_app.make_client_app(flower_app.Settings(config=config, clients=3))
+    tasks = sorted({c.task for c in train.load_data(train.load_config(config, []))})
+
+    def message():   # what GridNodes sends client 0 in round 1, as a SuperNode hands it over
+        meta = Metadata(run_id=7, message_id="", src_node_id=0, dst_node_id=5, reply_to_message_id="", group_id="",
+                        created_at=time.time(), ttl=3600, message_type="train.local_round")
+        conf = flower_app.ConfigRecord({"tasks": tasks, "handover": False, "client": 0, "round": 1, "stage": 1,
+                                        "chosen": True})
+        return make_message(metadata=meta, content=flower_app.RecordDict({"config": conf}))
+
+    def digest(content):
+        return {key: flower_app.state_sha256(flower_app.from_record(rec)) for key, rec in content.array_records.items()}
+
+    context = Context(7, 5, {"partition-id": 0}, flower_app.RecordDict(), {})
+    before = copy.deepcopy(context.state)
+    first = app(message(), context)
+    state = flower_app.state_sha256(flower_app.from_record(context.state["pilot.state"]))
+    again = app(message(), context)
+    assert digest(again.content) == digest(first.content) and "up.lora" in digest(first.content)
+    assert again.content["scores"] == first.content["scores"]
+    assert flower_app.state_sha256(flower_app.from_record(context.state["pilot.state"])) == state
+    lost_reply = app(message(), Context(7, 5, {"partition-id": 0}, before, {}))
+    assert digest(lost_reply.content) == digest(first.content)
+    # without reply_once, the second message would train the trained state once more
+    runtime = flower_app.NodeRuntimes().get(flower_app.Settings(config=config, clients=3), {"partition-id": 0})
+    twice = flower_app.local_round_reply(runtime, context, message().content)
+    assert digest(flower_app.RecordDict(twice)) != digest(first.content)
+
+
 def test_simulation_equals_the_in_process_loop_and_private_state_stays_on_the_nodes(tmp_path, embedded_dir):
     config = _config(tmp_path, embedded_dir)
     reference, digests = _in_process(config)
@@ -104,6 +235,7 @@ def test_simulation_equals_the_in_process_loop_and_private_state_stays_on_the_no
                                                                       for key, rec in content.items()})))
     log, results = _flower_run(tmp_path / "run")
     _assert_same_run(reference, digests, log, results)
+    assert all(rec["lost"] == [] == rec["resent"] for rec in log)
     up = [content for d, _, content in seen if d == "up"]
     assert sum("up.lora" in c for c in up) == 3 * 2   # the tap saw every upload: 3 clients, 2 rounds
     _assert_only_shared_parts(up)
@@ -133,37 +265,69 @@ def _deployment_scenario(tmp, embedded_dir):
     return config, run_dir, done.returncode, open(os.path.join(lh.workdir, "flwr-run.log")).read()[-3000:]
 
 
-def _killed_node_scenario(tmp, embedded_dir):
-    """On its own Localhost: start a 1-round run, kill SuperNode 2 (client count0) once the
-    round's training messages are out, wait for the run to end. The run does not wait for a
-    reply deadline: the node is lost when the SuperLink stops listing it as online (Flower's
-    heartbeats, ~60 s), so the live nodes may take as long as this machine needs. The bounds
-    below only keep a broken run from hanging the suite."""
+def _wait_for(condition, proc, what: str, bound: float = 900) -> None:
+    """Until condition() holds; fails if `flwr run` ended first. The bound only keeps a broken
+    run from hanging the suite."""
+    deadline = time.monotonic() + bound
+    while not condition():
+        assert time.monotonic() < deadline and proc.poll() is None, what
+        time.sleep(0.5)
+
+
+def _killed_and_paused_scenario(tmp, embedded_dir):
+    """On its own Localhost, a 1-round run. Once round 1's messages are out, SuperNode 1
+    (client shape0) is paused (SIGSTOP: to Flower, a machine too busy to send heartbeats) and
+    SuperNode 2 (count0) killed. Flower marks both offline about a minute after their last
+    heartbeat; when the server says it will send client 1's message again, node 1 is resumed.
+    It gets its message again and replies; node 2 stays away and is lost after rejoin-timeout.
+    Every wait is for an event (a file's content, a line of the server's); nothing depends on
+    how fast the live nodes are. -> (config, run dir, the end of the run's output)."""
+    import re
     import subprocess
     config, run_dir = _config(tmp, embedded_dir, stage1_rounds=1, stage2_rounds=0), tmp / "run"
-    with _localhost(tmp) as lh:
+    out = tmp / "flwr-run.log"
+    with _localhost(tmp) as lh, open(out, "w") as log:
         proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost",
                                  "--run-config", _run_config(config, run_dir), "--stream"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=lh.env)
+                                stdout=log, stderr=subprocess.STDOUT, env=lh.env)
         try:
-            deadline = time.monotonic() + 600
             wire = run_dir / "wire.jsonl"
-            while not (wire.exists() and '"chosen"' in wire.read_text()):
-                assert time.monotonic() < deadline and proc.poll() is None, "round 1 never started"
-                time.sleep(0.5)
+            _wait_for(lambda: wire.exists() and '"chosen"' in wire.read_text(), proc, "round 1 never started")
+            lh.pause_node(1)
             lh.kill_node(2)
+            # round 1's message, or the final one if node 1 answered round 1 before it was paused
+            missed = re.compile(r"client 1 \(train\.\w+\): .*sent again")
+            _wait_for(lambda: missed.search(out.read_text()), proc, "the server never missed paused node 1")
+            lh.pause_node(1, pause=False)
             proc.wait(timeout=1200)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    return run_dir
+    return config, run_dir, out.read_text()
+
+
+def _in_process_without(config, gone: int):
+    """The in-process run in which client `gone` is lost after round 1's training message: its
+    reply is dropped, it gets no download. -> (records, {name: final-state digest} of the rest)."""
+    f = train.build(train.load_config(config, []))
+
+    class Nodes:   # f's own nodes, less client `gone`
+        def local_round(self, *args):
+            return {k: rep for k, rep in f.local_round(*args).items() if k != gone}
+
+        def deliver(self, r, downloads, handover):
+            return f.deliver(r, {k: m for k, m in downloads.items() if k != gone}, handover)
+
+    records = [f.communication_round(r, Nodes()) for r in range(1, f.total_rounds + 1)]
+    return records, {c.name: flower_app.state_sha256(s) for k, (c, s) in enumerate(zip(f.clients, f.states))
+                     if k != gone}
 
 
 # The two Localhost runs wait on other processes (Flower's polls and heartbeats, a process
 # start per message), so conftest.py starts them in background threads when the session starts, if a
 # selected test asks for them: their waiting overlaps the rest of the suite. Each test joins
 # its own run.
-BACKGROUND = {"deployment_run": _deployment_scenario, "killed_node_run": _killed_node_scenario}
+BACKGROUND = {"deployment_run": _deployment_scenario, "killed_and_paused_run": _killed_and_paused_scenario}
 
 
 @pytest.fixture
@@ -172,8 +336,8 @@ def deployment_run(background):
 
 
 @pytest.fixture
-def killed_node_run(background):
-    return _flower_run(background["killed_node_run"].join())
+def killed_and_paused_run(background):
+    return background["killed_and_paused_run"].join()
 
 
 def test_deployment_engine_on_localhost_equals_the_in_process_loop(deployment_run):
@@ -181,19 +345,23 @@ def test_deployment_engine_on_localhost_equals_the_in_process_loop(deployment_ru
     assert returncode == 0, run_log
     reference, digests = _in_process(config)
     log, results = _flower_run(run_dir)
-    _assert_same_run(reference, digests, log, results)
+    _assert_same_run(reference, digests, log, results, run_log)
+    assert all(rec["lost"] == [] for rec in log)
     wire = [json.loads(line) for line in open(run_dir / "wire.jsonl")]
     _assert_only_shared_parts([w["records"] for w in wire if w["direction"] == "up"])
     assert all(rec["wire_bytes"]["up"] > sum(sum(c["up"].values()) for c in rec["comm"].values()) for rec in log)
 
 
-def test_a_killed_supernode_is_left_out_and_the_run_goes_on(killed_node_run):
-    log, results = killed_node_run
+def test_a_killed_node_is_lost_and_a_paused_one_gets_its_message_again(killed_and_paused_run):
+    config, run_dir, run_log = killed_and_paused_run
+    log, results = _flower_run(run_dir)
     (rec,) = log
-    assert rec["lost"] == ["count0"]
-    assert set(rec["after_local"]) == set(rec["after_download"]) == {"colour0", "shape0"}
-    assert set(rec["lora_weights"]) == {"colour0", "shape0"}      # aggregated over the two that replied
-    assert set(results["final_state_sha256"]) == {"colour0", "shape0"}   # the final message skipped it too
+    assert rec["lost"] == ["count0"] and rec["resent"] == ["shape0"], _warnings(run_log)
+    # the two that are left end bit for bit as in an in-process run without count0: the paused
+    # node's round was applied once, and its pause changed nothing else
+    reference, digests = _in_process_without(config, gone=2)
+    _assert_same_run(reference, digests, log, results, run_log)
+    assert set(rec["after_local"]) == set(rec["after_download"]) == set(rec["lora_weights"]) == {"colour0", "shape0"}
 
 
 def test_a_node_that_missed_the_handover_catches_up_from_the_next_stage2_message(tmp_path, embedded_dir):
