@@ -279,16 +279,18 @@ def _killed_and_paused_scenario(tmp, embedded_dir):
     (client shape0) is paused (SIGSTOP: to Flower, a machine too busy to send heartbeats) and
     SuperNode 2 (count0) killed. Flower marks both offline about a minute after their last
     heartbeat; when the server says it will send client 1's message again, node 1 is resumed.
-    It gets its message again and replies; node 2 stays away and is lost after rejoin-timeout.
-    Every wait is for an event (a file's content, a line of the server's); nothing depends on
-    how fast the live nodes are. -> (config, run dir, the end of the run's output)."""
+    It gets its message again and replies; node 2 stays away and is lost after rejoin-timeout
+    (240 s: node 1 needs one heartbeat to be back, ~1 s here, and its margin is that bound; the
+    price is 240 s of waiting for node 2 in the background). Every other wait is for an event
+    (a file's content, a line of the server's). -> (config, run dir, the run's output)."""
     import re
     import subprocess
     config, run_dir = _config(tmp, embedded_dir, stage1_rounds=1, stage2_rounds=0), tmp / "run"
     out = tmp / "flwr-run.log"
     with _localhost(tmp) as lh, open(out, "w") as log:
         proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost",
-                                 "--run-config", _run_config(config, run_dir), "--stream"],
+                                 "--run-config", _run_config(config, run_dir, **{"rejoin-timeout": 240.0}),
+                                 "--stream"],
                                 stdout=log, stderr=subprocess.STDOUT, env=lh.env)
         try:
             wire = run_dir / "wire.jsonl"
@@ -356,7 +358,8 @@ def test_a_killed_node_is_lost_and_a_paused_one_gets_its_message_again(killed_an
     config, run_dir, run_log = killed_and_paused_run
     log, results = _flower_run(run_dir)
     (rec,) = log
-    assert rec["lost"] == ["count0"] and rec["resent"] == ["shape0"], _warnings(run_log)
+    # (a machine busy enough may make colour0 go quiet too: it would be sent again, as it should)
+    assert rec["lost"] == ["count0"] and "shape0" in rec["resent"], _warnings(run_log)
     # the two that are left end bit for bit as in an in-process run without count0: the paused
     # node's round was applied once, and its pause changed nothing else
     reference, digests = _in_process_without(config, gone=2)
