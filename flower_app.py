@@ -346,6 +346,78 @@ def make_client_app(settings: Settings | None = None) -> ClientApp:
 RESEND_ERRORS = {3: "message unavailable", 4: "reply unavailable", 5: "node unavailable", 8: "ClientApp crashed"}
 
 
+class Exchange:
+    """The bookkeeping of one GridNodes.exchange: which message ids are pending (and until
+    when), which clients are away (and until when), how often each was sent again, and the
+    replies so far."""
+
+    def __init__(self, gn: "GridNodes", contents: dict[int, RecordDict], message_type: str, bound: float):
+        self.gn, self.contents, self.message_type, self.bound = gn, contents, message_type, bound
+        self.pending: dict[str, tuple[int, float]] = {}   # message id -> (client, deadline)
+        self.away: dict[int, float] = {}                  # client -> when to stop waiting for its node
+        self.resends: dict[int, int] = {}
+        self.out: dict[int, RecordDict] = {}
+
+    def send(self, ks: list[int]) -> None:
+        gn = self.gn
+        for k in ks:
+            gn.wire["down"] += serialized_bytes(self.contents[k])
+            if gn.tap:
+                gn.tap("down", k, self.contents[k])
+        msgs = [Message(self.contents[k], dst_node_id=gn.node_of[k], message_type=self.message_type) for k in ks]
+        for mid, k in zip(gn.grid.push_messages(msgs), ks):
+            if mid is not None:
+                self.pending[mid] = (k, time.monotonic() + self.bound)
+            else:
+                self.lose(k, "the SuperLink refused the message")
+
+    def lose(self, k: int, why: str) -> None:
+        print(f"warning: client {k} ({self.message_type}): {why}; lost", file=sys.stderr, flush=True)
+
+    def went_quiet(self, k: int, why: str) -> None:
+        if self.resends.get(k, 0) >= self.gn.retries:
+            return self.lose(k, f"{why}, after {self.gn.retries} resends")
+        print(f"warning: client {k} ({self.message_type}): {why}; sent again once its node is online "
+              f"(waiting up to {self.gn.rejoin_timeout:.0f} s)", file=sys.stderr, flush=True)
+        self.away[k] = time.monotonic() + self.gn.rejoin_timeout
+
+    def take_replies(self) -> None:
+        gn = self.gn
+        for rep in gn.grid.pull_messages(list(self.pending)):
+            k = self.pending.pop(rep.metadata.reply_to_message_id, (None,))[0]
+            if k is None:
+                continue
+            if rep.has_error():
+                (self.went_quiet if rep.error.code in RESEND_ERRORS else self.lose)(k, rep.error.reason.rstrip("."))
+                continue
+            gn.wire["up"] += serialized_bytes(rep.content)
+            if gn.tap:
+                gn.tap("up", k, rep.content)
+            self.out[k] = rep.content
+
+    def check_nodes(self, online: set[int], now: float) -> None:
+        """Pending clients whose node left go away; clients whose node is back are sent the
+        message again; those away too long, or pending past their bound, are lost."""
+        node_of = self.gn.node_of
+        for mid, (k, deadline) in list(self.pending.items()):
+            if node_of[k] not in online:
+                del self.pending[mid]
+                self.went_quiet(k, "its SuperNode left the online nodes")
+            elif now > deadline:
+                del self.pending[mid]
+                self.lose(k, f"no reply in {self.bound:.0f} s")
+        back = [k for k in self.away if node_of[k] in online]
+        for k in back:
+            del self.away[k]
+            self.resends[k] = self.resends.get(k, 0) + 1
+            self.gn.resent.add(k)
+        self.send(back)
+        for k, until in list(self.away.items()):
+            if now > until:
+                del self.away[k]
+                self.lose(k, f"its SuperNode was not back online within rejoin-timeout = {self.gn.rejoin_timeout:.0f} s")
+
+
 class GridNodes:
     """fed.py's `nodes` over a Flower Grid, in ONE message per client and round: round r's
     downloads (`carry`) ride with round r+1's training instruction, and the last round's with
@@ -382,68 +454,15 @@ class GridNodes:
         already answered from its context (reply_once), so no round is applied twice, and the
         run stays equal to the in-process one. The outer bound of one send is `timeout` +
         `step_timeout` x the local steps asked for."""
+        ex = Exchange(self, contents, message_type, self.timeout + self.step_timeout * steps)
         online = set(self.grid.get_node_ids())
-        bound = self.timeout + self.step_timeout * steps
-        pending: dict[str, tuple[int, float]] = {}   # message id -> (client, deadline)
-        away: dict[int, float] = {}                  # client -> when to stop waiting for its node
-        resends, out = {}, {}
-
-        def send(ks):
-            for k in ks:
-                self.wire["down"] += serialized_bytes(contents[k])
-                if self.tap:
-                    self.tap("down", k, contents[k])
-            msgs = [Message(contents[k], dst_node_id=self.node_of[k], message_type=message_type) for k in ks]
-            for mid, k in zip(self.grid.push_messages(msgs), ks):
-                if mid is not None:
-                    pending[mid] = (k, time.monotonic() + bound)
-                else:
-                    lose(k, "the SuperLink refused the message")
-
-        def lose(k, why):
-            print(f"warning: client {k} ({message_type}): {why}; lost", file=sys.stderr, flush=True)
-
-        def went_quiet(k, why):
-            if resends.get(k, 0) >= self.retries:
-                return lose(k, f"{why}, after {self.retries} resends")
-            print(f"warning: client {k} ({message_type}): {why}; sent again once its node is online "
-                  f"(waiting up to {self.rejoin_timeout:.0f} s)", file=sys.stderr, flush=True)
-            away[k] = time.monotonic() + self.rejoin_timeout
-
-        send([k for k in contents if self.node_of.get(k) in online])
-        while pending or away:
-            for rep in self.grid.pull_messages(list(pending)):
-                k = pending.pop(rep.metadata.reply_to_message_id, (None,))[0]
-                if k is None:
-                    continue
-                if rep.has_error():
-                    (went_quiet if rep.error.code in RESEND_ERRORS else lose)(k, rep.error.reason.rstrip("."))
-                    continue
-                self.wire["up"] += serialized_bytes(rep.content)
-                if self.tap:
-                    self.tap("up", k, rep.content)
-                out[k] = rep.content
-            online, now = set(self.grid.get_node_ids()), time.monotonic()
-            for mid, (k, deadline) in list(pending.items()):
-                if self.node_of[k] not in online:
-                    del pending[mid]
-                    went_quiet(k, "its SuperNode left the online nodes")
-                elif now > deadline:
-                    del pending[mid]
-                    lose(k, f"no reply in {bound:.0f} s")
-            back = [k for k in away if self.node_of[k] in online]
-            for k in back:
-                del away[k]
-                resends[k] = resends.get(k, 0) + 1
-                self.resent.add(k)
-            send(back)
-            for k, until in list(away.items()):
-                if now > until:
-                    del away[k]
-                    lose(k, f"its SuperNode was not back online within rejoin-timeout = {self.rejoin_timeout:.0f} s")
-            if pending or away:
+        ex.send([k for k in contents if self.node_of.get(k) in online])
+        while ex.pending or ex.away:
+            ex.take_replies()
+            ex.check_nodes(set(self.grid.get_node_ids()), time.monotonic())
+            if ex.pending or ex.away:
                 time.sleep(self.poll)
-        return out
+        return ex.out
 
     def config(self, **values) -> ConfigRecord:
         """A message's config; it names the client, as Flower stores contents by their hash
