@@ -13,18 +13,20 @@ Two sources, one form (`Sample`: a picture, or the file it is read from, and its
        one visual skill asked in three formats, digit ("7"), parity ("odd"), greater than
        four ("yes"); the clients of a task hold IID, disjoint splits of the digits.
   2. LLaVA conversation JSON (records with id, image, conversations of human/gpt turns,
-     `<image>` in the first human turn) plus an image folder, one file per client, listed in
+     `<image>` in the first human turn; text-only records without `image`, as LLaVA-1.5's
+     own data mix holds them) plus an image folder, one file per client, listed in
      a manifest (YAML/JSON: a list of {name, task, train, test, image_folder}). Loading keeps
      records, not pixels: each image's header is checked and its file name kept; `picture`
      decodes it when its batch is built, in the loader's workers (Batches, batch_loader).
      `python data.py --export DIR --scenario A` writes the synthetic world in that format.
 
-Then: tokenisation in the LLaVA-1.5 (Vicuna v1) conversation format with the `<image>`
-placeholder expanded to N image tokens, labels masked to the answers only, padding collate.
-Every bad record is an error naming the file and record, never a silent drop; image paths
-must stay inside their image folder; check_encodable finds over-long samples and words the
-tokenizer cannot represent before any model loads (`python data.py --vocabulary` lists the
-embedded base's words).
+Then: the input_ids LLaVA-1.5's own preprocessing gives (SPEC 5c: conv_vicuna_v1,
+preprocess_multimodal, preprocess_v1, tokenizer_image_token), with the `<image>` placeholder
+expanded to N image tokens, labels on the answers only; pictures padded to a square with the
+processor's mean colour (`image_aspect_ratio: pad`, expand2square) before the processor; a
+padding collate. Every bad record is an error naming the file and record, never a silent
+drop; image paths must stay inside their image folder; check_encodable finds over-long
+samples (and, for a closed-vocabulary tokenizer, unknown words) before any model loads.
 
 Shape legend: B batch, L text length, N image tokens.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -48,6 +51,12 @@ from tqdm import tqdm
 
 IMAGE = "<image>"
 IGNORE = -100
+# Vicuna v1's system prompt, which LLaVA-1.5 and the released Pilot scripts (`--version v1`) train
+# with (llava/conversation.py conv_vicuna_v1). Vicuna v0's "a curious human ... the human's
+# questions" is the older one.
+LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ASPECT_RATIOS = ("pad", "crop")
 
 # -----------------------------------------------------------------------------
 # Config (keys of the `data:` section of config.yaml)
@@ -65,7 +74,8 @@ class DataConfig:
     image_size: int = 32             # synthetic: side of the square images, in pixels
     max_image_side: int = 1024       # manifest: larger images are shrunk as they are decoded
     num_workers: int = 0             # DataLoader processes decoding the next batches (GPU: 4-8; CPU: 0)
-    system_prompt: str = ""          # text before the first turn; LLaVA-1.5 uses Vicuna's
+    system_prompt: str = ""          # text before the first turn; LLaVA-1.5: LLAVA_V1_SYSTEM
+    image_aspect_ratio: str = "pad"  # "pad": to a square in the processor's mean colour (LLaVA-1.5) | "crop"
     max_length: int = 2048           # longest tokenised sample (error beyond it)
     max_new_tokens: int = 8          # generation length at evaluation
     skip_bad_records: bool = False   # manifest: leave bad records out (reported) instead of failing
@@ -77,14 +87,22 @@ class DataConfig:
 
 @dataclass
 class Sample:
-    """One record. `image` is a picture in memory (the synthetic worlds, small by construction)
-    or the path of the file it is read from (LLaVA JSON: only the name is kept at load time,
-    so a client of 20,000 records costs kilobytes, not gigabytes). `picture` is the one place
-    where a record becomes pixels."""
+    """One record. `image` is a picture in memory (the synthetic worlds, small by construction),
+    the path of the file it is read from (LLaVA JSON: only the name is kept at load time, so a
+    client of 20,000 records costs kilobytes, not gigabytes), or None for a text-only record
+    (no `<image>`, no image tokens; the connector is not used for it). `picture` is the one
+    place where a record becomes pixels."""
     id: str
-    image: Image.Image | str
-    turns: list[tuple[str, str]]     # [(human, gpt), ...]; `<image>` in the first human turn
+    image: Image.Image | str | None
+    turns: list[tuple[str, str]]     # [(human, gpt), ...]; `<image>` in the first human turn if image
     source: str = ""                 # where it came from, for error messages ("file: record i")
+    refs: list[str] | None = None    # a test record's reference answers ("references"); None: its first answer
+
+
+def references(s: Sample) -> list[str]:
+    """What a prediction for s's first turn is scored against: the record's "references" (all
+    the human answers or captions) when it has them, else its first gpt answer."""
+    return s.refs if s.refs else [s.turns[0][1]]
 
 
 @dataclass
@@ -93,7 +111,7 @@ class ClientData:
     task: str
     train: list[Sample]
     test: list[Sample]
-    metric: str = "exact"            # "exact" (exact match) | "f1" (token F1, captions)
+    metric: str = "exact"            # a key of METRICS: exact | f1 | vqa | gqa | cider
     skipped: list[str] = field(default_factory=list)   # bad records left out (skip_bad_records)
     val: list[Sample] = field(default_factory=list)    # validation split, carved from its training data
     files: list[str] = field(default_factory=list)     # the JSON files it was read from (run identity)
@@ -350,11 +368,12 @@ def read_image(file: str, max_side: int) -> Image.Image:
     return image
 
 
-def picture(s: Sample, max_side: int = 1024) -> Image.Image:
+def picture(s: Sample, max_side: int = 1024) -> Image.Image | None:
     """THE place where a record becomes pixels: a synthetic sample's picture as it is, a LLaVA
-    record's file decoded now (read_image), when its batch is built. A file that fails to
-    decode here, in the middle of a run, is a DataError naming the file and the record."""
-    if isinstance(s.image, Image.Image):
+    record's file decoded now (read_image), when its batch is built; None for a text-only
+    record. A file that fails to decode here, in the middle of a run, is a DataError naming the
+    file and the record."""
+    if s.image is None or isinstance(s.image, Image.Image):
         return s.image
     try:
         return read_image(s.image, max_side)
@@ -365,18 +384,26 @@ def picture(s: Sample, max_side: int = 1024) -> Image.Image:
 
 
 def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
-    """One LLaVA record -> Sample, or a DataError naming file and record. The image must be a
-    file inside image_folder (no absolute paths, no '..', no symlink that leads out) whose
-    header reads (check_image_header); its pixels are decoded only when its batch is built."""
+    """One LLaVA record -> Sample, or a DataError naming file and record. As LLaVA-1.5's
+    training code reads its data mix (SPEC 5c): a first turn from gpt is dropped
+    (preprocess_v1), then turns alternate human/gpt; a record with `image` holds exactly one
+    `<image>`, in its first human turn (anywhere in it: the Encoder moves it to the front, as
+    preprocess_multimodal does); a record without `image` is text-only and holds none. The image
+    must be a file inside image_folder (no absolute paths, no '..', no symlink that leads out)
+    whose header reads (check_image_header); its pixels are decoded only when its batch is built.
+    An optional "references" list (all the human answers or captions of a test record) is what
+    scoring compares with (data.references); training never reads it."""
     if not isinstance(rec, dict):
         raise _record_error(path, index, rec, f"expected an object, got {type(rec).__name__}")
     conv = rec.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise _record_error(path, index, rec, "'conversations' must be a non-empty list")
-    if len(conv) % 2:
-        raise _record_error(path, index, rec, f"'conversations' has {len(conv)} turns; expected human/gpt pairs")
+    first = 1 if isinstance(conv[0], dict) and conv[0].get("from") == "gpt" else 0   # LLaVA drops it
+    if not conv[first:] or len(conv[first:]) % 2:
+        raise _record_error(path, index, rec, f"'conversations' has {len(conv) - first} turns"
+                            f"{' after its first (gpt) turn' if first else ''}; expected human/gpt pairs")
     turns = []
-    for t in range(0, len(conv), 2):
+    for t in range(first, len(conv), 2):
         pair = conv[t:t + 2]
         for j, (turn, role) in enumerate(zip(pair, ("human", "gpt"))):
             if not isinstance(turn, dict) or turn.get("from") != role:
@@ -386,9 +413,19 @@ def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
                 raise _record_error(path, index, rec, f"turn {t + j} has an empty or non-string 'value'")
         turns.append((pair[0]["value"], pair[1]["value"]))
     n_img = sum(h.count(IMAGE) + g.count(IMAGE) for h, g in turns)
+    rid = rec.get("id", index)
+    source = f"{path}: record {index} (id {rid!r})"
+    refs = rec.get("references")
+    if refs is not None and (not isinstance(refs, list) or not refs
+                             or not all(isinstance(r, str) and r.strip() for r in refs)):
+        raise _record_error(path, index, rec, "'references' must be a non-empty list of non-empty strings")
+    if "image" not in rec or rec["image"] is None:
+        if n_img:
+            raise _record_error(path, index, rec, f"has no 'image' but {n_img} {IMAGE} placeholder(s)")
+        return Sample(str(rid), None, turns, source, refs)
     if n_img != 1 or IMAGE not in turns[0][0]:
         raise _record_error(path, index, rec, f"expected exactly one {IMAGE} placeholder, in the first human turn (found {n_img})")
-    name = rec.get("image")
+    name = rec["image"]
     if not isinstance(name, str) or not name:
         raise _record_error(path, index, rec, "'image' must be a file name")
     folder = os.path.realpath(image_folder)
@@ -401,8 +438,20 @@ def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
         raise _record_error(path, index, rec, f"image file not found: {file}") from None
     except Exception as e:  # PIL raises several types for unreadable files
         raise _record_error(path, index, rec, f"cannot read image {file}: {e}") from None
-    rid = rec.get("id", index)
-    return Sample(str(rid), file, turns, f"{path}: record {index} (id {rid!r})")
+    return Sample(str(rid), file, turns, source, refs)
+
+
+def read_json(path: str, what: str):
+    """A JSON file, or a DataError naming it: missing, not UTF-8, not JSON, unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON: {e}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
 
 
 def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = None,
@@ -410,15 +459,7 @@ def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = No
     """Read a LLaVA conversation JSON file (a list of records). A bad record is a DataError
     naming the file and record, unless `skipped` is a list: then the record is left out and
     its error message appended there (data.skip_bad_records), so nothing is dropped silently."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON: {e}") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
+    records = read_json(path, "file")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     if not records:
@@ -502,6 +543,8 @@ def data_digest(clients: Sequence[ClientData], full: bool = False) -> dict[str, 
                 records.update(hashlib.sha256(fh.read()).digest())
         for s in c.train + c.val + c.test:
             records.update(repr((c.name, s.id, s.turns)).encode())
+            if s.image is None:
+                continue
             if isinstance(s.image, Image.Image):
                 images.update(s.image.tobytes())
                 content.update(s.image.tobytes())
@@ -524,9 +567,12 @@ def export_llava(clients: Sequence[ClientData], out_dir: str) -> str:
         for split in ("train", "test"):
             records = []
             for s in getattr(c, split):
-                picture(s).save(os.path.join(out_dir, "images", f"{s.id}.png"))
                 conv = [m for h, g in s.turns for m in ({"from": "human", "value": h}, {"from": "gpt", "value": g})]
-                records.append({"id": s.id, "image": f"{s.id}.png", "conversations": conv})
+                image = {} if s.image is None else {"image": f"{s.id}.png"}   # text-only: no image key
+                if image:
+                    picture(s).save(os.path.join(out_dir, "images", image["image"]))
+                refs = {"references": s.refs} if s.refs else {}
+                records.append({"id": s.id, **image, "conversations": conv, **refs})
             with open(os.path.join(out_dir, f"{c.name}_{split}.json"), "w") as f:
                 json.dump(records, f, indent=1)
         manifest.append({"name": c.name, "task": c.task, "train": f"{c.name}_train.json",
@@ -576,7 +622,8 @@ def check_encodable(clients: Sequence[ClientData], enc: "Encoder", skip_bad_reco
     """Before any model loads: every sample of every split fits data.max_length (else a
     DataError naming its file and record, or, with skip_bad_records, it is left out and
     reported in the client's `skipped`), and every answer word is one the tokenizer knows
-    (else a DataError listing the words). Returns warnings for unknown words in prompts.
+    (else a DataError listing the words; only a closed-vocabulary tokenizer has any: Llama's and
+    the embedded base's fall back to bytes). Returns warnings for unknown words in prompts.
     Token lengths come from Encoder.lengths, tokenised in batches."""
     for c in clients:
         for split in ("train", "val", "test"):
@@ -598,8 +645,8 @@ def check_encodable(clients: Sequence[ClientData], enc: "Encoder", skip_bad_reco
     if answers:
         listed = ", ".join(f"{w!r} x{n}" for w, n in answers.most_common(20))
         raise DataError(f"answers use words the model's tokenizer cannot represent ({listed}): they would train and "
-                        "score as <unk>. Use a real checkpoint (model.llava), or the words of the embedded base "
-                        "(python data.py --vocabulary)")
+                        "score as <unk>. Use a tokenizer that knows them (a byte-fallback one, as Llama's and the "
+                        "embedded base's, knows every word)")
     prompts = unknown_words(enc.tokenizer, [h for s in samples for h, _ in s.turns])
     if not prompts:
         return []
@@ -607,18 +654,48 @@ def check_encodable(clients: Sequence[ClientData], enc: "Encoder", skip_bad_reco
 
 
 # -----------------------------------------------------------------------------
-# Tokenisation (LLaVA-1.5 / Vicuna v1 conversation format) and collate
+# Tokenisation and pictures exactly as LLaVA-1.5 trains (SPEC 5c), and collate
+
+
+def image_first(human: str) -> str:
+    """LLaVA's preprocess_multimodal: the turn's `<image>` taken out and put at its front,
+    followed by a newline ("Who wrote this book?\n<image>" -> "<image>\nWho wrote this book?")."""
+    return (IMAGE + "\n" + human.replace(IMAGE, "").strip()).strip()
+
+
+def expand2square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA's expand2square (llava/mm_utils.py): the picture centred on a square of its longer
+    side, the rest in `fill` (the processor's mean colour x 255, truncated to int, as LLaVA does).
+    A square picture is returned as it is."""
+    w, h = image.size
+    if w == h:
+        return image
+    out = Image.new(image.mode, (max(w, h),) * 2, fill)
+    out.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return out
 
 
 @dataclass
 class Encoder:
-    """Turns Samples into model inputs, in LLaVA-1.5's conversation format:
-        {system} USER: {human} ASSISTANT: {gpt}</s> USER: ... ASSISTANT:
-    `<image>` is expanded to `n_image_tokens` copies of `image_token_id` (the image tokens of
-    the connector replace them in model.py); labels are IGNORE everywhere but the answers and
-    their EOS. Segments are tokenised separately and concatenated, as LLaVA's own code does:
-    `pieces` lists them once, for encode (one sample) and lengths (many, in batches).
-    Pictures are decoded in collate (data.picture), so in a DataLoader worker."""
+    """Turns Samples into model inputs as LLaVA-1.5's training code does (SPEC 5c; haotian-liu/
+    LLaVA conv_vicuna_v1, preprocess_multimodal, preprocess_v1, tokenizer_image_token):
+
+        {system} USER: <image>\n{h1} ASSISTANT: {g1}</s>USER: {h2} ASSISTANT: {g2}</s>
+
+    The text is split at `<image>`; each chunk is tokenised with the tokenizer's special tokens
+    (its BOS), the BOS is kept on the first chunk only, and `n_image_tokens` copies of
+    `image_token_id` go between the chunks (the connector's tokens replace them in model.py).
+    With a Llama tokenizer this leaves "▁" before the image and "▁" "<0x0A>" after it, as in
+    LLaVA-1.5's own inputs. Labels: every token of each answer and its `</s>` (the tokens whose
+    characters lie in " {g}</s>"), IGNORE elsewhere; computed from the fast tokenizer's offsets
+    rather than LLaVA's length arithmetic, which gives the same labels (tests/test_llava_format.py)
+    without its "tokenization mismatch" cases. A text-only Sample (image None) is one chunk.
+    [choice] With an empty system prompt the text starts at "USER:" (LLaVA would start it with
+    the separator, " USER:").
+    Pictures are padded to a square in the processor's mean colour first (image_aspect_ratio
+    "pad", LLaVA-1.5's `--image_aspect_ratio pad`) unless the processor pads itself (llava-hf's
+    LlavaImageProcessor with do_pad); "crop" leaves them to the processor's centre crop. They
+    are decoded in collate (data.picture), so in a DataLoader worker."""
     tokenizer: object
     image_processor: object
     image_token_id: int
@@ -628,90 +705,114 @@ class Encoder:
     max_image_side: int = 1024
     num_workers: int = 0             # how batches are loaded (data.num_workers, data.skip_bad_records):
     skip_bad_records: bool = False   # the loaders of fed.py read them here, beside the encoding
+    image_aspect_ratio: str = "pad"
 
-    def _ids(self, piece: str | list[int]) -> list[int]:
-        return piece if isinstance(piece, list) else self.tokenizer(piece, add_special_tokens=False).input_ids
+    def text(self, s: Sample, prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """conv_vicuna_v1's get_prompt of the Sample, and the character span of every answer
+        (" {g}</s>", the space after "ASSISTANT:" included). prompt=True: the first turn up to
+        "ASSISTANT:", for generation (LLaVA's eval appends an empty assistant message)."""
+        text, spans = (self.system_prompt + " " if self.system_prompt else ""), []
+        for human, gpt in s.turns:
+            text += f"USER: {image_first(human) if IMAGE in human else human} ASSISTANT:"
+            if prompt:
+                break
+            answer = f" {gpt}{self.tokenizer.eos_token}"
+            spans.append((len(text), len(text) + len(answer)))
+            text += answer
+        if (s.image is None) != (IMAGE not in text) or text.count(IMAGE) > 1:
+            raise DataError(f"{s.source or s.id}: a sample with{'out' if s.image is None else ''} an image holds "
+                            f"{text.count(IMAGE)} {IMAGE} placeholders")
+        return text, spans
 
-    def _prompt_pieces(self, human: str, first: bool) -> list[str | list[int]]:
-        """A human turn up to `ASSISTANT:`: texts to tokenise and literal id lists, in order."""
-        pieces: list[str | list[int]] = []
-        if first:
-            if self.tokenizer.bos_token_id is not None:
-                pieces.append([self.tokenizer.bos_token_id])
-            if self.system_prompt:
-                pieces.append(self.system_prompt)
-        before, _, after = human.partition(IMAGE) if IMAGE in human else ("", "", human)
-        pieces.append("USER: " + before.strip() if before.strip() else "USER:")
-        if IMAGE in human:
-            pieces.append([self.image_token_id] * self.n_image_tokens)
-        return pieces + [after.strip() + " ASSISTANT:"]
+    def _splice(self, chunks: list[list[int]], image: int, drop: int) -> list[int]:
+        """tokenizer_image_token: the chunks joined by n_image_tokens copies of `image`, the
+        first `drop` ids of every later chunk dropped (LLaVA drops one, the BOS, when the first
+        chunk starts with the BOS)."""
+        ids = list(chunks[0])
+        for c in chunks[1:]:
+            ids += [image] * self.n_image_tokens + c[drop:]
+        return ids
 
-    def pieces(self, s: Sample) -> list[tuple[str | list[int], bool]]:
-        """The whole conversation as (piece, is_answer) pairs; answers carry the labels."""
-        out = []
-        for t, (human, gpt) in enumerate(s.turns):
-            out += [(p, False) for p in self._prompt_pieces(human, t == 0)]
-            out += [(" " + gpt.strip(), True), ([self.tokenizer.eos_token_id], True)]
-        return out
-
-    def encode(self, s: Sample, check: bool = True) -> tuple[list[int], list[int]]:
-        """Full conversation -> (input_ids, labels)."""
-        ids, labels = [], []
-        for piece, is_answer in self.pieces(s):
-            p = self._ids(piece)
-            ids += p
-            labels += p if is_answer else [IGNORE] * len(p)
+    def encode(self, s: Sample, check: bool = True, prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Sample -> (input_ids, labels); prompt=True: the generation prompt, labels all IGNORE."""
+        text, spans = self.text(s, prompt)
+        chunks = text.split(IMAGE)
+        enc = self.tokenizer(chunks, return_offsets_mapping=True)
+        labels, start = [], 0   # start: where the chunk begins in `text`
+        for chunk, ids, offsets in zip(chunks, enc.input_ids, enc.offset_mapping):
+            labels.append([i if b > a and any(lo <= start + a and start + b <= hi for lo, hi in spans) else IGNORE
+                           for i, (a, b) in zip(ids, offsets)])
+            start += len(chunk) + len(IMAGE)
+        drop = int(enc.input_ids[0][:1] == [self.tokenizer.bos_token_id])
+        ids = self._splice(enc.input_ids, self.image_token_id, drop)
         if check and len(ids) > self.max_length:
             raise DataError(f"{s.source or s.id}: {len(ids)} tokens > data.max_length {self.max_length}")
-        return ids, labels
+        return ids, self._splice(labels, IGNORE, drop)
 
     def lengths(self, samples: Sequence[Sample], chunk: int = 4096, progress: bool = False) -> list[int]:
-        """len(encode(s)[0]) of every sample, with the texts tokenised `chunk` at a time (a fast
+        """len(encode(s)[0]) of every sample, with the chunks tokenised `chunk` at a time (a fast
         tokenizer batches them in Rust: tens of thousands of records a second)."""
-        texts, owner, n = [], [], [0] * len(samples)
+        texts, owner = [], []
         for i, s in enumerate(samples):
-            for piece, _ in self.pieces(s):
-                if isinstance(piece, list):
-                    n[i] += len(piece)
-                else:
-                    texts.append(piece)
-                    owner.append(i)
+            parts = self.text(s)[0].split(IMAGE)
+            texts += parts
+            owner += [i] * len(parts)
+        sizes, bos = [], []    # per chunk: its token count, whether it starts with the BOS
         bar = tqdm(total=len(texts), desc="tokenising", unit="text", disable=None if progress else True, leave=False)
         for lo in range(0, len(texts), chunk):
-            ids = self.tokenizer(texts[lo:lo + chunk], add_special_tokens=False).input_ids
-            for i, t in zip(owner[lo:lo + chunk], ids):
-                n[i] += len(t)
-            bar.update(len(ids))
+            for t in self.tokenizer(texts[lo:lo + chunk]).input_ids:
+                sizes.append(len(t))
+                bos.append(t[:1] == [self.tokenizer.bos_token_id])
+            bar.update(min(chunk, len(texts) - lo))
         bar.close()
+        n, drop = [0] * len(samples), [0] * len(samples)
+        for j, i in enumerate(owner):
+            if j and owner[j - 1] == i:   # a later chunk of sample i: the image tokens, its BOS dropped
+                n[i] += self.n_image_tokens + sizes[j] - drop[i]
+            else:
+                n[i], drop[i] = sizes[j], int(bos[j])
         return n
 
     def encode_prompt(self, s: Sample) -> list[int]:
         """The first turn's prompt, up to `ASSISTANT:`, for generation."""
-        return [i for p in self._prompt_pieces(s.turns[0][0], True) for i in self._ids(p)]
+        return self.encode(s, check=False, prompt=True)[0]
 
-    def pixels(self, samples: Sequence[Sample], pictures: Sequence[Image.Image] | None = None) -> torch.Tensor:
-        if pictures is None:
-            pictures = [picture(s, self.max_image_side) for s in samples]
-        return self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+    def pixels(self, pictures: Sequence[Image.Image | None]) -> torch.Tensor | None:
+        """pixel_values (n, 3, H, W) of the pictures that are not None (text-only samples have
+        none), padded to squares first (image_aspect_ratio pad); None when there are none."""
+        images = [p for p in pictures if p is not None]
+        if not images:
+            return None
+        if self.image_aspect_ratio == "pad" and not getattr(self.image_processor, "do_pad", False):
+            fill = tuple(int(x * 255) for x in self.image_processor.image_mean)
+            images = [expand2square(p, fill) for p in images]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]   # (n, 3, H, W)
 
     def _pad(self, seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
         L = max(len(s) for s in seqs)
         return torch.tensor([[value] * (L - len(s)) + s if left else s + [value] * (L - len(s)) for s in seqs])
 
+    def _with_pixels(self, batch: dict, samples: Sequence[Sample], pictures) -> dict:
+        if pictures is None:
+            pictures = [picture(s, self.max_image_side) for s in samples]
+        pixel_values = self.pixels(pictures)
+        return batch if pixel_values is None else batch | {"pixel_values": pixel_values}
+
     def collate(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
-        """Training batch, right-padded: input_ids, attention_mask, labels (B, L); pixel_values."""
+        """Training batch, right-padded: input_ids, attention_mask, labels (B, L); pixel_values
+        (n, 3, H, W) of the n samples that have a picture, in batch order (absent when n = 0)."""
         enc = [self.encode(s) for s in samples]
         ids = self._pad([e[0] for e in enc], self.tokenizer.pad_token_id, left=False)    # (B, L)
         mask = self._pad([[1] * len(e[0]) for e in enc], 0, left=False)                 # (B, L)
         labels = self._pad([e[1] for e in enc], IGNORE, left=False)                      # (B, L)
-        return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=self.pixels(samples, pictures))
+        return self._with_pixels(dict(input_ids=ids, attention_mask=mask, labels=labels), samples, pictures)
 
     def collate_prompts(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
         """Generation batch, left-padded prompts: input_ids, attention_mask (B, L); pixel_values."""
         prompts = [self.encode_prompt(s) for s in samples]
         ids = self._pad(prompts, self.tokenizer.pad_token_id, left=True)                 # (B, L)
         mask = self._pad([[1] * len(p) for p in prompts], 0, left=True)                  # (B, L)
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=self.pixels(samples, pictures))
+        return self._with_pixels(dict(input_ids=ids, attention_mask=mask), samples, pictures)
 
 
 class Batches(torch.utils.data.Dataset):
@@ -757,10 +858,13 @@ def batch_loader(enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequenc
 
 
 # -----------------------------------------------------------------------------
-# Metrics
+# Metrics (SPEC 5d): corpus-level, each record with one or more references
+#   METRICS[name](predictions, references) -> float; predictions a list of strings, references
+#   a list of lists of strings (one list per record, in the same order).
 
 
 def normalise(text: str) -> list[str]:
+    """Lowercase alphanumeric words: the tokens of `exact`, `f1` and `cider`."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
@@ -777,15 +881,163 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-METRICS = {"exact": exact_match, "f1": token_f1}
+def _best_of(score):
+    """A per-pair score -> a corpus metric: each record's best over its references, averaged."""
+    def metric(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        _check_lengths(predictions, references)
+        return sum(max(score(p, r) for r in refs) for p, refs in zip(predictions, references)) / len(predictions)
+    return metric
+
+
+def _check_lengths(predictions, references) -> None:
+    if len(predictions) != len(references) or not predictions or not all(references):
+        raise ValueError(f"a metric needs one non-empty list of references per prediction, got {len(predictions)} "
+                         f"predictions and {len(references)} reference lists")
+
+
+# VQA accuracy (VQAv2, TextVQA): the EvalAI answer processing of the VQA challenge (as LLaVA's
+# m4c_evaluator and MMF apply it to predictions and human answers alike), then the soft score.
+VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've"}
+VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+               "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+VQA_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")     # as EvalAI writes it: a "." not followed by a digit
+VQA_COMMA = re.compile(r"(?<=\d)(,)+(?=\d)")        # a thousands comma, 1,000
+
+
+def vqa_normalise(answer: str) -> str:
+    """EvalAI's answer processing, step by step: lowercase, drop "," and "?" and split "'s" off;
+    newlines and tabs to spaces; each punctuation mark dropped where it touches a space (or the
+    text has a thousands comma), else replaced by a space; periods not before a digit dropped;
+    number words to digits (none, zero..ten), articles (a, an, the) dropped, contractions
+    written with their apostrophe (dont -> don't)."""
+    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in VQA_PUNCTUATION:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or VQA_COMMA.search(text)) else " ")
+    out = VQA_PERIOD.sub("", out)
+    words = [VQA_NUMBERS.get(w, w) for w in out.split()]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def vqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """VQA accuracy (Antol et al. 2015, as EvalAI scores VQAv2 and TextVQA): the prediction and
+    the n human answers normalised by vqa_normalise; for each of the n leave-one-out subsets of
+    n - 1 answers the prediction scores min(1, matches / 3); the record's score is their mean.
+    [choice] With fewer than 10 answers the bar is min(3, n - 1) matches among the others (n = 2:
+    the other answer; n = 3: both others; n >= 4: three, as with 10), and with one answer it is
+    exact match of the normalised strings. With 10 it is the standard."""
+    _check_lengths(predictions, references)
+    total = 0.0
+    for pred, refs in zip(predictions, references):
+        p, gts = vqa_normalise(pred), [vqa_normalise(r) for r in refs]
+        if len(gts) == 1:
+            total += float(p == gts[0])
+            continue
+        bar = min(3, len(gts) - 1)
+        total += sum(min(1.0, sum(g == p for j, g in enumerate(gts) if j != i) / bar) for i in range(len(gts))) / len(gts)
+    return total / len(predictions)
+
+
+def gqa_normalise(answer: str) -> str:
+    """GQA's evaluation (eval.py of the GQA release, as LLaVA's eval_gqa runs it): lowercase,
+    a trailing "." stripped, surrounding spaces removed."""
+    text = answer.strip().lower()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def gqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """GQA accuracy: exact match of gqa_normalise'd strings (best over a record's references)."""
+    return _best_of(lambda p, r: float(gqa_normalise(p) == gqa_normalise(r)))(predictions, references)
+
+
+def _ngrams(words: list[str], n: int = 4) -> Counter:
+    """coco-caption's precook: counts of every 1..n-gram."""
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0) -> float:
+    """CIDEr-D (Vedantam et al. 2015) as coco-caption's cider_scorer computes it (pycocoevalcap
+    `Cider`), over the whole evaluated set:
+      - document frequency df(g) = the number of records whose references contain n-gram g, and
+        ref_len = log(number of records): the IDF comes from this set, so only a full test set's
+        CIDEr compares across papers (a subset's is another number);
+      - per n, a TF-IDF vector of counts x (ref_len - log(max(1, df))); for the prediction and
+        each reference: sum over g of min(v_pred, v_ref) * v_ref (the clipping), divided by both
+        norms, times exp(-delta^2 / (2 sigma^2)) with delta the difference of their lengths;
+      - a record's score is the mean over n = 1..4 and over its references, x 10; the corpus score
+        the mean over records.
+    As in cider_scorer, the "length" of a text is its number of bigrams (its code counts the
+    n-grams whose index n-1 is 1), not of words.
+    [choice] Tokens: lowercase words of letters and digits (normalise), every other character a
+    separator. coco-caption tokenises with Stanford's PTBTokenizer (Java), which lowercases,
+    keeps hyphenated words whole, splits clitics ("do n't", "dog 's") and then drops punctuation
+    tokens: the two differ on hyphens and apostrophes only."""
+    _check_lengths(predictions, references)
+    cooked = [(_ngrams(normalise(p), n), [_ngrams(normalise(r), n) for r in refs])
+              for p, refs in zip(predictions, references)]
+    df = Counter(g for _, refs in cooked for g in {g for r in refs for g in r})
+    ref_len = math.log(float(len(cooked)))
+
+    def vector(counts: Counter):
+        vec = [{} for _ in range(n)]
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (ref_len - math.log(max(1.0, df[g])))
+        norms = [math.sqrt(sum(v * v for v in vec[k].values())) for k in range(n)]
+        return vec, norms, sum(tf for g, tf in counts.items() if len(g) == 2)
+
+    total = 0.0
+    for test, refs in cooked:
+        vec, norm, length = vector(test)
+        score = [0.0] * n
+        for ref in refs:
+            vec_r, norm_r, length_r = vector(ref)
+            for k in range(n):
+                val = sum(min(v, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, v in vec[k].items())
+                if norm[k] != 0 and norm_r[k] != 0:
+                    val /= norm[k] * norm_r[k]
+                score[k] += val * math.exp(-((length - length_r) ** 2) / (2 * sigma ** 2))
+        total += sum(score) / n / len(refs) * 10.0
+    return total / len(cooked)
+
+
+METRICS = {"exact": _best_of(exact_match), "f1": _best_of(token_f1), "vqa": vqa_accuracy, "gqa": gqa_accuracy,
+           "cider": cider_d}
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Export a synthetic scenario as LLaVA JSON, or list the embedded base's words.")
+    ap = argparse.ArgumentParser(description="Export a synthetic scenario as LLaVA JSON, or list the words the embedded base was pretrained on.")
     ap.add_argument("--export", metavar="DIR", help="write the scenario as LLaVA JSON + images + manifest.yaml")
     ap.add_argument("--scenario", default="A", choices=sorted(SCENARIOS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocabulary", action="store_true", help="print every word the embedded base knows")
+    ap.add_argument("--vocabulary", action="store_true", help="print the words the embedded base was pretrained on (it encodes any text)")
     args = ap.parse_args()
     if args.vocabulary:
         print(" ".join(vocabulary()))

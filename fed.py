@@ -392,25 +392,26 @@ def eval_subset(samples: Sequence[data_mod.Sample], n: int | None, seed: int, cl
 def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
              metric: str, batch_size: int, max_new_tokens: int, progress: bool = False,
              skipped: list[str] | None = None) -> float:
-    """Mean exact match (or token F1) of greedy answers to the first turn: batched generation
-    with the KV cache (PilotLlava.generate), batches decoded ahead by the loader's workers."""
+    """The metric (data.METRICS, corpus-level) of greedy answers to each record's first turn
+    against its references (data.references): batched generation with the KV cache
+    (PilotLlava.generate), batches decoded ahead by the loader's workers, the metric computed
+    once over every record scored."""
     model.eval()
     tok = enc.tokenizer
     dev = next(model.lm.parameters()).device
     plan = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
-    score, n = 0.0, 0
+    predictions, references = [], []
     bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=None if progress else True, leave=False)
     for batch, kept in _loader(enc, samples, plan, dev, prompts=True, skipped=skipped):
         if batch is not None:
             with autocast(model):
                 seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id)
-            for j, seq in zip(kept, seqs):
-                score += data_mod.METRICS[metric](tok.decode(seq, skip_special_tokens=True), samples[j].turns[0][1])
-            n += len(kept)
+            predictions += [tok.decode(seq, skip_special_tokens=True) for seq in seqs]
+            references += [data_mod.references(samples[j]) for j in kept]
         bar.update(len(kept))
     bar.close()
-    return score / n if n else float("nan")
+    return data_mod.METRICS[metric](predictions, references) if predictions else float("nan")
 
 
 # -----------------------------------------------------------------------------

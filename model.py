@@ -10,7 +10,7 @@ Where the weights come from:
       vision tower, LLM, tokenizer, image processor; its projector initialises psi_t.
   (b) a CLIP vision checkpoint + a causal-LM checkpoint + an optional LLaVA projector file
       (mm_projector.bin of the original LLaVA repo, or .safetensors).
-  (c) "embedded": a tiny LLaVA built from transformers configs with a word-level tokenizer,
+  (c) "embedded": a tiny LLaVA built from transformers configs with a Llama-style tokenizer,
       briefly pretrained here on synthetic captions, saved with save_pretrained and then
       loaded through exactly path (a). Built once, cached under model.cache_dir.
 
@@ -91,21 +91,29 @@ class PilotLlava(nn.Module):
         h = hs[self.feature_layer]                                        # (B, 1 + N, C_v)
         return h[:, 1:] if self.drop_cls else h                           # (B, N, C_v)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor):
-        """Text embeddings with the image tokens scattered into the `<image>` positions."""
-        h = self.image_features(pixel_values)                              # (B, N, C_v), frozen dtype
-        # trainable connector weights stay fp32 on a bf16 base (under autocast on GPU)
-        conn = self.connector(h.to(next(self.connector.parameters()).dtype))   # tokens (B, N, C)
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None):
+        """Text embeddings with the image tokens scattered into the `<image>` positions.
+        pixel_values holds one picture per sample that has an image, in batch order (text-only
+        samples have none; a batch of text alone has pixel_values None and never runs the
+        vision tower or the connector, whose auxiliary losses are then 0)."""
         is_img = input_ids == self.image_token_id                         # (B, L)
+        # the id may lie outside the LM's vocabulary (path b), so look up a harmless 0 there
+        emb = self.lm.get_input_embeddings()(input_ids.masked_fill(is_img, 0))   # (B, L, C)
+        if pixel_values is None:
+            if is_img.any():
+                raise ValueError(f"{int(is_img.sum())} image-token positions in input_ids and no pixel_values")
+            return emb, pilot.aux_losses(emb)
+        h = self.image_features(pixel_values)                              # (n, N, C_v), frozen dtype
+        # trainable connector weights stay fp32 on a bf16 base (under autocast on GPU)
+        conn = self.connector(h.to(next(self.connector.parameters()).dtype))   # tokens (n, N, C)
         n_img, n_tok = int(is_img.sum()), conn.tokens.shape[0] * conn.tokens.shape[1]
         if n_img != n_tok:
             raise ValueError(f"{n_img} image-token positions in input_ids for {n_tok} image tokens")
-        # the id may lie outside the LM's vocabulary (path b), so look up a harmless 0 there
-        emb = self.lm.get_input_embeddings()(input_ids.masked_fill(is_img, 0))   # (B, L, C)
+        # row-major order: sample i's N positions take the i-th picture's N tokens
         emb = emb.masked_scatter(is_img[..., None], conn.tokens.to(emb.dtype))    # (B, L, C)
         return emb, conn.aux
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> Output:
         emb, aux = self.embed(input_ids, pixel_values)                    # (B, L, C)
         logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask).logits   # (B, L, V)
@@ -115,8 +123,8 @@ class PilotLlava(nn.Module):
         return Output(ce, aux, logits)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                 max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 *, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
         """Batched greedy decoding with KV cache from LEFT-padded prompts; each sequence stops
         at EOS (not returned) or after max_new_tokens."""
         emb, _ = self.embed(input_ids, pixel_values)                      # (B, L, C)
@@ -286,7 +294,7 @@ def load_text_side(cfg: ModelConfig):
     from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig
     import data
     if cfg.llava == "embedded":
-        tok = word_tokenizer(data.vocabulary())
+        tok = embedded_tokenizer()
         return tok, tok.convert_tokens_to_ids("<image>"), (EMBEDDED["image_size"] // EMBEDDED["patch_size"]) ** 2
     if cfg.llava:
         config = AutoConfig.from_pretrained(cfg.llava)
@@ -357,7 +365,8 @@ EMBEDDED = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, v
                 llm_width=128, llm_layers=4, llm_heads=4, llm_mlp=256)
 
 
-def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, **sizes):
+def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int = 1,
+                      eos_token_id: int = 2, **sizes):
     """A LlavaConfig of a tiny CLIP + tiny Llama (used by the embedded base and the tests)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     s = {**EMBEDDED, **sizes}
@@ -367,30 +376,58 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, *
     tc = LlamaConfig(vocab_size=vocab_size, hidden_size=s["llm_width"], intermediate_size=s["llm_mlp"],
                      num_hidden_layers=s["llm_layers"], num_attention_heads=s["llm_heads"],
                      num_key_value_heads=s["llm_heads"], max_position_embeddings=512,
-                     pad_token_id=pad_token_id, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+                     pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                     tie_word_embeddings=False)
     return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
                        image_seq_length=(s["image_size"] // s["patch_size"]) ** 2,
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def word_tokenizer(words: list[str]):
-    """A word-level tokenizer (tokenizers library): <pad> 0, <unk> 1, <s> 2, </s> 3, <image> 4."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2, as in Llama's and Vicuna's vocabulary
+
+
+def llama_style_tokenizer(texts: list[str], learned: int = 400):
+    """A tokenizer built the way transformers' LlamaConverter builds Llama's (non-legacy):
+    a BPE with byte fallback (any text encodes: a character it never saw becomes its UTF-8
+    bytes, <0x0A> for a newline), a Metaspace pre-tokenizer ("▁" for each space, one put
+    before the text), `<s>` added in front, and the decoder that undoes all that. Ids as
+    Llama's: <unk> 0, <s> 1, </s> 2, the 256 bytes <0x00>..<0xFF> 3-258, then the `learned`
+    pieces that tokenizers' BpeTrainer (deterministic) learns from `texts`, then <pad> and
+    <image> at the end, where llava-hf adds them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
-    tok.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = metaspace
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=learned, special_tokens=["<unk>"], show_progress=False))
+    trained = json.loads(bpe.to_str())["model"]
+    pieces = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t != "<unk>"]
+    vocab = [*LLAMA_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *pieces, "<pad>", "<image>"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([*LLAMA_SPECIALS, "<pad>", "<image>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def embedded_tokenizer():
+    """The embedded base's tokenizer: llama_style_tokenizer learned from the words of the
+    synthetic world (data.vocabulary), the conversation format and LLaVA-1.5's system prompt.
+    Every synthetic word is one piece; any other text still encodes, through the bytes."""
+    import data
+    return llama_style_tokenizer([" ".join(data.vocabulary()), "USER: ASSISTANT:", data.LLAVA_V1_SYSTEM])
 
 
 def embedded_checkpoint(cfg: ModelConfig) -> str:
     """Path of the embedded base, built on first use (README: how long it takes)."""
     import data
-    recipe = dict(EMBEDDED, steps=cfg.embedded_pretrain_steps, vocab=data.vocabulary(), version=2)
+    recipe = dict(EMBEDDED, steps=cfg.embedded_pretrain_steps, vocab=data.vocabulary(), tokenizer="llama-bpe-400",
+                  version=3)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cfg.cache_dir, f"embedded-llava-{digest}")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -413,10 +450,11 @@ def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, l
     import data
     from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
 
-    tok = word_tokenizer(data.vocabulary())
+    tok = embedded_tokenizer()
     size = EMBEDDED["image_size"]
     proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    config = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    config = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id,
+                               tok.bos_token_id, tok.eos_token_id)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -486,7 +524,8 @@ def meta_config(cfg: ModelConfig):
     from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
     import data
     if cfg.llava == "embedded":
-        return tiny_llava_config(len(data.vocabulary()) + 5, 4, 0), "embedded recipe"
+        tok = embedded_tokenizer()
+        return tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id), "embedded recipe"
     try:
         if cfg.llava:
             return AutoConfig.from_pretrained(cfg.llava, local_files_only=True), cfg.llava

@@ -173,6 +173,7 @@ def validate(cfg: Config) -> None:
         (d.val_per_client >= 0, "data.val_per_client", ">= 0"),
         (d.image_size >= 1, "data.image_size", ">= 1"),
         (d.max_image_side >= 1, "data.max_image_side", ">= 1"),
+        (d.image_aspect_ratio in data_mod.ASPECT_RATIOS, "data.image_aspect_ratio", f"one of {data_mod.ASPECT_RATIOS}"),
         (d.num_workers >= 0, "data.num_workers", ">= 0"),
         (d.max_length >= 1, "data.max_length", ">= 1"),
         (d.max_new_tokens >= 1, "data.max_new_tokens", ">= 1"),
@@ -489,7 +490,8 @@ def build_model(cfg: Config):
     model = model_mod.build_model(base, connector, cfg.model, init)
     d = cfg.data
     enc = data_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
-                           d.system_prompt, d.max_length, d.max_image_side, d.num_workers, d.skip_bad_records)
+                           d.system_prompt, d.max_length, d.max_image_side, d.num_workers, d.skip_bad_records,
+                           d.image_aspect_ratio)
     return model, base, enc
 
 
@@ -645,15 +647,18 @@ def load_trained_client(cfg: Config, name: str, ckpt: dict) -> fed_mod.Client:
     return client
 
 
-def ask(cfg: Config, name: str, image: str, prompt: str) -> str:
-    """Client `name`'s greedy answer to `prompt` about the picture in `image`."""
+def ask(cfg: Config, name: str, image: str | None, prompt: str) -> str:
+    """Client `name`'s greedy answer to `prompt` about the picture in `image` (None: a
+    text-only question, as LLaVA-1.5's text-only records ask)."""
     ckpt = trained_checkpoint(cfg, name)
-    try:
-        data_mod.check_image_header(image)
-    except Exception as e:
-        raise data_mod.DataError(f"--image {image}: cannot read image: {e}") from None
+    if image is not None:
+        try:
+            data_mod.check_image_header(image)
+        except Exception as e:
+            raise data_mod.DataError(f"--image {image}: cannot read image: {e}") from None
     client = load_trained_client(cfg, name, ckpt)
-    sample = data_mod.Sample("ask", image, [(f"{data_mod.IMAGE}\n{prompt}", "-")], f"--image {image}")
+    human = prompt if image is None else f"{data_mod.IMAGE}\n{prompt}"
+    sample = data_mod.Sample("ask", image, [(human, "-")], f"--image {image}" if image else "--prompt")
     enc, model = client.enc, client.model
     dev = next(model.lm.parameters()).device
     model.eval()
@@ -688,7 +693,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also hash every image file's bytes into the run identity (default: name, size, mtime)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     use = ap.add_argument_group("use a trained client (from run_dir's last complete checkpoint)")
-    use.add_argument("--ask", metavar="CLIENT", help="print CLIENT's answer to --prompt about --image")
+    use.add_argument("--ask", metavar="CLIENT", help="print CLIENT's answer to --prompt (about --image, if given)")
     use.add_argument("--image", metavar="FILE")
     use.add_argument("--prompt", metavar="TEXT")
     use.add_argument("--score", metavar="CLIENT", help="score CLIENT on the LLaVA JSON file --data")
@@ -696,8 +701,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     use.add_argument("--images", metavar="DIR", help="image folder of --data (default: its folder)")
     use.add_argument("--metric", choices=sorted(data_mod.METRICS), help="default: the client's metric")
     args = ap.parse_args(argv)
-    if args.ask and not (args.image and args.prompt):
-        ap.error("--ask needs --image FILE and --prompt TEXT")
+    if args.ask and not args.prompt:
+        ap.error("--ask needs --prompt TEXT (and --image FILE to ask about a picture)")
     if args.score and not args.data:
         ap.error("--score needs --data FILE.json")
     return args

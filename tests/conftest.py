@@ -25,8 +25,9 @@ def tiny_llava_dir(tmp_path_factory):
     """A random tiny LLaVA checkpoint directory, loadable by path (a)."""
     from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
     path = str(tmp_path_factory.mktemp("tiny_llava"))
-    tok = model.word_tokenizer(data.vocabulary())
-    cfg = model.tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, **TINY)
+    tok = model.embedded_tokenizer()
+    cfg = model.tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
+                                  tok.eos_token_id, **TINY)
     torch.manual_seed(0)
     llava = LlavaForConditionalGeneration(cfg).eval()
     llava.save_pretrained(path)

@@ -146,17 +146,32 @@ def test_an_over_long_record_is_named_at_load_time_or_skipped(tmp_path, no_model
     assert len(clients[0].train) == 1 and "tokens > data.max_length" in clients[0].skipped[0]
 
 
-def test_answers_in_words_the_tokenizer_lacks_are_an_error_prompts_a_warning(tmp_path, no_model, capsys):
+def test_any_words_train_on_the_embedded_base_and_round_trip(tmp_path, no_model, capsys):
     manifest = _manifest(tmp_path)
-    (tmp_path / "c.json").write_text(json.dumps([_rec(answer="big"), _rec(answer="small"), _rec(answer="big")]))
-    with pytest.raises(DataError) as e:
-        train.load_data(_cfg(manifest))
-    msg = str(e.value)
-    assert "'big' x4" in msg and "'small' x2" in msg and "python data.py --vocabulary" in msg  # train + test
-    (tmp_path / "c.json").write_text(json.dumps([_rec(question="What hue is it?")]))
-    train.load_data(_cfg(manifest))
-    err = capsys.readouterr().err
-    assert "prompts use words" in err and "'hue' x2" in err
+    (tmp_path / "c.json").write_text(json.dumps([_rec(answer="big zebra", question="What hue? Größe"), _rec()]))
+    clients = train.load_data(_cfg(manifest))
+    assert clients[0].train[0].turns[0][1] == "big zebra" and "prompts use words" not in capsys.readouterr().err
+    tok = model.embedded_tokenizer()                                 # byte fallback: nothing becomes <unk>
+    for text in ("big zebra", "What hue? Größe", "naïve ✓ 42"):
+        ids = tok(text).input_ids
+        assert tok.unk_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_a_closed_vocabulary_tokenizer_names_the_words_it_lacks():
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<unk>", "<s>", "</s>", "USER", ":", "ASSISTANT", "What", "colour", "?", "red"]
+    core = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
+    enc = data.Encoder(tok, None, 0, 1)
+    c = data.ClientData("c0", "colour", [data.Sample("a", None, [("What colour?", "big")])],
+                        [data.Sample("b", None, [("What hue?", "red"), ("What colour?", "big")])])
+    with pytest.raises(DataError, match=r"cannot represent \('big' x2\)"):
+        data.check_encodable([c], enc)
+    c.train[0].turns[0] = c.test[0].turns[1] = ("What hue?", "red")
+    assert data.check_encodable([c], enc) == ["prompts use words the tokenizer maps to <unk>: 'hue' x3"]
 
 
 def test_data_py_lists_the_vocabulary():
