@@ -23,13 +23,8 @@ Where things are decided, once each: what a client owns (model.client_state), wh
 adapter sits in a client's state (adapter_prefix, after pilot.expert_tasks), what travels
 (make_upload), what a client does with a message (apply_download).
 
-Methods (`fed.method`): pilot, and baselines / ablations of SPEC section 6:
-  local           plain LLaVA projector + LoRA, no communication
-  fedavg          plain projector + LoRA, sample-weighted mean of everything trainable
-  fedprox         fedavg + (mu/2)||w - w_global||^2 in the local loss
-  pilot_no_diff   pilot with lambda_d = 0
-  pilot_no_moa    pilot with stage 1 for all stage1_rounds + stage2_rounds rounds
-  pilot_fedavg_lora  pilot with FedAvg instead of ATA for LoRA
+Methods (`fed.method`): pilot, and the baselines and ablations of SPEC section 6, each a row of
+METHODS saying what it changes (the only place where methods differ).
 
 Randomness: every draw comes from a generator seeded by (seed, purpose, round, client) via
 derive_seed, never from reseeding the global RNG, so a run is a function of its seed and a
@@ -40,11 +35,12 @@ Shape legend: K clients, T tasks, B batch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from tqdm import tqdm
@@ -53,8 +49,32 @@ import data as data_mod
 import model as model_mod
 import pilot
 
-METHODS = ("pilot", "local", "fedavg", "fedprox", "pilot_no_diff", "pilot_no_moa", "pilot_fedavg_lora",
-           "pilot_task_oracle")
+
+# -----------------------------------------------------------------------------
+# Methods: what each one changes
+
+
+@dataclass(frozen=True)
+class Method:
+    connector: str = "stage1"   # "stage1": psi_t + psi_s (Pilot) | "plain": one LLaVA projector
+    shares: str = "pilot"       # what travels: "pilot" task adapter + LoRA | "model" projector + LoRA | "nothing"
+    lora: str = "ata"           # the server's LoRA rule for "pilot": "ata" | "fedavg" | "task" (FedAvg within a task)
+    stage2: bool = True         # the CT-MoA after stage1_rounds
+    difference: bool = True     # the difference loss in stage 1 (lambda_d)
+    prox: bool = False          # FedProx's (mu/2)||w - w_global||^2 in the local loss
+
+
+BASELINE = Method(connector="plain", shares="model", stage2=False)   # one LLaVA projector + LoRA
+METHODS = {
+    "pilot": Method(),
+    "local": dataclasses.replace(BASELINE, shares="nothing"),        # no communication
+    "fedavg": BASELINE,                                               # sample-weighted mean of everything trainable
+    "fedprox": dataclasses.replace(BASELINE, prox=True),
+    "pilot_no_diff": Method(difference=False),                        # lambda_d = 0
+    "pilot_no_moa": Method(stage2=False),                             # stage 1 for all the rounds
+    "pilot_fedavg_lora": Method(lora="fedavg"),                       # FedAvg instead of ATA for LoRA
+    "pilot_task_oracle": Method(lora="task"),                         # LoRA averaged within each task
+}
 
 # -----------------------------------------------------------------------------
 # Config (keys of the `fed:` section of config.yaml)
@@ -62,7 +82,7 @@ METHODS = ("pilot", "local", "fedavg", "fedprox", "pilot_no_diff", "pilot_no_moa
 
 @dataclass
 class FedConfig:
-    method: str = "pilot"            # one of METHODS
+    method: str = "pilot"            # a key of METHODS
     stage1_rounds: int = 3           # paper: stage 1 warms up once (1 round at 7B)
     stage2_rounds: int = 3           # paper: 3 rounds
     local_epochs: int = 4            # paper: 1
@@ -133,12 +153,13 @@ def lora_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_upload(method: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """A client's message to the server (SPEC section 5). pilot*: its task adapter psi_t (h_0
-    in stage 2) and its LoRA; fedavg/fedprox: the projector and LoRA; local: nothing. psi_s,
-    psi_c, the gate and the router never leave the client."""
-    if method == "local":
+    """A client's message to the server (SPEC section 5). Pilot's methods: its task adapter psi_t
+    (h_0 in stage 2) and its LoRA; fedavg/fedprox: the projector and LoRA; local: nothing.
+    psi_s, psi_c, the gate and the router never leave the client."""
+    shares = METHODS[method].shares
+    if shares == "nothing":
         return {}
-    if method in ("fedavg", "fedprox"):
+    if shares == "model":
         return {"projector": adapter_tensors(state, PROJECTOR), "lora": lora_tensors(state)}
     return {"task_adapter": adapter_tensors(state, OWN_ADAPTER), "lora": lora_tensors(state)}
 
@@ -190,34 +211,48 @@ def apply_download(state: dict[str, torch.Tensor], msg: dict[str, dict[str, torc
 # Server
 
 
+class Aggregate(NamedTuple):
+    """What one round's aggregation gives: the downloads, and what the log shows of it."""
+    downloads: dict[int, dict[str, dict[str, torch.Tensor]]]   # {client: message}, for every client
+    lora_weights: dict[int, dict[str, float]] | None           # Pilot: how each uploader's LoRA was mixed
+    distances: tuple[list[int], list[list[float]]] | None      # Pilot: (uploaders, their K' x K' distances)
+
+
+def mix_shares(W: torch.Tensor, tasks: Sequence[str]) -> list[dict[str, float]]:
+    """Row i of the mixing matrix W (K', K') summed as the log shows it: the weight of client
+    i's own LoRA, of its task mates' and of the other tasks' clients (tasks[j]: client j's)."""
+    return [{"self": W[i, i].item(),
+             "same_task": sum(W[i, j].item() for j in range(len(tasks)) if j != i and tasks[j] == tasks[i]),
+             "other_tasks": sum(W[i, j].item() for j in range(len(tasks)) if tasks[j] != tasks[i])}
+            for i in range(len(tasks))]
+
+
 class Server:
     """Holds the global task adapters; aggregates uploads into per-client downloads.
-    Pure tensor arithmetic over the messages: it never sees data or anything else."""
+    Tensor arithmetic over the messages: it never sees data or anything else."""
 
     def __init__(self, method: str, tasks: Sequence[str], n_samples: Sequence[int], ata_top_m: int | None,
                  ata_form: str = "spread", ata_tau: float | None = None):
-        self.method, self.tasks, self.n_samples = method, list(tasks), list(n_samples)
+        self.method, self.tasks, self.n_samples = METHODS[method], list(tasks), list(n_samples)
         self.ata_top_m, self.ata_form, self.ata_tau = ata_top_m, ata_form, ata_tau
         self.task_adapters: dict[str, dict[str, torch.Tensor]] = {}
-        self.lora_weights: dict[int, dict[str, float]] = {}   # last round's LoRA mix, for the log
-        self.lora_distances: tuple[list[int], list[list[float]]] | None = None   # (uploaders, their K x K d)
 
-    def lora_mix(self, ids: list[int], loras: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """W (K', K') over the uploading clients `ids`: ATA from the LoRA distances (pilot),
-        FedAvg weights (pilot_fedavg_lora), or the task oracle: FedAvg within each task
-        (pilot_task_oracle; the server knows every client's task, as task_average needs)."""
+    def lora_mix(self, ids: list[int], loras: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, d) over the uploading clients `ids`, both (K', K'): the LoRA distances d and the
+        mixing weights from them, by the method's rule: ATA (pilot), FedAvg weights
+        (pilot_fedavg_lora), or the task oracle, FedAvg within each task (pilot_task_oracle;
+        the server knows every client's task, as task_average needs)."""
         n = torch.tensor([float(self.n_samples[k]) for k in ids])               # (K',)
         d = pilot.pairwise_distances(loras)                                       # (K', K')
-        self.lora_distances = (list(ids), d.tolist())
-        if self.method == "pilot_fedavg_lora":
-            return (n / n.sum()).expand(len(ids), len(ids))
-        if self.method == "pilot_task_oracle":
+        if self.method.lora == "fedavg":
+            return (n / n.sum()).expand(len(ids), len(ids)), d
+        if self.method.lora == "task":
             same = torch.tensor([[self.tasks[j] == self.tasks[k] for j in ids] for k in ids])   # (K', K')
             W = same * n
-            return W / W.sum(dim=1, keepdim=True)
-        return pilot.ata_weights(loras, n.tolist(), self.ata_top_m, self.ata_form, self.ata_tau, d=d)
+            return W / W.sum(dim=1, keepdim=True), d
+        return pilot.ata_weights(loras, n.tolist(), self.ata_top_m, self.ata_form, self.ata_tau, d=d), d
 
-    def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], all_tasks: bool):
+    def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], all_tasks: bool) -> Aggregate:
         """uploads {client: message} -> downloads {client: message}, for EVERY client: the
         shared parts (fedavg's model, the task adapters) go to all, as a client not sampled
         this round would fetch them when next sampled; a personalised LoRA goes only to the
@@ -225,35 +260,32 @@ class Server:
         `all_tasks` (the handover round, the last of stage 1, and every stage-2 round) sends all T."""
         everyone = range(len(self.tasks))
         ids = sorted(uploads)
-        if self.method == "local" or (not ids and self.method in ("fedavg", "fedprox")):
-            return {k: {} for k in ids}
+        if self.method.shares == "nothing" or (not ids and self.method.shares == "model"):
+            return Aggregate({k: {} for k in ids}, None, None)
         n = [self.n_samples[k] for k in ids]
         loras = [uploads[k]["lora"] for k in ids]
-        if self.method in ("fedavg", "fedprox"):
+        if self.method.shares == "model":
             w = torch.tensor(n, dtype=torch.float32) / sum(n)
             glob = {"lora": pilot.weighted_average(loras, w),
                     "projector": pilot.weighted_average([uploads[k]["projector"] for k in ids], w)}
-            return {k: glob for k in everyone}
-        personal = {}
+            return Aggregate({k: glob for k in everyone}, None, None)
+        personal, shares, distances = {}, None, None
         if ids:
             # task-aware visual aggregation: global psi_t per task (tasks with no upload keep theirs)
             self.task_adapters.update(pilot.task_average([uploads[k]["task_adapter"] for k in ids], n,
                                                          [self.tasks[k] for k in ids]))
             # adaptive text aggregation: one personalised LoRA per uploading client
-            W = self.lora_mix(ids, loras)
+            W, d = self.lora_mix(ids, loras)
             personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
-            tasks = [self.tasks[k] for k in ids]
-            self.lora_weights = {k: {"self": W[i, i].item(),
-                                     "same_task": sum(W[i, j].item() for j in range(len(ids)) if j != i and tasks[j] == tasks[i]),
-                                     "other_tasks": sum(W[i, j].item() for j in range(len(ids)) if tasks[j] != tasks[i])}
-                                 for i, k in enumerate(ids)}
+            shares = dict(zip(ids, mix_shares(W, [self.tasks[k] for k in ids])))
+            distances = (list(ids), d.tolist())
         downloads = {}
         for k in everyone:
             wanted = sorted(self.task_adapters) if all_tasks else [self.tasks[k]]
             downloads[k] = {f"task_adapter.{t}": self.task_adapters[t] for t in wanted}
             if k in personal:
                 downloads[k]["lora"] = personal[k]
-        return downloads
+        return Aggregate(downloads, shares, distances)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{t}/{k}": v for t, s in self.task_adapters.items() for k, v in s.items()}
@@ -467,7 +499,7 @@ class Client:
     def loss_weights(self, stage: int) -> dict[str, float]:
         cfg = self.cfg
         if stage == 1:
-            return {"difference": 0.0 if cfg.method == "pilot_no_diff" else cfg.lambda_d,
+            return {"difference": cfg.lambda_d if METHODS[cfg.method].difference else 0.0,
                     "balance": 0.0, "router_z": 0.0}
         return {"difference": cfg.lambda_d_stage2, "balance": cfg.lambda_b, "router_z": cfg.lambda_z}
 
@@ -501,7 +533,7 @@ class Client:
         try:
             losses = local_train(self.model, self.enc, self.data.train, cfg,
                                  cfg.lr_lora_stage1 if stage == 1 else cfg.lr_lora_stage2, self.loss_weights(stage),
-                                 generator(self.seed, "data", r, self.k), cfg.prox_mu if cfg.method == "fedprox" else 0.0,
+                                 generator(self.seed, "data", r, self.k), cfg.prox_mu if METHODS[cfg.method].prox else 0.0,
                                  where=f"client {self.data.name} round {r}", progress=progress,
                                  skipped=self.data.skipped, after_step=self.gate_ramp() if stage == 2 else None)
         finally:
@@ -581,12 +613,12 @@ class Coordinator:
     def __init__(self, cfg: FedConfig, names: Sequence[str], client_tasks: Sequence[str],
                  n_samples: Sequence[int], seed: int, initial_adapter: dict[str, torch.Tensor] | None):
         if cfg.method not in METHODS:
-            raise ValueError(f"fed.method must be one of {METHODS}, got {cfg.method!r}")
+            raise ValueError(f"fed.method must be one of {tuple(METHODS)}, got {cfg.method!r}")
         self.cfg, self.names, self.seed = cfg, list(names), seed
         self.tasks = sorted(set(client_tasks))
-        self.pilot = cfg.method.startswith("pilot")
+        self.method = METHODS[cfg.method]
         self.server = Server(cfg.method, client_tasks, n_samples, cfg.ata_top_m, cfg.ata_form, cfg.ata_tau)
-        if self.pilot:   # [choice] every task's global adapter starts as the initial psi_t (own copy each)
+        if self.method.shares == "pilot":   # [choice] every task's global adapter starts as the initial psi_t (own copy each)
             self.server.task_adapters = {t: {k: v.clone() for k, v in initial_adapter.items()} for t in self.tasks}
 
     @property
@@ -594,8 +626,8 @@ class Coordinator:
         return self.cfg.stage1_rounds + self.cfg.stage2_rounds
 
     def stage_of(self, r: int) -> int:
-        """Rounds are numbered from 1; pilot_no_moa and the baselines stay in stage 1."""
-        if self.pilot and self.cfg.method != "pilot_no_moa" and r > self.cfg.stage1_rounds:
+        """Rounds are numbered from 1; a method without stage 2 stays in stage 1."""
+        if self.method.stage2 and r > self.cfg.stage1_rounds:
             return 2
         return 1
 
@@ -616,11 +648,10 @@ class Coordinator:
         handover = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
         replies = nodes.local_round(r, stage, chosen, progress)
         uploads = {k: rep["upload"] for k, rep in replies.items() if rep["upload"] is not None}
-        downloads = self.server.aggregate(uploads, all_tasks=stage == 2 or handover)
-        mix = dict(self.server.lora_weights) if self.pilot and uploads else None
-        dist = self.server.lora_distances if self.pilot and uploads else None
+        agg = self.server.aggregate(uploads, all_tasks=stage == 2 or handover)
         return {"round": r, "stage": stage, "chosen": chosen, "handover": handover, "replies": replies,
-                "uploads": uploads, "downloads": downloads, "lora_weights": mix, "distances": dist}
+                "uploads": uploads, "downloads": agg.downloads, "lora_weights": agg.lora_weights,
+                "distances": agg.distances}
 
     def close(self, opened: dict, taken: dict[int, dict]) -> dict:
         """The round's log record, from its first half and the replies to its downloads

@@ -505,7 +505,7 @@ def _pretrain(llava, tok, proc, config, steps: int, seed: int, batch_size: int, 
 
 
 # -----------------------------------------------------------------------------
-# Sizing without weights (train.py --dry-run): parameter groups, traffic, GPU memory estimate
+# The configs a run would load, without weights (the data checks and tools/sizing.py use them)
 
 
 def llava_15_7b_config():
@@ -534,75 +534,3 @@ def meta_config(cfg: ModelConfig):
         return LlavaConfig(vision_config=vision, text_config=text), f"{cfg.vision} + {cfg.llm}"
     except (OSError, ValueError):
         return llava_15_7b_config(), "built-in LLaVA-1.5-7B shape (checkpoint config not available offline)"
-
-
-def size_report(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> dict:
-    """Parameter counts by group, bytes a client sends and receives per round, and an estimate
-    of peak GPU memory for one local step, per stage, built on the meta device. (One formula per
-    memory term, kept together so the plan reads as one; benchmarks/bench_memory_plan.py checks
-    it against a measured step.)"""
-    from transformers import LlavaForConditionalGeneration
-    config, source = meta_config(cfg)
-    with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(config)
-    total_base = sum(p.numel() for p in llava.parameters())
-    proj = sum(p.numel() for p in llava.model.multi_modal_projector.parameters())
-    lm = llava.model.language_model
-    with torch.device("meta"):
-        lora = sum(p.numel() for n, p in _lora_on_meta(lm, cfg).items())
-    cv, c, tc = config.vision_config.hidden_size, config.text_config.hidden_size, config.text_config
-    adapter = cv * c + c + c * c + c               # Linear(C_v, C) + Linear(C, C)
-    wbytes = DTYPES[cfg.dtype].itemsize
-    stages = {}
-    if method.startswith("pilot"):
-        T = num_tasks
-        stages["pilot stage 1"] = dict(lora=lora, psi_t=adapter, psi_s=adapter)
-        stages["pilot stage 2"] = dict(lora=lora, psi_t=adapter, psi_t_other_frozen=(T - 1) * adapter,
-                                       psi_c=(T - 1) * adapter, router=cv * T, psi_s_frozen=adapter)
-    else:
-        stages[f"{method} (plain LLaVA)"] = dict(lora=lora, projector=adapter)
-    out = {"source": source, "base_parameters": total_base, "projector_parameters": proj, "stages": {}}
-    L, B, layers = seq_len, batch_size, tc.num_hidden_layers
-    for name, groups in stages.items():
-        trainable = sum(v for k, v in groups.items() if not k.endswith("_frozen"))
-        client_side = sum(groups.values())
-        if name.startswith("pilot"):
-            up = 4 * (groups["lora"] + groups["psi_t"])
-            down = 4 * (groups["lora"] + (num_tasks if "2" in name else 1) * adapter)
-        else:
-            up = down = 0 if method == "local" else 4 * (groups["lora"] + groups["projector"])
-        frozen = total_base - proj                   # the projector's weights become the connector's
-        # activations (Korthikanti et al. 2022, bf16, flash/SDPA attention: 34 s b h bytes per layer);
-        # with checkpointing only each layer's input is kept, plus one layer being recomputed
-        # (34 counts 16-bit activations; a float32 base keeps float32 ones, twice the bytes)
-        per_layer = 34 * L * B * c * wbytes // 2
-        acts = (layers * 2 * L * B * c * wbytes + per_layer) if cfg.gradient_checkpointing else layers * per_layer
-        logits = L * B * tc.vocab_size * (wbytes + 4 + 4)   # logits in the base dtype, fp32 upcast for the loss, its grad
-        mem = {"frozen_weights": frozen * wbytes, "client_weights_fp32": client_side * 4,
-               "gradients_fp32": trainable * 4, "adamw_state_fp32": trainable * 8,
-               "activations": acts, "logits": logits}
-        mem["total"] = sum(mem.values())
-        out["stages"][name] = {"parameters": {"total": frozen + client_side, "trainable": trainable, **groups},
-                               "bytes_up_per_round": up, "bytes_down_per_round": down, "memory_bytes": mem}
-    return out
-
-
-def size_report_text(cfg: ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> str:
-    """size_report as the text `train.py --dry-run` prints."""
-    rep = size_report(cfg, method, num_tasks, batch_size, seq_len)
-    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
-    lines = [f"model: {rep['source']}; base parameters {rep['base_parameters']:,}",
-             f"assumed: {num_tasks} tasks, micro-batch {batch_size}, sequence {seq_len} tokens, "
-             f"dtype {cfg.dtype}, gradient checkpointing {cfg.gradient_checkpointing}"]
-    for name, st in rep["stages"].items():
-        lines.append(f"\n{name}")
-        lines += [f"  {k:>20}: {v:,}" for k, v in st["parameters"].items()]
-        lines.append(f"  per client per round: sends {gib(st['bytes_up_per_round'])}, "
-                     f"receives {gib(st['bytes_down_per_round'])}")
-        lines += [f"  memory {k:>20}: {gib(v)}" for k, v in st["memory_bytes"].items()]
-    return "\n".join(lines)
-
-
-def _lora_on_meta(lm: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    pilot.add_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_targets)
-    return pilot.lora_state_dict(lm)

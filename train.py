@@ -133,12 +133,12 @@ def validate(cfg: Config) -> None:
     f, m, d = cfg.fed, cfg.model, cfg.data
     finite = math.isfinite
     checks = [
-        (f.method in fed_mod.METHODS, "fed.method", f"one of {fed_mod.METHODS}"),
+        (f.method in fed_mod.METHODS, "fed.method", f"one of {tuple(fed_mod.METHODS)}"),
         (f.stage1_rounds >= 0, "fed.stage1_rounds", ">= 0"),
         (f.stage2_rounds >= 0, "fed.stage2_rounds", ">= 0"),
         (f.stage1_rounds + f.stage2_rounds >= 1, "fed.stage1_rounds", "stage1_rounds + stage2_rounds >= 1"),
-        (not (f.method.startswith("pilot") and f.method != "pilot_no_moa" and f.stage2_rounds > 0
-              and f.stage1_rounds < 1), "fed.stage1_rounds", ">= 1 when stage 2 runs (it needs stage-1 adapters)"),
+        (not (getattr(fed_mod.METHODS.get(f.method), "stage2", False) and f.stage2_rounds > 0 and f.stage1_rounds < 1),
+         "fed.stage1_rounds", ">= 1 when stage 2 runs (it needs stage-1 adapters)"),
         (f.local_epochs >= 1, "fed.local_epochs", ">= 1"),
         (0 < f.client_fraction <= 1, "fed.client_fraction", "in (0, 1]"),
         (f.batch_size >= 1, "fed.batch_size", ">= 1"),
@@ -457,9 +457,10 @@ def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
 
 
 def dry_run(cfg: Config) -> str:
-    """A readable size report of the configured run (model.size_report), no weights loaded."""
+    """A readable size report of the configured run, no weights loaded (tools/sizing.py)."""
+    from tools import sizing   # machinery beside the core: loaded only for --dry-run
     n_tasks = len(data_mod.SCENARIOS.get(cfg.data.scenario, ())) or 3
-    return model_mod.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
+    return sizing.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
 
 
 def load_data(cfg: Config):
@@ -484,7 +485,7 @@ def build_model(cfg: Config):
     initial connector and LoRA come from one generator derived from the seed, so every
     client, in this process or on a Flower node, starts from the same state."""
     base = model_mod.load_base(cfg.model)
-    kind = "stage1" if cfg.fed.method.startswith("pilot") else "plain"
+    kind = fed_mod.METHODS[cfg.fed.method].connector
     init = fed_mod.generator(cfg.seed, "init")
     connector = model_mod.build_connector(kind, base, cfg.fed.released_init, init)
     model = model_mod.build_model(base, connector, cfg.model, init)

@@ -57,12 +57,13 @@ def one(size: str, dtype: str) -> dict:
 
     import fed
     import model as model_mod
+    from tools import sizing
     torch.manual_seed(0)
     config = llava_config(size)
     with tempfile.TemporaryDirectory() as tmp:   # size_report reads a checkpoint's config.json
         config.save_pretrained(tmp)
         cfg = model_mod.ModelConfig(llava=tmp, dtype=dtype, lora_r=64, lora_alpha=128.0)
-        report = model_mod.size_report(cfg, "pilot", 3, BATCH, SEQ)
+        report = sizing.size_report(cfg, "pilot", 3, BATCH, SEQ)
     estimate = report["stages"]["pilot stage 1"]["memory_bytes"]
     before = rss_mb()
     # built in its dtype from the start: a float32 build converted afterwards would put a

@@ -55,8 +55,8 @@ def _equidistant_uploads(K, with_adapter):
 def test_pilot_with_equal_distances_and_m_k_minus_1_aggregates_lora_like_fedavg():
     n = [3, 1, 2, 6]
     tasks = ["a", "a", "b", "b"]
-    pil = fed.Server("pilot", tasks, n, ata_top_m=None, ata_form="top_m").aggregate(_equidistant_uploads(4, True), False)
-    avg = fed.Server("fedavg", tasks, n, None).aggregate(_equidistant_uploads(4, False), False)
+    pil = fed.Server("pilot", tasks, n, ata_top_m=None, ata_form="top_m").aggregate(_equidistant_uploads(4, True), False).downloads
+    avg = fed.Server("fedavg", tasks, n, None).aggregate(_equidistant_uploads(4, False), False).downloads
     for k in range(4):
         torch.testing.assert_close(pil[k]["lora"], avg[k]["lora"])
     expected = torch.tensor(n, dtype=torch.float32) * 2.0 / sum(n)      # by hand: 2 * n_j / N
@@ -175,7 +175,7 @@ def test_the_task_oracle_averages_lora_within_each_task_only():
     n, tasks = [1, 3, 2], ["a", "a", "b"]
     ups = {k: {"lora": {"lm.x.lora_A": torch.full((2,), float(10 ** k))},
                "task_adapter": {"connector.psi_t.w": torch.zeros(1)}} for k in range(3)}
-    down = fed.Server("pilot_task_oracle", tasks, n, None).aggregate(ups, False)
+    down = fed.Server("pilot_task_oracle", tasks, n, None).aggregate(ups, False).downloads
     torch.testing.assert_close(down[0]["lora"]["lm.x.lora_A"], torch.full((2,), (1 * 1 + 3 * 10) / 4))
     torch.testing.assert_close(down[1]["lora"]["lm.x.lora_A"], torch.full((2,), (1 * 1 + 3 * 10) / 4))
     torch.testing.assert_close(down[2]["lora"]["lm.x.lora_A"], torch.full((2,), 100.0))

@@ -379,7 +379,7 @@ def test_a_node_that_missed_the_handover_catches_up_from_the_next_stage2_message
     assert opened["handover"]
     missed = {k: m for k, m in opened["downloads"].items() if k != 0}
     f.deliver(1, missed, True)                                          # the others enter stage 2
-    stage2_msg = f.server.aggregate({}, all_tasks=True)[0]              # what a stage-2 round sends client 0
+    stage2_msg = f.server.aggregate({}, all_tasks=True).downloads[0]              # what a stage-2 round sends client 0
     content = flower_app.RecordDict({"config": flower_app.ConfigRecord({"tasks": f.tasks, "handover": False,
                                                                         "stage": 2, "client": 0}),
                                      **flower_app.pack(stage2_msg, "down.")})
