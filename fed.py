@@ -128,14 +128,21 @@ def generator(seed: int, purpose: str, *keys) -> torch.Generator:
 # client-state names; pilot.expert_tasks orders the CT-MoA's experts and pilot.expert_slot
 # places each one.
 
-OWN_ADAPTER = "connector.psi_t."        # psi_t in stage 1, h_0 in stage 2
+OWN_ADAPTER = "connector.psi_t."        # psi_t, the own task's adapter in stage 1
+MOA = "connector.moa."                  # the stage-2 connector's CT-MoA: expert i's adapter at MOA + expert_slot(i)
 PROJECTOR = "connector.projector."      # the baselines' single LLaVA projector
 
 
 def adapter_prefix(own_task: str, tasks: Sequence[str], task: str) -> str:
     """Client-state prefix of `task`'s global adapter for a client of `own_task` in stage 2:
-    expert i of pilot.expert_tasks sits in the CT-MoA at pilot.expert_slot(i)."""
-    return f"connector.{pilot.expert_slot(pilot.expert_tasks(tasks, own_task).index(task))}."
+    expert i of pilot.expert_tasks sits in the CT-MoA at pilot.expert_slot(i) (h_0 for its own)."""
+    return f"{MOA}{pilot.expert_slot(pilot.expert_tasks(tasks, own_task).index(task))}."
+
+
+def own_adapter(state: dict[str, torch.Tensor]) -> str:
+    """Where a client state holds its own task's adapter: psi_t in stage 1, the CT-MoA's h_0
+    (MOA + "psi_t.") in stage 2."""
+    return MOA + "psi_t." if any(k.startswith(MOA) for k in state) else OWN_ADAPTER
 
 
 def adapter_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -161,7 +168,7 @@ def make_upload(method: str, state: dict[str, torch.Tensor]) -> dict[str, dict[s
         return {}
     if shares == "model":
         return {"projector": adapter_tensors(state, PROJECTOR), "lora": lora_tensors(state)}
-    return {"task_adapter": adapter_tensors(state, OWN_ADAPTER), "lora": lora_tensors(state)}
+    return {"task_adapter": adapter_tensors(state, own_adapter(state)), "lora": lora_tensors(state)}
 
 
 def message_bytes(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
@@ -201,7 +208,7 @@ def apply_download(state: dict[str, torch.Tensor], msg: dict[str, dict[str, torc
             raise KeyError(f"unknown message group {group!r}")
     for task, tensors in received_adapters(msg).items():
         if task == own_task:
-            put(OWN_ADAPTER, tensors)
+            put(own_adapter(state), tensors)
         elif stage == 2:
             put(adapter_prefix(own_task, tasks, task), tensors)
     return state
@@ -390,7 +397,7 @@ def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Seq
                 loss = total_loss(out, loss_weights)
             terms = {"ce": out.ce, **out.aux}
             if anchor is not None:
-                terms["prox"] = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)) * (prox_mu / 2)
+                terms["prox"] = pilot.prox_term(params, anchor, prox_mu)
                 loss = loss + terms["prox"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at {where} step {step}")
@@ -476,21 +483,21 @@ class Client:
         self.model, self.base, self.enc, self.seed, self.max_new_tokens = model, base, enc, seed, max_new_tokens
         # the stage-1 connector module to put back for stage-1 work (the model may hold a CT-MoA now)
         self.stage1_connector = stage1_connector or model.connector
-        if isinstance(self.stage1_connector, pilot.CTMoA):
+        if isinstance(self.stage1_connector, pilot.Stage2Connector):
             raise ValueError("Client needs the model's stage-1 connector (pass stage1_connector)")
 
-    def ctmoa_shell(self) -> pilot.CTMoA:
-        """A CT-MoA of this run's shape built on the meta device: no value is drawn or stored
-        (170M parameters at 7B), for the key names or for a client state to fill."""
+    def ctmoa_shell(self) -> pilot.Stage2Connector:
+        """A stage-2 connector of this run's shape built on the meta device: no value is drawn or
+        stored (170M parameters at 7B), for the key names or for a client state to fill."""
         cfg, b = self.cfg, self.base
         with torch.device("meta"):
-            return pilot.CTMoA(b.vision_width, b.llm_width, len(self.tasks), cfg.top_k, cfg.lambda_d_stage2 > 0)
+            return pilot.Stage2Connector(b.vision_width, b.llm_width, len(self.tasks), cfg.top_k, cfg.lambda_d_stage2 > 0)
 
     def structure(self, stage: int) -> None:
         """Give the model the connector structure of `stage`; its values come from the client
         state loaded next (load_client_state sets every tensor of it). The first client to reach
         stage 2 builds the CT-MoA for all."""
-        is_moa = isinstance(self.model.connector, pilot.CTMoA)
+        is_moa = isinstance(self.model.connector, pilot.Stage2Connector)
         if stage == 2 and not is_moa:
             self.model.set_connector(self.ctmoa_shell().to_empty(device=next(self.model.lm.parameters()).device))
         elif stage == 1 and is_moa:
@@ -583,7 +590,7 @@ class Client:
             stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
         stage1 = stage1.to_empty(device="cpu")
         stage1.load_state_dict(adapter_tensors(state, "connector."))
-        moa = pilot.ctmoa_from_stage1(stage1, adapters, self.data.task, cfg.top_k, cfg.lambda_d_stage2 > 0,
+        moa = pilot.stage2_from_stage1(stage1, adapters, self.data.task, cfg.top_k, cfg.lambda_d_stage2 > 0,
                                       0.0 if cfg.stage2_ramp_steps != 0 else 1.0, generator(self.seed, "init-stage2"))
         return {f"connector.{n}": v.detach().clone() for n, v in moa.state_dict().items()} | lora_tensors(state)
 

@@ -1,7 +1,7 @@
 """model.py -- the multimodal model around the Pilot connector (SPEC section 2).
 
     image -> frozen CLIP vision tower (penultimate layer, CLS dropped)   H_v (B, N, C_v)
-          -> connector (pilot.py: PlainConnector | TaskClientConnector | CTMoA) (B, N, C)
+          -> connector (pilot.py: PlainConnector | TaskClientConnector | Stage2Connector) (B, N, C)
           -> replaces the N `<image>` token positions of the prompt
           -> frozen causal LM with LoRA (pilot.add_lora) -> logits, CE on answer tokens
 

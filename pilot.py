@@ -8,9 +8,11 @@ transformers import):
   LoRA            LoRALinear, add_lora, lora_state_dict, merge_lora     (SPEC section 2)
   Adapter         the LLaVA projector shape, Linear -> GELU -> Linear   (SPEC section 2)
   stage 1         difference_loss, TaskClientConnector                 (SPEC section 3)
-  stage 2         CTMoA (cross-task Mixture-of-Adapters), ctmoa_from_stage1 (SPEC section 4)
-  baseline        PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox)
-  server          task_average, ata_weights (ata_kernel | ata_top_m), weighted_average(s)  (SPEC section 5)
+  stage 2         route, balance_loss, router_z_loss, CTMoA (the cross-task Mixture-of-Adapters),
+                  Stage2Connector (psi_s + the gated CT-MoA), stage2_from_stage1   (SPEC section 4)
+  baseline        PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox), prox_term
+  server          task_average; ata (the default ATA) and ata_weights (ata_spread | ata_kernel | ata_top_m);
+                  weighted_average(s)                                                 (SPEC section 5)
 
 Every connector returns the same NamedTuple, ConnectorOutput(tokens, aux), where aux always
 holds the keys of AUX_KEYS (zeros where a loss is unused), so training code never branches
@@ -221,6 +223,13 @@ class PlainConnector(nn.Module):
         return ConnectorOutput(self.projector(h), aux_losses(h))  # (B, N, C)
 
 
+def prox_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term (Li et al. 2020, eq. 2), added to a client's local loss:
+    (mu / 2) * ||w - w_global||^2 over the trainable tensors, w_global their values at the
+    round's start (`anchor`). Copy with: nothing else."""
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)) * (mu / 2)
+
+
 # -----------------------------------------------------------------------------
 # Stage 1: task-specific + client-specific adapters, difference loss (SPEC section 3)
 
@@ -274,65 +283,77 @@ class TaskClientConnector(nn.Module):
 # Stage 2: cross-task Mixture-of-Adapters (SPEC section 4)
 
 
-class CTMoA(nn.Module):
-    """Stage-2 connector (SPEC section 4):
+class Routing(NamedTuple):
+    """What the router decides for every image token. Copy with: nothing else."""
+    logits: torch.Tensor           # (B, N, T) phi(H), float32
+    probs: torch.Tensor            # (B, N, T) P = softmax(phi(H))
+    top_p: torch.Tensor            # (B, N, k) the k largest P, renormalised to sum 1
+    top_i: torch.Tensor            # (B, N, k) their experts
 
-        x_img = psi_s(H) + CT-MoA(H),   CT-MoA(H) = sum_i P_i(H) h_i(H)          (paper)
+
+def route(h: torch.Tensor, router: nn.Linear, top_k: int) -> Routing:
+    """The CT-MoA router phi (SPEC section 4): logits = phi(H) per image token, P = softmax,
+    keep the top-k and renormalise (the released code's renormalisation; with top_k = 1 the
+    weight is p / p = 1, so the router then learns through the auxiliary losses alone, where
+    Switch keeps the raw p). Computed in float32 with autocast off, as ST-MoE keeps its router.
+    Copy with: nothing else."""
+    with torch.autocast(h.device.type, enabled=False):
+        logits = F.linear(h.float(), router.weight.float())            # (B, N, T)
+    probs = logits.softmax(dim=-1)                                      # (B, N, T)
+    top_p, top_i = probs.topk(top_k, dim=-1)                            # (B, N, k), (B, N, k)
+    return Routing(logits, probs, top_p / top_p.sum(dim=-1, keepdim=True), top_i)
+
+
+def balance_loss(probs: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss (Fedus et al. 2021, eq. 4), per image:
+        L_b = T^2 * mean_{b,i}( mean_n P[b,n,i] * fraction of image b's tokens whose top-1 is i )
+    exactly 1 for a uniform router. probs (B, N, T). Copy with: nothing else."""
+    T = probs.shape[-1]
+    top1 = F.one_hot(probs.argmax(dim=-1), T).float()                   # (B, N, T)
+    return T * T * (probs.mean(dim=1) * top1.mean(dim=1)).mean()        # (B, T) -> ()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(phi(H))^2.
+    logits (B, N, T). Copy with: nothing else."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()                # (B, N) -> ()
+
+
+class MoAOutput(NamedTuple):
+    """What a CTMoA returns. Copy with: nothing else."""
+    mixture: torch.Tensor          # (B, N, C) float32: sum_i P_i h_i(H), the paper's CT-MoA(H)
+    own: torch.Tensor              # (B, N, C) h_0(H), the own task's expert alone
+    aux: dict[str, torch.Tensor]   # "balance" and "router_z", raw (the caller weighs them)
+
+
+class CTMoA(nn.Module):
+    """The cross-task Mixture-of-Adapters of SPEC section 4 (the paper's CT-MoA):
+
+        CT-MoA(H) = sum_i P_i(H) h_i(H),   P = top-k of softmax(phi(H)), renormalised (route)
 
     Experts (T of them, own task first, then the other tasks: expert_tasks gives the order):
-        h_0 = psi_t                      own task's adapter, trainable
+        h_0 = psi_t                           own task's adapter, trainable
         h_i = psi_t_other[i-1] + psi_c[i-1]   another task's adapter, FROZEN, plus a trainable
-                                         cross-task adapter psi_c on top ("adapter on adapter")
-    Router phi = Linear(C_v, T, bias=False) per image token; P = softmax(phi(H)), keep the
-    top-k, renormalise. psi_s (the stage-1 client adapter) is frozen and added.
-    [choice] psi_s is used in the output: the released code computes it and drops it, the
-    paper keeps it as the client's personal features. A CTMoA built directly starts psi_s at
-    zero output; ctmoa_from_stage1 copies the client's stage-1 psi_s into it.
+                                              cross-task adapter psi_c on top ("adapter on adapter")
     [choice] psi_c starts with its last layer zeroed (released code: a copy of the projector),
     so at the start of stage 2 expert i equals the other task's global adapter.
-
-    The gate g (a buffer, not learned) blends from the own expert to the paper's mixture:
-
-        CT-MoA(H) = lerp(h_0(H), sum_i P_i(H) h_i(H), g) = h_0 + g * (sum_i P_i h_i - h_0),
-
-    exactly h_0 at g = 0 and exactly the paper's sum_i P_i h_i at g = 1 (torch.lerp returns
-    its end point bit for bit at weight 1, its start at 0). A CTMoA built alone has g = 1: it IS
-    the paper's formula. [choice] The federated loop ramps g from 0 to 1 over the first
-    fed.stage2_ramp_steps local steps of stage 2 (fed.Client.train), so stage 2 starts exactly
-    where stage 1 ended and reaches the paper's mixture. Why: in the federated setting the
-    experts are *different* tasks' adapters, so a fresh router mixing them moves every
-    client's visual tokens at the boundary (25-38% on the default run), while in the
-    released single-machine code all experts start as the same projector copy and the mix
-    changes nothing. An earlier version learned g (from 0, at the connector's learning rate):
-    Adam moves a scalar by about lr a step, so g stayed below 0.1 and the "CT-MoA" was over
-    90% h_0. The router learns from step 0: its auxiliary losses act at once, and the output's
-    gradient reaches it in proportion to g.
-
-    Auxiliary losses, raw (the caller weighs them; released script: lambda_b 0.1, lambda_z 0.01):
-        balance  = T^2 * mean_{b,i}( mean_n P[b,n,i] * frac_n(top1[b,n] == i) )  (Switch, per
-                   image, then averaged; exactly 1 for a uniform router)
-        router_z = mean over tokens of logsumexp(phi(H))^2                         (ST-MoE)
-        difference = difference_loss(psi_s(H), h_0(H)) when use_difference (SPEC: lambda_d
-                   default 0 in stage 2), else 0.
-
+    aux: balance_loss and router_z_loss of the routing (released script: lambda_b 0.1, lambda_z
+    0.01, applied by the caller).
     Vectorised over batch and tokens; loops over the T experts only. top_k == T: every expert
     runs densely on all tokens. top_k < T: each expert runs only on the tokens that selected
     it, gathered from the whole batch and scattered back with index_add (litgpt-style) into a
-    float32 accumulator (so bf16 autocast outputs and the fp32 weights never meet in index_add),
-    so an unselected expert costs nothing and contributes exactly zero. Note: with top_k = 1 the
-    renormalised weight is p/p = 1, so the router learns only through the auxiliary losses
-    (Switch keeps the raw p instead; SPEC follows the released code's renormalisation).
-    Copy with: expert_slot, Adapter, reset_linear, difference_loss, ConnectorOutput, AUX_KEYS,
-    aux_losses."""
+    float32 accumulator (so bf16 autocast outputs and the fp32 weights never meet in
+    index_add): an unselected expert costs nothing and contributes exactly zero.
+    Copy with: route, Routing, balance_loss, router_z_loss, MoAOutput, expert_slot, Adapter,
+    reset_linear."""
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
-                 use_difference: bool = False, gate: float = 1.0,
                  generator: torch.Generator | None = None):
         super().__init__()
         top_k = num_tasks if top_k is None else top_k
         if not 1 <= top_k <= num_tasks:
             raise ValueError(f"top_k must be in [1, {num_tasks}] (number of tasks), got {top_k}")
-        self.num_tasks, self.top_k, self.use_difference = num_tasks, top_k, use_difference
+        self.num_tasks, self.top_k = num_tasks, top_k
         g = generator
         self.psi_t = Adapter(in_dim, out_dim, generator=g)                          # h_0, trainable
         self.psi_t_other = nn.ModuleList(Adapter(in_dim, out_dim, generator=g) for _ in range(num_tasks - 1))
@@ -341,9 +362,7 @@ class CTMoA(nn.Module):
         self.router = nn.Linear(in_dim, num_tasks, bias=False)                       # phi
         if g is not None:
             reset_linear(self.router, g)
-        self.register_buffer("gate", torch.tensor(float(gate)))                     # g, set by its owner
-        self.psi_s = Adapter(in_dim, out_dim, zero_last=True, generator=g)          # frozen
-        for p in [*self.psi_t_other.parameters(), *self.psi_s.parameters()]:
+        for p in self.psi_t_other.parameters():
             p.requires_grad_(False)
 
     def task_adapter(self, i: int) -> Adapter:
@@ -356,25 +375,20 @@ class CTMoA(nn.Module):
             return self.psi_t(h)
         return self.task_adapter(i)(h) + self.psi_c[i - 1](h)
 
-    def forward(self, h: torch.Tensor) -> ConnectorOutput:
+    def forward(self, h: torch.Tensor) -> MoAOutput:
         B, N, Cv = h.shape
         T = self.num_tasks
-        with torch.autocast(h.device.type, enabled=False):              # the router in fp32, as ST-MoE keeps it
-            logits = F.linear(h.float(), self.router.weight.float())    # (B, N, T)
-        probs = logits.softmax(dim=-1)                                  # (B, N, T)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)                   # (B, N, k), (B, N, k)
-        top_p = top_p / top_p.sum(dim=-1, keepdim=True)                 # renormalise over top-k
+        r = route(h, self.router, self.top_k)                          # (B, N, T) / (B, N, k)
         own = self.psi_t(h)                                             # (B, N, C) h_0, used twice
-
         if self.top_k == T:  # dense: the renormalised weights are the full softmax
-            mixture = probs[..., :1] * own                              # (B, N, C), fp32
+            mixture = r.probs[..., :1] * own                            # (B, N, C), fp32
             for i in range(1, T):
-                mixture = mixture + probs[..., i:i + 1] * self.expert(i, h)   # (B, N, C)
+                mixture = mixture + r.probs[..., i:i + 1] * self.expert(i, h)   # (B, N, C)
         else:  # sparse: per-expert gather of the selected tokens from the whole batch
             flat_h = h.reshape(B * N, Cv)                               # (BN, C_v)
             flat_own = own.reshape(B * N, -1)                           # (BN, C)
-            flat_i = top_i.reshape(B * N, self.top_k)                   # (BN, k)
-            flat_p = top_p.reshape(B * N, self.top_k)                   # (BN, k), fp32
+            flat_i = r.top_i.reshape(B * N, self.top_k)                 # (BN, k)
+            flat_p = r.top_p.reshape(B * N, self.top_k)                 # (BN, k), fp32
             mixture = h.new_zeros(B * N, own.shape[-1], dtype=torch.float32)   # (BN, C) fp32 accumulator
             for i in range(T):
                 tok, slot = (flat_i == i).nonzero(as_tuple=True)        # (n_i,), (n_i,)
@@ -383,17 +397,46 @@ class CTMoA(nn.Module):
                 out_i = flat_own[tok] if i == 0 else self.expert(i, flat_h[tok])   # (n_i, C)
                 mixture = mixture.index_add(0, tok, flat_p[tok, slot, None] * out_i.float())
             mixture = mixture.reshape(B, N, -1)                         # (B, N, C)
-        mixture = torch.lerp(own.float(), mixture.float(), self.gate.float())   # (B, N, C): h_0 at g = 0, the paper at 1
+        aux = {"balance": balance_loss(r.probs), "router_z": router_z_loss(r.logits)}
+        return MoAOutput(mixture.float(), own, aux)
 
+
+class Stage2Connector(nn.Module):
+    """Stage-2 connector (SPEC section 4): x_img = psi_s(H) + CT-MoA(H), with the gate g:
+
+        x_img = psi_s(H) + lerp(h_0(H), CT-MoA(H), g) = psi_s + h_0 + g (CT-MoA(H) - h_0),
+
+    exactly h_0 at g = 0 and exactly the paper's CT-MoA(H) at g = 1 (torch.lerp returns its end
+    point bit for bit at weight 1, its start at 0).
+    [choice] psi_s (the stage-1 client adapter) is frozen and used: the released code computes
+    it and drops it, the paper keeps it as the client's personal features. Built alone it
+    starts at zero output; stage2_from_stage1 copies the client's stage-1 psi_s into it.
+    [choice] g is a buffer, not learned. A connector built alone has g = 1: the paper's formula.
+    The federated loop ramps it from 0 to 1 over the first fed.stage2_ramp_steps stage-2 steps,
+    so stage 2 starts exactly where stage 1 ended and reaches the paper's mixture
+    (docs/choices.md: why, with what it measured).
+    aux: the CT-MoA's balance and router_z; difference = difference_loss(psi_s(H), h_0(H)) when
+    use_difference (SPEC: lambda_d default 0 in stage 2), else 0.
+    Copy with: CTMoA (and what it names), difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
+                 use_difference: bool = False, gate: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__()
+        self.use_difference = use_difference
+        self.moa = CTMoA(in_dim, out_dim, num_tasks, top_k, generator)              # experts and router
+        self.register_buffer("gate", torch.tensor(float(gate)))                     # g, set by its owner
+        self.psi_s = Adapter(in_dim, out_dim, zero_last=True, generator=generator)  # frozen
+        for p in self.psi_s.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, h: torch.Tensor) -> ConnectorOutput:
+        moa = self.moa(h)                                               # (B, N, C) each
+        x = torch.lerp(moa.own.float(), moa.mixture, self.gate.float())   # (B, N, C): h_0 at g = 0, the paper at 1
         s = self.psi_s(h)                                               # (B, N, C), frozen
-        # Switch balance loss per image: f = fraction of its tokens whose top-1 is expert i
-        top1 = F.one_hot(probs.argmax(dim=-1), T).float()               # (B, N, T)
-        balance = T * T * (probs.mean(dim=1) * top1.mean(dim=1)).mean()   # (B, T) -> ()
-        router_z = torch.logsumexp(logits, dim=-1).pow(2).mean()        # (B, N) -> ()
-        losses = dict(balance=balance, router_z=router_z)
+        losses = dict(moa.aux)
         if self.use_difference:
-            losses["difference"] = difference_loss(s, own)
-        return ConnectorOutput((s + mixture).to(own.dtype), aux_losses(h, **losses))
+            losses["difference"] = difference_loss(s, moa.own)
+        return ConnectorOutput((s + x).to(moa.own.dtype), aux_losses(h, **losses))
 
 
 def expert_tasks(tasks: Sequence[str], own_task: str) -> list[str]:
@@ -412,23 +455,23 @@ def expert_slot(i: int) -> str:
 
 
 @torch.no_grad()
-def ctmoa_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict[str, torch.Tensor]],
-                      own_task: str, top_k: int | None = None, use_difference: bool = False,
-                      gate: float = 0.0, generator: torch.Generator | None = None) -> CTMoA:
-    """Build client k's stage-2 CT-MoA from its stage-1 connector and the T global task
+def stage2_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict[str, torch.Tensor]],
+                       own_task: str, top_k: int | None = None, use_difference: bool = False,
+                       gate: float = 0.0, generator: torch.Generator | None = None) -> Stage2Connector:
+    """Build client k's stage-2 connector from its stage-1 connector and the T global task
     adapters it received {task: Adapter state_dict} (SPEC section 4). Experts in the order of
     expert_tasks; psi_s is carried over from stage 1 (then frozen); the router and psi_c's first
     layers are drawn from `generator`. With gate = 0 (default: the federated loop then ramps it
     to 1) the result's output equals the stage-1 output with psi_t = task_adapters[own_task]
     exactly; gate = 1 is the paper's mixture from the first step.
-    Copy with: CTMoA (and what it names), TaskClientConnector, expert_tasks."""
+    Copy with: Stage2Connector (and what it names), TaskClientConnector, expert_tasks."""
     order = expert_tasks(list(task_adapters), own_task)
     in_dim, out_dim = stage1.psi_t.linear_1.in_features, stage1.psi_t.linear_1.out_features
-    moa = CTMoA(in_dim, out_dim, len(order), top_k, use_difference, gate, generator)
+    conn = Stage2Connector(in_dim, out_dim, len(order), top_k, use_difference, gate, generator)
     for i, task in enumerate(order):
-        moa.task_adapter(i).load_state_dict(task_adapters[task])
-    moa.psi_s.load_state_dict(stage1.psi_s.state_dict())
-    return moa.to(stage1.psi_t.linear_1.weight.device)
+        conn.moa.task_adapter(i).load_state_dict(task_adapters[task])
+    conn.psi_s.load_state_dict(stage1.psi_s.state_dict())
+    return conn.to(stage1.psi_t.linear_1.weight.device)
 
 
 # -----------------------------------------------------------------------------
@@ -493,8 +536,9 @@ def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tenso
     """(K, K) Euclidean distances between clients, each client's tensors taken as one vector.
     One Gram matrix accumulated tensor by tensor (||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b):
     only one key's K tensors are stacked at a time, never K full copies. float64, since the
-    subtraction cancels when clients are close. Copy with: check_same_keys."""
-    check_same_keys(states)
+    subtraction cancels when clients are close. Copy with: nothing else."""
+    if any(set(s) != set(states[0]) for s in states):
+        raise KeyError("distances are by parameter name: every state must hold the same names")
     K = len(states)
     gram = torch.zeros(K, K, dtype=torch.float64)
     for key in states[0]:
@@ -535,8 +579,9 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
     then. Where this differs from SPEC section 5 (offset and scale both per row): with a
     purely per-row offset and scale, a far outlier's row (all its distances alike) looks like
     anyone's and it is averaged away; capping the offset at c and sharing one s keeps the
-    outlier's own LoRA (tested) and keeps z in the same units for every client. d (K, K) distances, n (K,) sample counts, m neighbours. -> (K, K) float64.
-    Copy with: nearest_others."""
+    outlier's own LoRA (tested) and keeps z in the same units for every client.
+    d (K, K) distances, n (K,) sample counts, m neighbours (N_k: the m nearest other clients,
+    ties by index). -> (K, K) float64. Copy with: nothing else."""
     K = d.shape[0]
     W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
     if K == 1:
@@ -548,9 +593,25 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
     excess = (d - offset[:, None]).clamp_min(0)                             # (K, K) d_kj - b_k
     z = excess / spread if spread > 0 else torch.where(excess > 0, float("inf"), 0.0).to(d.dtype)
     for k in range(K):
-        nbrs = nearest_others(d, k, m)                                       # (M,)
+        others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
+        nbrs = others[torch.sort(d[k, others], stable=True).indices[:m]]     # (M,) N_k
         W[k, nbrs] = n[nbrs].to(d.dtype) * torch.exp(-z[k, nbrs] / tau)
     return W / W.sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def ata(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int], top_m: int | None = None,
+        tau: float = 0.25) -> torch.Tensor:
+    """Adaptive text aggregation (ATA, SPEC section 5) as this project runs it by default: the
+    (K, K) mixing matrix W (rows sum to 1) of the spread form (ata_spread) from the Euclidean
+    distances between the clients' LoRA vectors (pairwise_distances); N_k the top_m nearest
+    other clients (None: all). tau = 0.25 is the default the sweep's choice on validation data
+    starts from (fed.ata_tau). Apply with weighted_averages(lora_states, W).
+    Copy with: ata_spread, pairwise_distances."""
+    K = len(lora_states)
+    m = K - 1 if top_m is None else min(top_m, K - 1)
+    n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
+    return ata_spread(pairwise_distances(lora_states), n, m, tau).float()
 
 
 def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0) -> torch.Tensor:
@@ -608,9 +669,9 @@ def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Seque
     than the K - 1 other clients there are (client sampling makes K vary), means all of them:
     this is the one place that rule lives. `form` picks the weights from the distances
     (ATA_FORMS: ata_spread, ata_kernel, ata_top_m), `tau` its temperature (None: the form's
-    default). [choice] The paper publishes no exact normalisation.
-    Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others,
-    pairwise_distances, check_same_keys."""
+    default: ata_spread's 0.25, the others' 1). [choice] The paper publishes no exact
+    normalisation. The default form alone copies out smaller: `ata`.
+    Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others, pairwise_distances."""
     if form not in ATA_FORMS:
         raise ValueError(f"ATA form must be one of {tuple(ATA_FORMS)}, got {form!r}")
     if top_m is not None and top_m < 0:

@@ -12,19 +12,19 @@ from common import best_time, dtype_for, emit, parser
 import pilot
 
 
-def loop_forward(moa: pilot.CTMoA, h: torch.Tensor) -> torch.Tensor:
+def loop_forward(conn: pilot.Stage2Connector, h: torch.Tensor) -> torch.Tensor:
     """The released code's structure: for each image, for each expert, run the expert on all
     of that image's tokens and weigh it by the (renormalised top-k) router weight, zero for
     the experts a token did not select."""
-    outs = []
+    outs, moa = [], conn.moa
     for b in range(h.shape[0]):
         x = h[b]                                                      # (N, C_v)
-        # router logits in fp32 as CTMoA computes them: from a bf16 router a near-tie can pick
+        # router logits in fp32 as pilot.route computes them: from a bf16 router a near-tie can pick
         # another top-1 expert, and the comparison would measure that, not the batching
         p = torch.nn.functional.linear(x.float(), moa.router.weight.float()).softmax(-1)   # (N, T)
         top_p, top_i = p.topk(moa.top_k, dim=-1)                      # (N, k)
         w = torch.zeros_like(p).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))  # (N, T)
-        y = moa.psi_s(x)                                              # (N, C)
+        y = conn.psi_s(x)                                             # (N, C)
         for i in range(moa.num_tasks):
             y = y + w[:, i:i + 1].to(y.dtype) * moa.expert(i, x)      # (N, C)
         outs.append(y)
@@ -40,7 +40,7 @@ def main():
     h = torch.randn(B, N, Cv, device=dev, dtype=dt)
     figures = {"shape": dict(B=B, N=N, C_v=Cv, C=C, T=T), "device": dev}
     for top_k in (T, 1):
-        moa = pilot.CTMoA(Cv, C, T, top_k).to(dev, dt)   # the paper's mixture (g = 1)
+        moa = pilot.Stage2Connector(Cv, C, T, top_k).to(dev, dt)   # the paper's mixture (g = 1)
         with torch.no_grad():
             for p in moa.parameters():
                 p.normal_(std=0.05)

@@ -101,7 +101,7 @@ def measure(shape: str, args) -> dict:
     batch = dict(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), labels=labels.to(dev),
                  pixel_values=torch.randn(B, 3, vc.image_size, vc.image_size, generator=g).to(dev))
     stage1 = model.build_connector("stage1", base)
-    stage2 = pilot.ctmoa_from_stage1(stage1, {t: stage1.psi_t.state_dict() for t in "abc"}, "a")
+    stage2 = pilot.stage2_from_stage1(stage1, {t: stage1.psi_t.state_dict() for t in "abc"}, "a")
     p_lm = sum(p.numel() for p in base.lm.parameters())
     p_vision = sum(p.numel() for p in base.vision.parameters())
     # frozen weights: forward 2 P t, backward only activation gradients 2 P t (no weight grads);

@@ -19,9 +19,10 @@ TREE = ast.parse(SOURCE)
 IMPORTS = "\n".join(ast.get_source_segment(SOURCE, node) for node in TREE.body
                     if isinstance(node, (ast.Import, ast.ImportFrom)))
 PUBLIC = ["LoRALinear", "add_lora", "is_lora", "lora_state_dict", "set_dropout_generator", "merge_lora",
-          "reset_linear", "Adapter", "ConnectorOutput", "PlainConnector", "difference_loss", "TaskClientConnector",
-          "CTMoA", "expert_tasks", "expert_slot", "ctmoa_from_stage1", "check_same_keys", "weighted_average",
-          "weighted_averages", "task_average", "pairwise_distances", "nearest_others", "ata_spread", "ata_kernel", "ata_top_m",
+          "reset_linear", "Adapter", "ConnectorOutput", "PlainConnector", "prox_term", "difference_loss",
+          "TaskClientConnector", "route", "balance_loss", "router_z_loss", "CTMoA", "Stage2Connector", "expert_tasks",
+          "expert_slot", "stage2_from_stage1", "check_same_keys", "weighted_average", "weighted_averages",
+          "task_average", "pairwise_distances", "nearest_others", "ata_spread", "ata", "ata_kernel", "ata_top_m",
           "ata_weights"]
 
 
@@ -121,8 +122,10 @@ def test_lora_copies_out_whole():
     ("Adapter", lambda m: m.Adapter(6, 8, generator=_g())),
     ("PlainConnector", lambda m: m.PlainConnector(6, 8, _g())),
     ("TaskClientConnector", lambda m: m.TaskClientConnector(6, 8, False, _g())),
-    ("CTMoA", lambda m: m.CTMoA(6, 8, 3, None, True, 0.5, _g())),
-    ("CTMoA", lambda m: m.CTMoA(6, 8, 3, 1, False, 1.0, _g())),
+    ("CTMoA", lambda m: m.CTMoA(6, 8, 3, None, _g())),
+    ("CTMoA", lambda m: m.CTMoA(6, 8, 3, 1, _g())),
+    ("Stage2Connector", lambda m: m.Stage2Connector(6, 8, 3, None, True, 0.5, _g())),
+    ("Stage2Connector", lambda m: m.Stage2Connector(6, 8, 3, 1, False, 1.0, _g())),
 ])
 def test_connectors_copy_out_whole(name, build):
     ns = copied(name)
@@ -133,16 +136,16 @@ def test_connectors_copy_out_whole(name, build):
     assert _same(tuple(a) if isinstance(a, tuple) else a, tuple(b) if isinstance(b, tuple) else b)
 
 
-def test_difference_loss_and_ctmoa_from_stage1_copy_out_whole():
+def test_difference_loss_and_stage2_from_stage1_copy_out_whole():
     x, y = torch.randn(3, 4, 5, generator=_g(1)), torch.randn(3, 4, 5, generator=_g(2))
     assert torch.equal(copied("difference_loss")["difference_loss"](x, y), pilot.difference_loss(x, y))
-    ns = copied("ctmoa_from_stage1")
+    ns = copied("stage2_from_stage1")
     adapters = {t: pilot.Adapter(6, 8, generator=_g(i)).state_dict() for i, t in enumerate(("b", "a", "c"))}
     h = torch.randn(2, 4, 6, generator=_g(7))
     outs = []
     for mod in (pilot, type("m", (), ns)):
         stage1 = mod.TaskClientConnector(6, 8, False, _g(8))
-        moa = mod.ctmoa_from_stage1(stage1, adapters, "c", None, False, True, _g(9))
+        moa = mod.stage2_from_stage1(stage1, adapters, "c", None, False, True, _g(9))
         outs.append((moa.state_dict(), tuple(moa(h))))
     assert _same(*outs)
 
@@ -154,6 +157,9 @@ def test_server_math_copies_out_whole():
         ns = copied("ata_weights")
         assert torch.equal(ns["ata_weights"](states, n, 2, form), pilot.ata_weights(states, n, 2, form))
     W = pilot.ata_weights(states, n)
+    assert len(_closure("ata")) == 3                      # the default ATA: itself and two helpers
+    assert torch.equal(copied("ata")["ata"](states, n, 2), pilot.ata_weights(states, n, 2, "spread", 0.25))
+    assert torch.equal(pilot.ata(states, n), W)
     assert _same(copied("weighted_averages")["weighted_averages"](states, W), pilot.weighted_averages(states, W))
     assert _same(copied("task_average")["task_average"](states, n, ["a", "b", "a", "b"]),
                  pilot.task_average(states, n, ["a", "b", "a", "b"]))

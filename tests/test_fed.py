@@ -93,7 +93,7 @@ def test_uploads_never_carry_client_private_parts(tiny_llava_dir, method):
     if method == "local":
         assert all(msg == {} for msg in sent)
     if method.startswith("pilot") and method != "pilot_no_moa":
-        assert f.stage == 2 and any("connector.router.weight" in s for s in f.states)
+        assert f.stage == 2 and any("connector.moa.router.weight" in s for s in f.states)
 
 
 def test_a_pilot_run_shares_task_adapters_within_tasks_and_personalises_lora(tiny_llava_dir):
@@ -102,7 +102,7 @@ def test_a_pilot_run_shares_task_adapters_within_tasks_and_personalises_lora(tin
     by_task = {}
     for c, s in zip(f.clients, f.states):
         by_task.setdefault(c.task, []).append(s)
-    adapter = "connector.psi_t.linear_1.weight"
+    adapter = "connector.moa.psi_t.linear_1.weight"   # h_0: the clients are in stage 2 after the handover
     for states in by_task.values():
         assert torch.equal(states[0][adapter], states[1][adapter])
     a, b = list(by_task.values())[:2]
@@ -116,7 +116,7 @@ def test_a_pilot_run_shares_task_adapters_within_tasks_and_personalises_lora(tin
     # communication, by hand: up = LoRA + psi_t, down = LoRA + every task's psi_t (last stage-1 round)
     name = f.clients[0].name
     n_lora = sum(v.numel() for k, v in f.states[0].items() if k.endswith(("lora_A", "lora_B")))
-    n_adapter = sum(v.numel() for k, v in f.states[0].items() if k.startswith("connector.psi_t."))
+    n_adapter = sum(v.numel() for k, v in f.states[0].items() if k.startswith("connector.moa.psi_t."))
     assert rec["comm"][name]["up"] == {"lora": 4 * n_lora, "task_adapter": 4 * n_adapter}
     assert rec["comm"][name]["down"] == {"lora": 4 * n_lora, "task_adapter": 4 * n_adapter * len(f.tasks)}
 
@@ -125,7 +125,7 @@ def test_a_pilot_run_shares_task_adapters_within_tasks_and_personalises_lora(tin
     own = f.clients[k].task
     order = pilot.expert_tasks(f.tasks, own)
     j = next(i for i, c in enumerate(f.clients) if c.task == order[1])
-    assert torch.equal(f.states[k]["connector.psi_t_other.0.linear_1.weight"], f.states[j][adapter])
+    assert torch.equal(f.states[k]["connector.moa.psi_t_other.0.linear_1.weight"], f.states[j][adapter])
 
 
 def test_same_seed_same_run_other_seed_other_run(tiny_llava_dir):

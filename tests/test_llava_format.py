@@ -246,7 +246,7 @@ def test_a_processor_that_pads_itself_is_not_padded_before():
 
 def _stage2_model(tiny_llava_dir):
     base = model.load_llava(tiny_llava_dir)
-    conn = pilot.CTMoA(base.vision_width, base.llm_width, 3, generator=torch.Generator().manual_seed(0))
+    conn = pilot.Stage2Connector(base.vision_width, base.llm_width, 3, generator=torch.Generator().manual_seed(0))
     return base, model.build_model(base, conn, model.ModelConfig(lora_r=4), torch.Generator().manual_seed(1))
 
 

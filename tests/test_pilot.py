@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import pilot
-from pilot import (AUX_KEYS, CTMoA, LoRALinear, PlainConnector, TaskClientConnector, add_lora,
-                   ata_weights, ctmoa_from_stage1, difference_loss, expert_tasks, lora_state_dict,
+from pilot import (AUX_KEYS, CTMoA, LoRALinear, PlainConnector, Stage2Connector, TaskClientConnector, add_lora,
+                   ata_weights, stage2_from_stage1, difference_loss, expert_tasks, lora_state_dict,
                    merge_lora, task_average, weighted_average)
 
 
@@ -149,7 +149,7 @@ def test_difference_loss_by_hand():
 
 def test_every_connector_returns_the_same_aux_keys():
     h = torch.randn(2, 3, 4)
-    for conn in (PlainConnector(4, 6), TaskClientConnector(4, 6), CTMoA(4, 6, 3), CTMoA(4, 6, 3, top_k=1)):
+    for conn in (PlainConnector(4, 6), TaskClientConnector(4, 6), Stage2Connector(4, 6, 3), Stage2Connector(4, 6, 3, top_k=1)):
         out = conn(h)
         assert out.tokens.shape == (2, 3, 6)
         assert tuple(out.aux) == AUX_KEYS
@@ -164,7 +164,7 @@ def test_stage1_starts_equal_to_the_task_adapter():
 
 
 def _random_ctmoa(T=3, top_k=None, seed=0, gate=1.0):
-    moa = CTMoA(4, 6, T, top_k, gate=gate, generator=_g(seed))
+    moa = Stage2Connector(4, 6, T, top_k, gate=gate, generator=_g(seed))
     with torch.no_grad():
         for p in moa.parameters():
             p.normal_(std=0.5, generator=_g(seed + 1))     # non-zero psi_c, a non-uniform router
@@ -178,18 +178,18 @@ def _slow_ctmoa(moa, h):
     for b in range(B):
         for n in range(N):
             x = h[b, n]
-            p = torch.softmax(moa.router(x), dim=-1)
-            top = torch.topk(p, moa.top_k).indices.tolist()
+            p = torch.softmax(moa.moa.router(x), dim=-1)
+            top = torch.topk(p, moa.moa.top_k).indices.tolist()
             z = sum(p[i] for i in top)
             mix = torch.zeros(out.shape[-1])
             for i in top:
                 if i == 0:
-                    e = moa.psi_t(x)
+                    e = moa.moa.psi_t(x)
                 else:
-                    e = moa.psi_t_other[i - 1](x) + moa.psi_c[i - 1](x)
+                    e = moa.moa.psi_t_other[i - 1](x) + moa.moa.psi_c[i - 1](x)
                 mix += p[i] / z * e
             if moa.gate != 1:   # during the ramp: h_0 + g (mixture - h_0); at g = 1 the paper's sum
-                mix = moa.psi_t(x) + moa.gate * (mix - moa.psi_t(x))
+                mix = moa.moa.psi_t(x) + moa.gate * (mix - moa.moa.psi_t(x))
             out[b, n] = moa.psi_s(x) + mix
     return out
 
@@ -203,13 +203,13 @@ def test_ctmoa_equals_a_slow_loop_reference(top_k, gate):
 
 
 def test_a_ctmoa_built_alone_is_the_papers_formula():
-    # x = psi_s(H) + sum_i P_i h_i, by hand, against CTMoA's default (no ramp: g = 1)
+    # x = psi_s(H) + sum_i P_i h_i, by hand, against Stage2Connector's default (no ramp: g = 1)
     moa = _random_ctmoa(top_k=3)
     assert moa.gate.item() == 1.0 and "gate" not in dict(moa.named_parameters())   # a buffer, never learned
     h = torch.randn(2, 5, 4, generator=_g(7))
     with torch.no_grad():
-        p = torch.softmax(h @ moa.router.weight.t(), dim=-1)                      # (B, N, T)
-        paper = moa.psi_s(h) + sum(p[..., i:i + 1] * moa.expert(i, h) for i in range(3))
+        p = torch.softmax(h @ moa.moa.router.weight.t(), dim=-1)                      # (B, N, T)
+        paper = moa.psi_s(h) + sum(p[..., i:i + 1] * moa.moa.expert(i, h) for i in range(3))
     torch.testing.assert_close(moa(h).tokens, paper, rtol=0, atol=1e-6)
 
 
@@ -220,8 +220,8 @@ def test_the_gate_ramps_from_stage1_to_the_papers_mixture(top_k):
     with torch.no_grad():
         stage1.psi_t.load_state_dict(adapters["colour"])
         before = stage1(h).tokens
-        moa = ctmoa_from_stage1(stage1, adapters, "colour", top_k, generator=_g(3))     # g = 0
-        paper = ctmoa_from_stage1(stage1, adapters, "colour", top_k, gate=1.0, generator=_g(3))(h).tokens
+        moa = stage2_from_stage1(stage1, adapters, "colour", top_k, generator=_g(3))     # g = 0
+        paper = stage2_from_stage1(stage1, adapters, "colour", top_k, gate=1.0, generator=_g(3))(h).tokens
         assert torch.equal(moa(h).tokens, before)                       # g = 0: bit for bit the stage-1 output
         moa.gate.fill_(0.25)
         torch.testing.assert_close(moa(h).tokens, 0.75 * before + 0.25 * paper, rtol=0, atol=1e-6)
@@ -246,28 +246,28 @@ def test_continuous_stage2_starts_exactly_where_stage1_ended(top_k):
     with torch.no_grad():
         stage1.psi_t.load_state_dict(adapters["colour"])      # stage 1 with psi_t = own global adapter
         before = stage1(h).tokens
-        after = ctmoa_from_stage1(stage1, adapters, "colour", top_k, generator=_g(3))(h).tokens
-        jump = ctmoa_from_stage1(stage1, adapters, "colour", top_k, gate=1.0, generator=_g(3))(h).tokens
+        after = stage2_from_stage1(stage1, adapters, "colour", top_k, generator=_g(3))(h).tokens
+        jump = stage2_from_stage1(stage1, adapters, "colour", top_k, gate=1.0, generator=_g(3))(h).tokens
     assert ((after - before).norm() / before.norm()).item() <= 1e-5
     assert ((jump - before).norm() / before.norm()).item() > 1e-2   # the paper's mix from step 0 jumps
 
 
 def test_continuous_stage2_keeps_the_router_learning():
     stage1, adapters = _stage1_and_adapters()
-    moa = ctmoa_from_stage1(stage1, adapters, "colour", generator=_g(3))
+    moa = stage2_from_stage1(stage1, adapters, "colour", generator=_g(3))
     h = torch.randn(2, 5, 4, generator=_g(9))
     out = moa(h)
     (out.tokens.pow(2).sum() + out.aux["balance"] + out.aux["router_z"]).backward()
-    assert moa.router.weight.grad.abs().sum().item() > 0          # aux losses train the router from step 0
+    assert moa.moa.router.weight.grad.abs().sum().item() > 0          # aux losses train the router from step 0
     moa.zero_grad()
     with torch.no_grad():
         moa.gate.fill_(0.5)
     moa(h).tokens.pow(2).sum().backward()                          # once g != 0 the output reaches it too
-    assert moa.router.weight.grad.abs().sum().item() > 0
+    assert moa.moa.router.weight.grad.abs().sum().item() > 0
 
 
 def test_a_directly_built_ctmoa_adds_nothing_from_psi_s():
-    moa = CTMoA(4, 6, 3)
+    moa = Stage2Connector(4, 6, 3)
     h = torch.randn(2, 3, 4)
     assert torch.equal(moa.psi_s(h), torch.zeros(2, 3, 6))
 
@@ -282,7 +282,7 @@ def test_ctmoa_forward_and_backward_under_bf16_autocast(top_k):
     loss.backward()
     ref = _slow_ctmoa(moa, h)
     torch.testing.assert_close(out.tokens.float(), ref, rtol=0.05, atol=0.05)   # bf16 precision
-    assert moa.psi_t.linear_1.weight.grad is not None and torch.isfinite(moa.psi_t.linear_1.weight.grad).all()
+    assert moa.moa.psi_t.linear_1.weight.grad is not None and torch.isfinite(moa.moa.psi_t.linear_1.weight.grad).all()
 
 
 def test_difference_loss_and_router_stay_float32_under_bf16_autocast():
@@ -301,12 +301,12 @@ def test_difference_loss_and_router_stay_float32_under_bf16_autocast():
 def test_init_comes_from_the_generator_not_the_global_rng():
     stage1, adapters = _stage1_and_adapters()
     torch.manual_seed(1)
-    a = ctmoa_from_stage1(stage1, adapters, "shape", generator=_g(5)).state_dict()
+    a = stage2_from_stage1(stage1, adapters, "shape", generator=_g(5)).state_dict()
     torch.manual_seed(2)
-    b = ctmoa_from_stage1(stage1, adapters, "shape", generator=_g(5)).state_dict()
-    c = ctmoa_from_stage1(stage1, adapters, "shape", generator=_g(6)).state_dict()
+    b = stage2_from_stage1(stage1, adapters, "shape", generator=_g(5)).state_dict()
+    c = stage2_from_stage1(stage1, adapters, "shape", generator=_g(6)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["router.weight"], c["router.weight"])
+    assert not torch.equal(a["moa.router.weight"], c["moa.router.weight"])
     torch.manual_seed(1)
     l1 = LoRALinear(nn.Linear(4, 4), 2, 2.0, generator=_g(5)).lora_A
     torch.manual_seed(2)
@@ -317,32 +317,33 @@ def test_ctmoa_top1_sends_each_token_to_one_expert_and_grads_only_to_trainables(
     moa = _random_ctmoa(top_k=1)   # the paper's mixture (g = 1)
     h = torch.randn(2, 5, 4)
     with torch.no_grad():
-        chosen = moa.router(h).argmax(-1)                        # (B, N)
+        chosen = moa.moa.router(h).argmax(-1)                        # (B, N)
     # force expert 2 never to be chosen, then check it gets exactly nothing
     h = h[chosen != 2][None]                                     # (1, n, 4)
     out = moa(h)
     with torch.no_grad():
-        chosen = moa.router(h).argmax(-1)[0]
+        chosen = moa.moa.router(h).argmax(-1)[0]
         for n in range(h.shape[1]):
-            torch.testing.assert_close(out.tokens[0, n], moa.psi_s(h[0, n]) + moa.expert(int(chosen[n]), h[0, n]))
+            torch.testing.assert_close(out.tokens[0, n], moa.psi_s(h[0, n]) + moa.moa.expert(int(chosen[n]), h[0, n]))
     out.tokens.sum().backward()
-    assert moa.psi_c[1].linear_1.weight.grad is None             # expert 2 unselected: no grad
-    assert moa.psi_t.linear_1.weight.grad is not None
+    assert moa.moa.psi_c[1].linear_1.weight.grad is None             # expert 2 unselected: no grad
+    assert moa.moa.psi_t.linear_1.weight.grad is not None
     # top-1 renormalised weight is p/p = 1: no signal to the router from the output
-    torch.testing.assert_close(moa.router.weight.grad, torch.zeros_like(moa.router.weight))
-    assert all(p.grad is None for p in moa.psi_t_other.parameters())  # frozen
+    torch.testing.assert_close(moa.moa.router.weight.grad, torch.zeros_like(moa.moa.router.weight))
+    assert all(p.grad is None for p in moa.moa.psi_t_other.parameters())  # frozen
     assert all(p.grad is None for p in moa.psi_s.parameters())        # frozen in stage 2
 
 
 def test_ctmoa_trainable_parameters_are_own_adapter_cross_adapters_and_router():
-    names = sorted(n.split(".")[0] for n, p in CTMoA(4, 6, 3, gate=0.0).named_parameters() if p.requires_grad)
+    names = sorted(n.split(".")[0] for n, p in Stage2Connector(4, 6, 3, gate=0.0).moa.named_parameters() if p.requires_grad)
     assert set(names) == {"psi_t", "psi_c", "router"}         # g is a buffer: the loop sets it
+    assert not any(p.requires_grad for p in Stage2Connector(4, 6, 3).psi_s.parameters())
 
 
 def test_balance_and_z_loss_equal_hand_computed_values():
-    moa = CTMoA(2, 3, num_tasks=2)
+    moa = Stage2Connector(2, 3, num_tasks=2)
     with torch.no_grad():
-        moa.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        moa.moa.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     h = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])     # one image, two tokens; logits = h
     aux = moa(h).aux
     e = math.e
@@ -356,10 +357,26 @@ def test_balance_and_z_loss_equal_hand_computed_values():
     assert aux["difference"].item() == 0.0
 
 
-def test_balance_loss_is_exactly_one_for_a_uniform_router():
-    moa = CTMoA(4, 6, num_tasks=3)
+def test_a_ctmoa_alone_is_the_papers_ct_moa_and_prox_term_is_fedprox():
+    moa = _random_ctmoa(top_k=3).moa                          # CT-MoA(H) = sum_i P_i h_i, nothing else
+    h = torch.randn(2, 5, 4, generator=_g(7))
     with torch.no_grad():
-        moa.router.weight.zero_()
+        p = torch.softmax(h @ moa.router.weight.t(), dim=-1)                      # (B, N, T)
+        out = moa(h)
+        torch.testing.assert_close(out.mixture, sum(p[..., i:i + 1] * moa.expert(i, h) for i in range(3)),
+                                   rtol=0, atol=1e-6)
+        assert torch.equal(out.own, moa.psi_t(h)) and set(out.aux) == {"balance", "router_z"}
+        r = pilot.route(h, moa.router, 2)                     # top-2, renormalised
+        assert torch.equal(r.top_i, p.topk(2, dim=-1).indices)
+        torch.testing.assert_close(r.top_p.sum(-1), torch.ones(2, 5))
+    w, a = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [torch.tensor([0.0, 0.0]), torch.tensor([1.0])]
+    assert pilot.prox_term(w, a, 0.5).item() == pytest.approx(0.25 * (1 + 4 + 4))   # (mu/2) ||w - w_0||^2
+
+
+def test_balance_loss_is_exactly_one_for_a_uniform_router():
+    moa = Stage2Connector(4, 6, num_tasks=3)
+    with torch.no_grad():
+        moa.moa.router.weight.zero_()
     assert moa(torch.randn(3, 7, 4)).aux["balance"].item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -369,15 +386,15 @@ def test_ctmoa_from_stage1_orders_experts_and_keeps_psi_s():
     with torch.no_grad():
         stage1.psi_s.linear_2.weight.normal_()
     adapters = {t: pilot.Adapter(4, 6).state_dict() for t in ("count", "colour", "shape")}
-    moa = ctmoa_from_stage1(stage1, adapters, own_task="shape")
+    moa = stage2_from_stage1(stage1, adapters, own_task="shape")
     assert expert_tasks(list(adapters), "shape") == ["shape", "colour", "count"]
-    assert torch.equal(moa.psi_t.linear_1.weight, adapters["shape"]["linear_1.weight"])
-    assert torch.equal(moa.psi_t_other[0].linear_1.weight, adapters["colour"]["linear_1.weight"])
-    assert torch.equal(moa.psi_t_other[1].linear_1.weight, adapters["count"]["linear_1.weight"])
+    assert torch.equal(moa.moa.psi_t.linear_1.weight, adapters["shape"]["linear_1.weight"])
+    assert torch.equal(moa.moa.psi_t_other[0].linear_1.weight, adapters["colour"]["linear_1.weight"])
+    assert torch.equal(moa.moa.psi_t_other[1].linear_1.weight, adapters["count"]["linear_1.weight"])
     assert torch.equal(moa.psi_s.linear_2.weight, stage1.psi_s.linear_2.weight)
     h = torch.randn(2, 3, 4)
     with torch.no_grad():   # psi_c = 0 at init: expert i is exactly the other task's adapter
-        assert torch.equal(moa.expert(1, h), moa.psi_t_other[0](h))
+        assert torch.equal(moa.moa.expert(1, h), moa.moa.psi_t_other[0](h))
 
 
 # -----------------------------------------------------------------------------

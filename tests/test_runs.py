@@ -193,11 +193,11 @@ def test_stage2_is_built_from_the_adapters_each_client_received(tiny_llava_dir, 
     real = fed.Server.aggregate
 
     def spy(self, uploads, all_tasks):
-        downloads = real(self, uploads, all_tasks)
-        sent.update({k: {g: {n: t.clone() for n, t in msg.items()} for g, msg in d.items()} for k, d in downloads.items()})
+        agg = real(self, uploads, all_tasks)
+        sent.update({k: {g: {n: t.clone() for n, t in msg.items()} for g, msg in d.items()} for k, d in agg.downloads.items()})
         # whatever the server holds next, clients use what they received
         self.task_adapters = {t: {n: torch.zeros_like(v) for n, v in s.items()} for t, s in self.task_adapters.items()}
-        return downloads
+        return agg
     monkeypatch.setattr(fed.Server, "aggregate", spy)
     rec = f.run_round(1)
     assert f.stage == 2
@@ -219,9 +219,9 @@ def test_at_the_handover_each_clients_connector_still_computes_its_stage1_output
     for k in range(len(f.clients)):
         state = f.states[k]
         stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
-        stage1.psi_t.load_state_dict(fed.adapter_tensors(state, fed.OWN_ADAPTER))     # the own global adapter
+        stage1.psi_t.load_state_dict(fed.adapter_tensors(state, fed.own_adapter(state)))   # the own global adapter
         stage1.psi_s.load_state_dict(fed.adapter_tensors(state, "connector.psi_s."))
-        moa = pilot.CTMoA(b.vision_width, b.llm_width, len(f.tasks))
+        moa = pilot.Stage2Connector(b.vision_width, b.llm_width, len(f.tasks))
         moa.load_state_dict(fed.adapter_tensors(state, "connector."))
         with torch.no_grad():
             want, got = stage1(h).tokens, moa(h).tokens
