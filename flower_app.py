@@ -203,17 +203,20 @@ class NodeRuntimes:
                 shared = {"model": model, "base": base, "enc": enc, "initial": model_mod.client_state(model),
                           "stage1_connector": model.connector}
             data = clients[0] if len(clients) == 1 else clients[k]
-            # the model may hold another node's CT-MoA now: the client gets the stage-1 connector
-            client = fed_mod.Client(k, data, [], cfg.fed, shared["model"], shared["base"], shared["enc"], cfg.seed,
-                                    cfg.data.max_new_tokens, stage1_connector=shared["stage1_connector"])
-            self.built[key] = shared | {"cfg": cfg, "k": k, "data": data, "client": client}
+            self.built[key] = shared | {"cfg": cfg, "k": k, "data": data, "clients": {}}
         return self.built[key]
 
 
 def node_client(rt: dict, tasks) -> fed_mod.Client:
-    """The node's fed.Client, told the run's tasks (the server's, in every message)."""
-    rt["client"].tasks = list(tasks)
-    return rt["client"]
+    """The node's fed.Client for the run's tasks (the server's, in every message), built
+    complete once per task list. The model may hold another node's CT-MoA now: the client is
+    given the stage-1 connector."""
+    key = tuple(tasks)
+    if key not in rt["clients"]:
+        cfg = rt["cfg"]
+        rt["clients"][key] = fed_mod.Client(rt["k"], rt["data"], key, cfg.fed, rt["model"], rt["base"], rt["enc"],
+                                            cfg.seed, cfg.data.max_new_tokens, stage1_connector=rt["stage1_connector"])
+    return rt["clients"][key]
 
 
 def load_state(context: Context, rt: dict):

@@ -277,32 +277,74 @@ def load_pair(vision_path: str, llm_path: str, projector_path: str | None = None
                 tok.convert_tokens_to_ids("<image>"), _patches(vision.config), projector)
 
 
-def load_base(cfg: ModelConfig) -> Base:
-    dtype = DTYPES[cfg.dtype]
-    if cfg.llava == "embedded":
-        return load_llava(embedded_checkpoint(cfg), dtype, cfg.device)
+def _embedded_text_side(cfg: ModelConfig):
+    tok = embedded_tokenizer()
+    return tok, tok.convert_tokens_to_ids("<image>"), (EMBEDDED["image_size"] // EMBEDDED["patch_size"]) ** 2
+
+
+def _llava_text_side(cfg: ModelConfig):
+    from transformers import AutoConfig, AutoTokenizer
+    config = AutoConfig.from_pretrained(cfg.llava)
+    return AutoTokenizer.from_pretrained(cfg.llava), config.image_token_id, _patches(config.vision_config)
+
+
+def _pair_text_side(cfg: ModelConfig):
+    from transformers import CLIPVisionConfig
+    tok = pair_tokenizer(cfg.llm)
+    return tok, tok.convert_tokens_to_ids("<image>"), _patches(CLIPVisionConfig.from_pretrained(cfg.vision))
+
+
+def _embedded_config(cfg: ModelConfig):
+    tok = embedded_tokenizer()
+    return tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id), "embedded recipe"
+
+
+def _llava_config(cfg: ModelConfig):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(cfg.llava, local_files_only=True), cfg.llava
+
+
+def _pair_config(cfg: ModelConfig):
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+    vision = CLIPVisionConfig.from_pretrained(cfg.vision, local_files_only=True)
+    text = AutoConfig.from_pretrained(cfg.llm, local_files_only=True)
+    return LlavaConfig(vision_config=vision, text_config=text), f"{cfg.vision} + {cfg.llm}"
+
+
+class Loader(NamedTuple):
+    """One source of a base (the module docstring's (a), (b), (c)), three ways to read it."""
+    base: object        # cfg -> Base: the weights
+    text_side: object   # cfg -> (tokenizer, image_token_id, n_image_tokens), no weights
+    config: object      # cfg -> (LlavaConfig, description), no weights, no download
+
+
+LOADERS = {
+    "embedded": Loader(lambda c: load_llava(embedded_checkpoint(c), DTYPES[c.dtype], c.device),
+                       _embedded_text_side, _embedded_config),
+    "llava": Loader(lambda c: load_llava(c.llava, DTYPES[c.dtype], c.device), _llava_text_side, _llava_config),
+    "pair": Loader(lambda c: load_pair(c.vision, c.llm, c.projector, DTYPES[c.dtype], c.device),
+                   _pair_text_side, _pair_config),
+}
+
+
+def loader(cfg: ModelConfig) -> Loader:
+    """THE one place that picks where the base comes from: model.llava "embedded" (c), another
+    model.llava (a), else model.vision + model.llm (b)."""
     if cfg.llava:
-        return load_llava(cfg.llava, dtype, cfg.device)
+        return LOADERS["embedded" if cfg.llava == "embedded" else "llava"]
     if not (cfg.vision and cfg.llm):
         raise ValueError("model: set model.llava, or both model.vision and model.llm")
-    return load_pair(cfg.vision, cfg.llm, cfg.projector, dtype, cfg.device)
+    return LOADERS["pair"]
+
+
+def load_base(cfg: ModelConfig) -> Base:
+    return loader(cfg).base(cfg)
 
 
 def load_text_side(cfg: ModelConfig):
     """(tokenizer, image_token_id, n_image_tokens) of the configured base, without loading any
     weights: what data checks need before the model loads (data.check_encodable)."""
-    from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig
-    import data
-    if cfg.llava == "embedded":
-        tok = embedded_tokenizer()
-        return tok, tok.convert_tokens_to_ids("<image>"), (EMBEDDED["image_size"] // EMBEDDED["patch_size"]) ** 2
-    if cfg.llava:
-        config = AutoConfig.from_pretrained(cfg.llava)
-        return AutoTokenizer.from_pretrained(cfg.llava), config.image_token_id, _patches(config.vision_config)
-    if not (cfg.vision and cfg.llm):
-        raise ValueError("model: set model.llava, or both model.vision and model.llm")
-    tok = pair_tokenizer(cfg.llm)
-    return tok, tok.convert_tokens_to_ids("<image>"), _patches(CLIPVisionConfig.from_pretrained(cfg.vision))
+    return loader(cfg).text_side(cfg)
 
 
 def missing_lora_targets(cfg: ModelConfig) -> list[str]:
@@ -521,16 +563,9 @@ def llava_15_7b_config():
 def meta_config(cfg: ModelConfig):
     """The LlavaConfig a run would load, without weights or downloads: the embedded recipe,
     a local (or already cached) checkpoint's config, else LLaVA-1.5-7B's built-in shape."""
-    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
-    import data
-    if cfg.llava == "embedded":
-        tok = embedded_tokenizer()
-        return tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id), "embedded recipe"
     try:
-        if cfg.llava:
-            return AutoConfig.from_pretrained(cfg.llava, local_files_only=True), cfg.llava
-        vision = CLIPVisionConfig.from_pretrained(cfg.vision, local_files_only=True)
-        text = AutoConfig.from_pretrained(cfg.llm, local_files_only=True)
-        return LlavaConfig(vision_config=vision, text_config=text), f"{cfg.vision} + {cfg.llm}"
+        return loader(cfg).config(cfg)
     except (OSError, ValueError):
+        if cfg.llava == "embedded":
+            raise
         return llava_15_7b_config(), "built-in LLaVA-1.5-7B shape (checkpoint config not available offline)"
