@@ -483,7 +483,7 @@ def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, l
     transformers LLaVA checkpoint. Written to a temp dir and renamed, so a crash leaves none.
     Deterministic: one thread during the build (a CPU matmul's sum order depends on the
     thread count), every draw from the CPU generator seeded here inside fork_rng (CUDA's RNG
-    is never touched). (One function: the build is one transaction, from config to rename.)"""
+    is never touched)."""
     if steps < 1:
         raise ValueError(f"model.embedded_pretrain_steps must be >= 1, got {steps}")
     import shutil

@@ -560,26 +560,19 @@ def nearest_others(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
 
 
 def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> torch.Tensor:
-    """ATA weights, form "spread" (the default) [choice]: the contrast comes from the SPREAD of
-    the distances, not their common level. LoRA distances share a large offset
-    (d^2 = |a|^2 + |b|^2 - 2<a,b> is dominated by the norms): on scenario A a client's task
-    mates sit at ~1.0 and the other tasks at ~1.2 times its nearest distance. So:
+    """ATA weights, form "spread" (the default; SPEC section 5) [choice]: the contrast comes from
+    the SPREAD of the distances, not their common level (LoRA distances share a large offset:
+    d^2 = |a|^2 + |b|^2 - 2<a,b> is dominated by the norms; docs/choices.md has the figures):
         o_k  = min_{j != k} d_kj                 row k's offset: its nearest other client
         c    = median_k o_k                      the federation's typical nearest distance
         b_k  = min(o_k, c)                       a far outlier is measured from c, not from its
                                                  own far neighbour, so it keeps its own LoRA
-        s    = median over pairs j != k of (d_kj - o_k)   the robust spread (lower median)
+        s    = median over pairs j != k of (d_kj - o_k)   the robust spread (lower median), one for all rows
         z_kj = (d_kj - b_k) / s                  0 for the nearest, ~1 one spread further on
         s_kk = n_k,   s_kj = n_j * exp(-z_kj / tau) for j in N_k,   W_kj = s_kj / sum_j s_kj
-    The self-weight is the client's sample count, as if it were its own nearest neighbour. The
-    weights do not fade as K grows (a client's task mates keep their share at K = 9, 27, 81);
+    The self-weight is the client's sample count, as if it were its own nearest neighbour;
     identical distances give FedAvg, n_j / sum n; s = 0 with some d_kj > b_k gives those
     clients weight 0. tau (fed.ata_tau) is chosen on validation data (benchmarks/sweep.py).
-    When one group holds over half of every row, s is that group's inner spread: a larger tau
-    then. Where this differs from SPEC section 5 (offset and scale both per row): with a
-    purely per-row offset and scale, a far outlier's row (all its distances alike) looks like
-    anyone's and it is averaged away; capping the offset at c and sharing one s keeps the
-    outlier's own LoRA (tested) and keeps z in the same units for every client.
     d (K, K) distances, n (K,) sample counts, m neighbours (N_k: the m nearest other clients,
     ties by index). -> (K, K) float64. Copy with: nothing else."""
     K = d.shape[0]

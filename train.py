@@ -128,8 +128,8 @@ def from_dict(cls, d: dict, prefix: str = ""):
 
 
 def validate(cfg: Config) -> None:
-    """Every value that could only fail later fails here, before any model loads, naming the key.
-    (Long as a table is long: one row per key, read top to bottom.)"""
+    """Every value that could only fail later fails here, before any model loads, naming the key:
+    one row per key, (ok, key, what it must be)."""
     f, m, d = cfg.fed, cfg.model, cfg.data
     finite = math.isfinite
     checks = [
