@@ -395,6 +395,26 @@ def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
     scoring compares with (data.references); training never reads it."""
     if not isinstance(rec, dict):
         raise _record_error(path, index, rec, f"expected an object, got {type(rec).__name__}")
+    turns = _record_turns(rec, path, index)
+    n_img = sum(h.count(IMAGE) + g.count(IMAGE) for h, g in turns)
+    rid = rec.get("id", index)
+    source = f"{path}: record {index} (id {rid!r})"
+    refs = rec.get("references")
+    if refs is not None and (not isinstance(refs, list) or not refs
+                             or not all(isinstance(r, str) and r.strip() for r in refs)):
+        raise _record_error(path, index, rec, "'references' must be a non-empty list of non-empty strings")
+    if "image" not in rec or rec["image"] is None:
+        if n_img:
+            raise _record_error(path, index, rec, f"has no 'image' but {n_img} {IMAGE} placeholder(s)")
+        return Sample(str(rid), None, turns, source, refs)
+    if n_img != 1 or IMAGE not in turns[0][0]:
+        raise _record_error(path, index, rec, f"expected exactly one {IMAGE} placeholder, in the first human turn (found {n_img})")
+    return Sample(str(rid), _record_image(rec, path, index, image_folder), turns, source, refs)
+
+
+def _record_turns(rec: dict, path: str, index: int) -> list[tuple[str, str]]:
+    """A record's (human, gpt) pairs, its first turn dropped when it comes from gpt (LLaVA's
+    preprocess_v1); every turn a non-empty string from the right role."""
     conv = rec.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise _record_error(path, index, rec, "'conversations' must be a non-empty list")
@@ -412,19 +432,11 @@ def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
             if not isinstance(turn.get("value"), str) or not turn["value"].strip():
                 raise _record_error(path, index, rec, f"turn {t + j} has an empty or non-string 'value'")
         turns.append((pair[0]["value"], pair[1]["value"]))
-    n_img = sum(h.count(IMAGE) + g.count(IMAGE) for h, g in turns)
-    rid = rec.get("id", index)
-    source = f"{path}: record {index} (id {rid!r})"
-    refs = rec.get("references")
-    if refs is not None and (not isinstance(refs, list) or not refs
-                             or not all(isinstance(r, str) and r.strip() for r in refs)):
-        raise _record_error(path, index, rec, "'references' must be a non-empty list of non-empty strings")
-    if "image" not in rec or rec["image"] is None:
-        if n_img:
-            raise _record_error(path, index, rec, f"has no 'image' but {n_img} {IMAGE} placeholder(s)")
-        return Sample(str(rid), None, turns, source, refs)
-    if n_img != 1 or IMAGE not in turns[0][0]:
-        raise _record_error(path, index, rec, f"expected exactly one {IMAGE} placeholder, in the first human turn (found {n_img})")
+    return turns
+
+
+def _record_image(rec: dict, path: str, index: int, image_folder: str) -> str:
+    """The record's image file: a name inside image_folder whose header reads."""
     name = rec["image"]
     if not isinstance(name, str) or not name:
         raise _record_error(path, index, rec, "'image' must be a file name")
@@ -438,7 +450,7 @@ def parse_record(rec, path: str, index: int, image_folder: str) -> Sample:
         raise _record_error(path, index, rec, f"image file not found: {file}") from None
     except Exception as e:  # PIL raises several types for unreadable files
         raise _record_error(path, index, rec, f"cannot read image {file}: {e}") from None
-    return Sample(str(rid), file, turns, source, refs)
+    return file
 
 
 def read_json(path: str, what: str):

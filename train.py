@@ -129,7 +129,8 @@ def from_dict(cls, d: dict, prefix: str = ""):
 
 def validate(cfg: Config) -> None:
     """Every value that could only fail later fails here, before any model loads, naming the key:
-    one row per key, (ok, key, what it must be)."""
+    one row per key, (ok, key, what it must be). One function: the rows are a table to read top
+    to bottom, and splitting it would only scatter the keys."""
     f, m, d = cfg.fed, cfg.model, cfg.data
     finite = math.isfinite
     checks = [

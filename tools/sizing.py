@@ -20,7 +20,8 @@ import pilot
 def size_report(cfg: model.ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> dict:
     """Parameter counts by group, bytes a client sends and receives per round, and an estimate
     of peak GPU memory for one local step, per stage, built on the meta device: one formula per
-    memory term (benchmarks/bench_memory_plan.py checks the sum against measured steps)."""
+    memory term (benchmarks/bench_memory_plan.py checks the sum against measured steps). One
+    function, so that the whole plan, term by term, reads in one place."""
     from transformers import LlavaForConditionalGeneration
     config, source = model.meta_config(cfg)
     with torch.device("meta"):
