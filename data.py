@@ -33,20 +33,17 @@ Shape legend: B batch, L text length, N image tokens.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import random
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 IMAGE = "<image>"
@@ -115,188 +112,6 @@ class ClientData:
     skipped: list[str] = field(default_factory=list)   # bad records left out (skip_bad_records)
     val: list[Sample] = field(default_factory=list)    # validation split, carved from its training data
     files: list[str] = field(default_factory=list)     # the JSON files it was read from (run identity)
-
-
-# -----------------------------------------------------------------------------
-# The synthetic world
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
-           "yellow": (230, 210, 40), "purple": (150, 60, 190)}
-SHAPES = ("circle", "square", "triangle")
-COUNT_WORDS = ("one", "two", "three")
-CELLS = ("top left", "top right", "bottom left", "bottom right")   # 2 x 2 grid of positions
-
-# Per task: the question and two answer phrasings; clients alternate between them.
-TASKS = {
-    "colour": ("What colour are the shapes?", ("{colour}", "they are {colour}")),
-    "shape": ("What kind of shape is shown?", ("{shape}", "a {shape}")),
-    "count": ("How many shapes are there?", ("{count}", "{count_word}")),
-    "caption": ("Describe the image briefly.", ("{count_word} {colour} {shape_n}",
-                                                "there are {count_word} {colour} {shape_n}")),
-    "grounding": ("Where is the {colour} {shape}?", ("{cell}", "at the {cell}")),
-    "vqa": ("Which colour is the {shape}?", ("{colour}", "it is {colour}")),
-}
-SCENARIOS = {"A": ("colour", "shape", "count"), "B": ("caption", "grounding", "vqa"),
-             "D": ("digit", "parity", "greater")}
-# scenario D: one question per task and its answer as a function of the digit
-DIGIT_TASKS = {"digit": ("Which digit is this?", str),
-               "parity": ("Is the digit odd or even?", lambda d: "odd" if d % 2 else "even"),
-               "greater": ("Is the digit greater than four?", lambda d: "yes" if d > 4 else "no")}
-# the label each task's clients skew their prior over
-PRIOR_ON = {"colour": "colour", "shape": "shape", "count": "count", "caption": "shape",
-            "grounding": "cell", "vqa": "colour"}
-PRETRAIN_PROMPT = "Describe the image in detail."
-REPEAT_PROMPT = "Repeat these words:"
-
-
-def draw_scene(rng: random.Random, size: int, colour: str, shape: str, cells: Sequence[int],
-               background: tuple[int, int, int], scale: tuple[float, float]) -> Image.Image:
-    """An RGB image: one `colour` `shape` in each of `cells` of a 2 x 2 grid, with jitter."""
-    img = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(img)
-    half = size / 2
-    for cell in cells:
-        r = rng.uniform(*scale) * half / 2                   # object radius in pixels
-        cx = (cell % 2) * half + half / 2 + rng.uniform(-1, 1) * (half / 2 - r) * 0.5
-        cy = (cell // 2) * half + half / 2 + rng.uniform(-1, 1) * (half / 2 - r) * 0.5
-        box = (cx - r, cy - r, cx + r, cy + r)
-        fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return img
-
-
-@dataclass
-class ClientStyle:
-    """What makes a synthetic client different from the others of its task."""
-    background: tuple[int, int, int]
-    scale: tuple[float, float]       # object radius range, as a fraction of a cell's half side
-    favourite: str                   # the label this client's prior favours
-    phrasing: int                    # which answer template of its task it uses
-
-
-def client_style(rng: random.Random, task: str, index: int, minority_phrasing: bool = True) -> ClientStyle:
-    labels = {"colour": list(COLOURS), "shape": list(SHAPES), "count": ["1", "2", "3"],
-              "cell": list(CELLS)}[PRIOR_ON[task]]
-    tint = [rng.randint(0, 90) for _ in range(3)] if index % 2 == 0 else [rng.randint(150, 230)] * 3
-    lo = rng.uniform(0.45, 0.7)
-    return ClientStyle(tuple(tint), (lo, lo + 0.25), labels[index % len(labels)],
-                       index % 2 if minority_phrasing else 0)
-
-
-def _pick(rng: random.Random, options: Sequence[str], favourite: str) -> str:
-    """Label prior: half the time the client's favourite, else uniform."""
-    return favourite if favourite in options and rng.random() < 0.5 else rng.choice(list(options))
-
-
-def synthetic_sample(rng: random.Random, task: str, style: ClientStyle, size: int, sid: str) -> Sample:
-    fav = lambda kind: style.favourite if PRIOR_ON[task] == kind else ""  # noqa: E731
-    colour = _pick(rng, list(COLOURS), fav("colour"))
-    shape = _pick(rng, SHAPES, fav("shape"))
-    count = 1 if task == "grounding" else int(_pick(rng, ["1", "2", "3"], fav("count")))
-    if task == "grounding":
-        cells = [CELLS.index(_pick(rng, CELLS, fav("cell")))]
-    else:
-        cells = sorted(rng.sample(range(4), count))
-    image = draw_scene(rng, size, colour, shape, cells, style.background, style.scale)
-    words = dict(colour=colour, shape=shape, count=str(count), count_word=COUNT_WORDS[count - 1],
-                 shape_n=shape + ("s" if count > 1 else ""), cell=CELLS[cells[0]])
-    question, answers = TASKS[task]
-    return Sample(sid, image, [(f"{IMAGE}\n{question.format(**words)}", answers[style.phrasing].format(**words))],
-                  f"synthetic sample {sid}")
-
-
-def synthetic_clients(scenario: str, cfg: DataConfig, seed: int) -> list[ClientData]:
-    """The clients of a synthetic scenario: `clients_per_task` per task, tasks in the order of
-    SCENARIOS[scenario]. Deterministic in (scenario, cfg, seed), on any machine: every
-    client draws from its own random.Random seeded by a string. Train, then test, then
-    validation samples are drawn, so adding a validation split changes neither of the others."""
-    if scenario not in SCENARIOS:
-        raise DataError(f"data.scenario must be one of {sorted(SCENARIOS)} or 'manifest', got {scenario!r}")
-    if scenario == "D":
-        return digit_clients(cfg, seed)
-    clients = []
-    tr, te = cfg.train_per_client, cfg.test_per_client
-    for task in SCENARIOS[scenario]:
-        for i in range(cfg.clients_per_task):
-            rng = random.Random(f"pilot-{seed}-{scenario}-{task}-{i}")
-            style = client_style(rng, task, i, cfg.minority_phrasing)
-            name = f"{task}{i}"
-            n = tr + te + cfg.val_per_client
-            s = [synthetic_sample(rng, task, style, cfg.image_size, f"{name}-{j}") for j in range(n)]
-            clients.append(ClientData(name, task, s[:tr], s[tr:tr + te], "f1" if task == "caption" else "exact",
-                                      val=s[tr + te:]))
-    return clients
-
-
-def digit_clients(cfg: DataConfig, seed: int) -> list[ClientData]:
-    """Scenario D: scikit-learn's 1,797 real handwritten 8 x 8 digits (bundled with the package,
-    no download), upscaled to image_size. One shuffled pool, cut into disjoint slices, one per
-    client and split: no image is in two splits or two clients, and none was in the embedded
-    base's pretraining (which draws only synthetic shapes)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("data.scenario D needs scikit-learn's bundled digits: "
-                        "pip install -r requirements-digits.txt") from None
-    pixels, labels = load_digits(return_X_y=True)                           # (1797, 64) in 0..16, (1797,)
-    tasks = SCENARIOS["D"]
-    tr, te, va = cfg.train_per_client, cfg.test_per_client, cfg.val_per_client
-    need = len(tasks) * cfg.clients_per_task * (tr + te + va)
-    if need > len(labels):
-        raise DataError(f"data: scenario D has {len(labels)} digits, but clients_per_task x 3 tasks x "
-                        f"(train_per_client + test_per_client + val_per_client) = {need}")
-    pool = random.Random(f"pilot-{seed}-D").sample(range(len(labels)), need)
-    clients = []
-    for t, task in enumerate(tasks):
-        question, answer = DIGIT_TASKS[task]
-        for i in range(cfg.clients_per_task):
-            name = f"{task}{i}"
-            first = (t * cfg.clients_per_task + i) * (tr + te + va)
-            s = []
-            for j, idx in enumerate(pool[first:first + tr + te + va]):
-                grey = Image.frombytes("L", (8, 8), bytes(int(v * 255 / 16) for v in pixels[idx]))
-                image = grey.resize((cfg.image_size, cfg.image_size), Image.NEAREST).convert("RGB")
-                s.append(Sample(f"{name}-{j}", image, [(f"{IMAGE}\n{question}", answer(int(labels[idx])))],
-                                f"digit {idx} of sklearn.datasets.load_digits"))
-            clients.append(ClientData(name, task, s[:tr], s[tr:tr + te], val=s[tr + te:]))
-    return clients
-
-
-def pretrain_samples(n: int, size: int, seed: int) -> list[Sample]:
-    """Detailed captions of random scenes in random styles, for the embedded base's central
-    pretraining (standing in for LLaVA's caption pretraining): every attribute named."""
-    rng = random.Random(f"pilot-pretrain-{seed}")
-    vocab = vocabulary()
-    out = []
-    for j in range(n):
-        colour, shape, count = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(1, 3)
-        cells = sorted(rng.sample(range(4), count))
-        bg = tuple(rng.randint(0, 230) for _ in range(3))
-        lo = rng.uniform(0.45, 0.7)
-        image = draw_scene(rng, size, colour, shape, cells, bg, (lo, lo + 0.25))
-        where = " and ".join(CELLS[c] for c in cells)
-        text = f"{COUNT_WORDS[count - 1]} {colour} {shape}{'s' if count > 1 else ''} at {where}"
-        out.append(Sample(f"pretrain-{j}", image, [(f"{IMAGE}\n{PRETRAIN_PROMPT}", text)]))
-        if j % 4 == 3:   # a quarter: copy words, so that every word of the vocabulary is known
-            words = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 4)))
-            out[-1] = Sample(f"pretrain-{j}", image, [(f"{IMAGE}\n{REPEAT_PROMPT} {words}", words)])
-    return out
-
-
-def vocabulary() -> list[str]:
-    """Every word the synthetic world and the conversation format can produce."""
-    text = " ".join([" ".join(q for q, _ in TASKS.values()), " ".join(" ".join(a) for _, a in TASKS.values()),
-                     " ".join(COLOURS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES),
-                     " ".join(COUNT_WORDS), " ".join(CELLS), "1 2 3 and at", PRETRAIN_PROMPT, "USER: ASSISTANT:",
-                     " ".join(q for q, _ in DIGIT_TASKS.values()), "0 1 2 3 4 5 6 7 8 9 odd even yes no",
-                     REPEAT_PROMPT])
-    text = re.sub(r"\{[a-z_]+\}", " ", text)
-    return sorted(set(re.findall(r"\w+|[^\w\s]", text)))
 
 
 # -----------------------------------------------------------------------------
@@ -570,46 +385,19 @@ def data_digest(clients: Sequence[ClientData], full: bool = False) -> dict[str, 
     return out | ({"images_content_sha256": content.hexdigest()} if full else {})
 
 
-def export_llava(clients: Sequence[ClientData], out_dir: str) -> str:
-    """Write clients as LLaVA JSON + PNG images + manifest.yaml; returns the manifest path."""
-    import yaml
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    manifest = []
+def load_clients(cfg: DataConfig, progress: bool = False) -> list[ClientData]:
+    """Every client of data.manifest, checked: non-empty splits; with val_per_client, each
+    client's validation split is carved from the end of its training file. (The synthetic
+    scenarios are tools/embedded.py's; train.load_data picks between the two.)"""
+    if cfg.scenario != "manifest" or not cfg.manifest:
+        raise DataError("data.manifest: a path is required when data.scenario is 'manifest'")
+    clients = load_manifest(cfg.manifest, cfg.skip_bad_records, progress)
     for c in clients:
-        for split in ("train", "test"):
-            records = []
-            for s in getattr(c, split):
-                conv = [m for h, g in s.turns for m in ({"from": "human", "value": h}, {"from": "gpt", "value": g})]
-                image = {} if s.image is None else {"image": f"{s.id}.png"}   # text-only: no image key
-                if image:
-                    picture(s).save(os.path.join(out_dir, "images", image["image"]))
-                refs = {"references": s.refs} if s.refs else {}
-                records.append({"id": s.id, **image, "conversations": conv, **refs})
-            with open(os.path.join(out_dir, f"{c.name}_{split}.json"), "w") as f:
-                json.dump(records, f, indent=1)
-        manifest.append({"name": c.name, "task": c.task, "train": f"{c.name}_train.json",
-                         "test": f"{c.name}_test.json", "image_folder": "images", "metric": c.metric})
-    path = os.path.join(out_dir, "manifest.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(manifest, f, sort_keys=False)
-    return path
-
-
-def load_clients(cfg: DataConfig, seed: int, progress: bool = False) -> list[ClientData]:
-    """Every client's data, checked: non-empty splits; with val_per_client, a manifest
-    client's validation split is carved from the end of its training file."""
-    if cfg.scenario == "manifest":
-        if not cfg.manifest:
-            raise DataError("data.manifest: a path is required when data.scenario is 'manifest'")
-        clients = load_manifest(cfg.manifest, cfg.skip_bad_records, progress)
-        for c in clients:
-            if cfg.val_per_client and len(c.train) <= cfg.val_per_client:
-                raise DataError(f"client {c.name!r}: {len(c.train)} training records leave none after "
-                                f"data.val_per_client = {cfg.val_per_client}")
-            if cfg.val_per_client:
-                c.train, c.val = c.train[:-cfg.val_per_client], c.train[-cfg.val_per_client:]
-    else:
-        clients = synthetic_clients(cfg.scenario, cfg, seed)
+        if cfg.val_per_client and len(c.train) <= cfg.val_per_client:
+            raise DataError(f"client {c.name!r}: {len(c.train)} training records leave none after "
+                            f"data.val_per_client = {cfg.val_per_client}")
+        if cfg.val_per_client:
+            c.train, c.val = c.train[:-cfg.val_per_client], c.train[-cfg.val_per_client:]
     for c in clients:
         if not c.train or not c.test:
             raise DataError(f"client {c.name!r} has an empty {'train' if not c.train else 'test'} split")
@@ -1043,17 +831,3 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], n: 
 METRICS = {"exact": _best_of(exact_match), "f1": _best_of(token_f1), "vqa": vqa_accuracy, "gqa": gqa_accuracy,
            "cider": cider_d}
 
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Export a synthetic scenario as LLaVA JSON, or list the words the embedded base was pretrained on.")
-    ap.add_argument("--export", metavar="DIR", help="write the scenario as LLaVA JSON + images + manifest.yaml")
-    ap.add_argument("--scenario", default="A", choices=sorted(SCENARIOS))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocabulary", action="store_true", help="print the words the embedded base was pretrained on (it encodes any text)")
-    args = ap.parse_args()
-    if args.vocabulary:
-        print(" ".join(vocabulary()))
-    elif args.export:
-        print(export_llava(synthetic_clients(args.scenario, DataConfig(scenario=args.scenario), args.seed), args.export))
-    else:
-        sys.exit("nothing to do: give --export DIR or --vocabulary")

@@ -10,9 +10,8 @@ Where the weights come from:
       vision tower, LLM, tokenizer, image processor; its projector initialises psi_t.
   (b) a CLIP vision checkpoint + a causal-LM checkpoint + an optional LLaVA projector file
       (mm_projector.bin of the original LLaVA repo, or .safetensors).
-  (c) "embedded": a tiny LLaVA built from transformers configs with a Llama-style tokenizer,
-      briefly pretrained here on synthetic captions, saved with save_pretrained and then
-      loaded through exactly path (a). Built once, cached under model.cache_dir.
+  model.llava "embedded", the default run's stand-in, is a tiny LLaVA that tools/embedded.py
+  builds and pretrains once and then loads through exactly path (a).
 
 One model instance serves every client: a client's state (its connector and its LoRA) is a
 {name: tensor} dict swapped in and out with client_state / load_client_state.
@@ -23,9 +22,6 @@ width, C LLM width, V vocabulary.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -277,11 +273,6 @@ def load_pair(vision_path: str, llm_path: str, projector_path: str | None = None
                 tok.convert_tokens_to_ids("<image>"), _patches(vision.config), projector)
 
 
-def _embedded_text_side(cfg: ModelConfig):
-    tok = embedded_tokenizer()
-    return tok, tok.convert_tokens_to_ids("<image>"), (EMBEDDED["image_size"] // EMBEDDED["patch_size"]) ** 2
-
-
 def _llava_text_side(cfg: ModelConfig):
     from transformers import AutoConfig, AutoTokenizer
     config = AutoConfig.from_pretrained(cfg.llava)
@@ -292,11 +283,6 @@ def _pair_text_side(cfg: ModelConfig):
     from transformers import CLIPVisionConfig
     tok = pair_tokenizer(cfg.llm)
     return tok, tok.convert_tokens_to_ids("<image>"), _patches(CLIPVisionConfig.from_pretrained(cfg.vision))
-
-
-def _embedded_config(cfg: ModelConfig):
-    tok = embedded_tokenizer()
-    return tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id), "embedded recipe"
 
 
 def _llava_config(cfg: ModelConfig):
@@ -312,15 +298,13 @@ def _pair_config(cfg: ModelConfig):
 
 
 class Loader(NamedTuple):
-    """One source of a base (the module docstring's (a), (b), (c)), three ways to read it."""
+    """One source of a base (the module docstring's (a), (b)), three ways to read it."""
     base: object        # cfg -> Base: the weights
     text_side: object   # cfg -> (tokenizer, image_token_id, n_image_tokens), no weights
     config: object      # cfg -> (LlavaConfig, description), no weights, no download
 
 
 LOADERS = {
-    "embedded": Loader(lambda c: load_llava(embedded_checkpoint(c), DTYPES[c.dtype], c.device),
-                       _embedded_text_side, _embedded_config),
     "llava": Loader(lambda c: load_llava(c.llava, DTYPES[c.dtype], c.device), _llava_text_side, _llava_config),
     "pair": Loader(lambda c: load_pair(c.vision, c.llm, c.projector, DTYPES[c.dtype], c.device),
                    _pair_text_side, _pair_config),
@@ -328,30 +312,25 @@ LOADERS = {
 
 
 def loader(cfg: ModelConfig) -> Loader:
-    """THE one place that picks where the base comes from: model.llava "embedded" (c), another
-    model.llava (a), else model.vision + model.llm (b)."""
+    """THE one place that picks where a checkpoint's base comes from: model.llava (a), else
+    model.vision + model.llm (b). A Loader reads it three ways: `loader(cfg).base(cfg)` the
+    weights; `.text_side(cfg)` what data checks need before any weight loads; `.config(cfg)`
+    its shape. model.llava "embedded" is the stand-in that tools/embedded.py builds, and
+    train.base_loader picks it there."""
+    if cfg.llava == "embedded":
+        raise ValueError("model.llava 'embedded' is tools/embedded.py's stand-in base (train.base_loader picks it)")
     if cfg.llava:
-        return LOADERS["embedded" if cfg.llava == "embedded" else "llava"]
+        return LOADERS["llava"]
     if not (cfg.vision and cfg.llm):
         raise ValueError("model: set model.llava, or both model.vision and model.llm")
     return LOADERS["pair"]
 
 
-def load_base(cfg: ModelConfig) -> Base:
-    return loader(cfg).base(cfg)
-
-
-def load_text_side(cfg: ModelConfig):
-    """(tokenizer, image_token_id, n_image_tokens) of the configured base, without loading any
-    weights: what data checks need before the model loads (data.check_encodable)."""
-    return loader(cfg).text_side(cfg)
-
-
-def missing_lora_targets(cfg: ModelConfig) -> list[str]:
+def missing_lora_targets(cfg: ModelConfig, source: Loader) -> list[str]:
     """The names in model.lora_targets that match no nn.Linear of the configured LM (built on
     the meta device from its config: no weights, no download)."""
     from transformers import AutoModelForCausalLM
-    config, _ = meta_config(cfg)
+    config, _ = meta_config(cfg, source)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config.text_config)
     found = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if type(m) is nn.Linear}
@@ -398,154 +377,6 @@ def build_model(base: Base, connector: nn.Module, cfg: ModelConfig,
     if cfg.gradient_checkpointing:   # recompute each decoder layer in backward (7B on one GPU)
         enable_checkpointing(base.lm)
     return PilotLlava(base.vision, base.lm, connector, base.image_token_id, base.feature_layer, base.drop_cls)
-
-
-# -----------------------------------------------------------------------------
-# The embedded default base: a tiny LLaVA, pretrained here on synthetic captions
-
-EMBEDDED = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=4,
-                llm_width=128, llm_layers=4, llm_heads=4, llm_mlp=256)
-
-
-def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int = 1,
-                      eos_token_id: int = 2, **sizes):
-    """A LlavaConfig of a tiny CLIP + tiny Llama (used by the embedded base and the tests)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    s = {**EMBEDDED, **sizes}
-    vc = CLIPVisionConfig(hidden_size=s["vision_width"], intermediate_size=2 * s["vision_width"],
-                          num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
-                          image_size=s["image_size"], patch_size=s["patch_size"], projection_dim=s["vision_width"])
-    tc = LlamaConfig(vocab_size=vocab_size, hidden_size=s["llm_width"], intermediate_size=s["llm_mlp"],
-                     num_hidden_layers=s["llm_layers"], num_attention_heads=s["llm_heads"],
-                     num_key_value_heads=s["llm_heads"], max_position_embeddings=512,
-                     pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                     tie_word_embeddings=False)
-    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
-                       image_seq_length=(s["image_size"] // s["patch_size"]) ** 2,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
-
-
-LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2, as in Llama's and Vicuna's vocabulary
-
-
-def llama_style_tokenizer(texts: list[str], learned: int = 400):
-    """A tokenizer built the way transformers' LlamaConverter builds Llama's (non-legacy):
-    a BPE with byte fallback (any text encodes: a character it never saw becomes its UTF-8
-    bytes, <0x0A> for a newline), a Metaspace pre-tokenizer ("▁" for each space, one put
-    before the text), `<s>` added in front, and the decoder that undoes all that. Ids as
-    Llama's: <unk> 0, <s> 1, </s> 2, the 256 bytes <0x00>..<0xFF> 3-258, then the `learned`
-    pieces that tokenizers' BpeTrainer (deterministic) learns from `texts`, then <pad> and
-    <image> at the end, where llava-hf adds them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    bpe.pre_tokenizer = metaspace
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=learned, special_tokens=["<unk>"], show_progress=False))
-    trained = json.loads(bpe.to_str())["model"]
-    pieces = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t != "<unk>"]
-    vocab = [*LLAMA_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *pieces, "<pad>", "<image>"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, unk_token="<unk>",
-                               byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = metaspace
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.add_special_tokens([*LLAMA_SPECIALS, "<pad>", "<image>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-
-
-def embedded_tokenizer():
-    """The embedded base's tokenizer: llama_style_tokenizer learned from the words of the
-    synthetic world (data.vocabulary), the conversation format and LLaVA-1.5's system prompt.
-    Every synthetic word is one piece; any other text still encodes, through the bytes."""
-    import data
-    return llama_style_tokenizer([" ".join(data.vocabulary()), "USER: ASSISTANT:", data.LLAVA_V1_SYSTEM])
-
-
-def embedded_checkpoint(cfg: ModelConfig) -> str:
-    """Path of the embedded base, built on first use (README: how long it takes)."""
-    import data
-    recipe = dict(EMBEDDED, steps=cfg.embedded_pretrain_steps, vocab=data.vocabulary(), tokenizer="llama-bpe-400",
-                  version=3)
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(cfg.cache_dir, f"embedded-llava-{digest}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_embedded(path, cfg.embedded_pretrain_steps)
-    return path
-
-
-def build_embedded(path: str, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 2e-3) -> None:
-    """Build the tiny LLaVA, pretrain it centrally on synthetic captions (every weight trains:
-    this stands in for CLIP's, Vicuna's and LLaVA's pretraining together), save it as a normal
-    transformers LLaVA checkpoint. Written to a temp dir and renamed, so a crash leaves none.
-    Deterministic: one thread during the build (a CPU matmul's sum order depends on the
-    thread count), every draw from the CPU generator seeded here inside fork_rng (CUDA's RNG
-    is never touched)."""
-    if steps < 1:
-        raise ValueError(f"model.embedded_pretrain_steps must be >= 1, got {steps}")
-    import shutil
-    import tempfile
-
-    import data
-    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
-
-    tok = embedded_tokenizer()
-    size = EMBEDDED["image_size"]
-    proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    config = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id,
-                               tok.bos_token_id, tok.eos_token_id)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)   # CPU only: transformers' init draws from it
-            llava = LlavaForConditionalGeneration(config)
-        loss = _pretrain(llava, tok, proc, config, steps, seed, batch_size, lr)
-    finally:
-        torch.set_num_threads(threads)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".building-")
-    try:
-        llava.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        proc.save_pretrained(tmp)
-        with open(os.path.join(tmp, "pretraining.json"), "w") as f:
-            json.dump(dict(steps=steps, seed=seed, batch_size=batch_size, lr=lr, final_loss=loss), f)
-        if os.path.exists(path):
-            shutil.rmtree(tmp)   # another process built it meanwhile
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pretrain(llava, tok, proc, config, steps: int, seed: int, batch_size: int, lr: float) -> float:
-    """Central caption pretraining of the embedded base; returns the last step's loss."""
-    import data
-    size = EMBEDDED["image_size"]
-    llava.train()
-    enc = data.Encoder(tok, proc, config.image_token_id, config.image_seq_length)
-    samples = data.pretrain_samples(4096, size, seed)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(llava.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
-    for step in range(steps):
-        idx = torch.randint(len(samples), (batch_size,), generator=g).tolist()
-        batch = enc.collate([samples[i] for i in idx])
-        loss = llava(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    llava.eval()
-    return loss.item()
-
-
 # -----------------------------------------------------------------------------
 # The configs a run would load, without weights (the data checks and tools/sizing.py use them)
 
@@ -560,11 +391,11 @@ def llava_15_7b_config():
     return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, image_seq_length=576)
 
 
-def meta_config(cfg: ModelConfig):
-    """The LlavaConfig a run would load, without weights or downloads: the embedded recipe,
-    a local (or already cached) checkpoint's config, else LLaVA-1.5-7B's built-in shape."""
+def meta_config(cfg: ModelConfig, source: Loader):
+    """The LlavaConfig a run would load from `source`, without weights or downloads: a local (or
+    already cached) checkpoint's config (the embedded recipe's), else LLaVA-1.5-7B's built-in shape."""
     try:
-        return loader(cfg).config(cfg)
+        return source.config(cfg)
     except (OSError, ValueError):
         if cfg.llava == "embedded":
             raise

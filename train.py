@@ -165,7 +165,8 @@ def validate(cfg: Config) -> None:
         (m.dtype in model_mod.DTYPES, "model.dtype", f"one of {sorted(model_mod.DTYPES)}"),
         (m.device == "cpu" or m.device.startswith("cuda"), "model.device", "cpu or cuda[:N]"),
         (m.embedded_pretrain_steps >= 1, "model.embedded_pretrain_steps", ">= 1"),
-        (d.scenario in (*data_mod.SCENARIOS, "manifest"), "data.scenario", f"one of {sorted(data_mod.SCENARIOS) + ['manifest']}"),
+        (d.scenario == "manifest" or d.scenario in embedded().SCENARIOS, "data.scenario",
+         f"one of {sorted(embedded().SCENARIOS) + ['manifest']}"),
         (d.manifest is None or d.scenario == "manifest", "data.manifest", "null unless data.scenario is 'manifest'"),
         (d.scenario != "manifest" or bool(d.manifest), "data.manifest", "a path when data.scenario is 'manifest'"),
         (d.clients_per_task >= 1, "data.clients_per_task", ">= 1 (a task needs clients)"),
@@ -457,24 +458,40 @@ def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
 # Main: the story of a run, each step a named function
 
 
+def embedded():
+    """tools/embedded.py, the default run's stand-ins (the embedded base, the synthetic worlds),
+    imported only where a config names one of them: a real run runs on the core alone."""
+    from tools import embedded as stand_ins
+    return stand_ins
+
+
+def base_loader(m: model_mod.ModelConfig) -> model_mod.Loader:
+    """Where the base comes from: model.loader's checkpoint, or the embedded stand-in."""
+    return embedded().LOADER if m.llava == "embedded" else model_mod.loader(m)
+
+
 def dry_run(cfg: Config) -> str:
     """A readable size report of the configured run, no weights loaded (tools/sizing.py)."""
     from tools import sizing   # machinery beside the core: loaded only for --dry-run
-    n_tasks = len(data_mod.SCENARIOS.get(cfg.data.scenario, ())) or 3
+    n_tasks = 3 if cfg.data.scenario == "manifest" else len(embedded().SCENARIOS[cfg.data.scenario])
     return sizing.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
 
 
 def load_data(cfg: Config):
     """The clients' data, checked against the configured base's tokenizer, before any weight
     loads: bad records, over-long samples, unknown answer words, top_k and LoRA targets."""
-    clients = data_mod.load_clients(cfg.data, cfg.seed, progress=True)
+    if cfg.data.scenario == "manifest":
+        clients = data_mod.load_clients(cfg.data, progress=True)
+    else:
+        clients = embedded().synthetic_clients(cfg.data.scenario, cfg.data, cfg.seed)
     n_tasks = len({c.task for c in clients})
     if cfg.fed.top_k is not None and cfg.fed.top_k > n_tasks:
         raise ConfigError(f"fed.top_k = {cfg.fed.top_k}: must be <= the number of tasks ({n_tasks})")
-    missing = model_mod.missing_lora_targets(cfg.model)
+    source = base_loader(cfg.model)
+    missing = model_mod.missing_lora_targets(cfg.model, source)
     if missing:
         raise ConfigError(f"model.lora_targets: {missing} match no linear layer of the language model")
-    tok, image_token_id, n_image_tokens = model_mod.load_text_side(cfg.model)
+    tok, image_token_id, n_image_tokens = source.text_side(cfg.model)
     text_enc = data_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
     for warning in data_mod.check_encodable(clients, text_enc, cfg.data.skip_bad_records, progress=True):
         print(f"warning: {warning}", file=sys.stderr)
@@ -485,7 +502,7 @@ def build_model(cfg: Config):
     """-> (model, base, encoder): the base model with the method's connector and LoRA. The
     initial connector and LoRA come from one generator derived from the seed, so every
     client, in this process or on a Flower node, starts from the same state."""
-    base = model_mod.load_base(cfg.model)
+    base = base_loader(cfg.model).base(cfg.model)
     kind = fed_mod.METHODS[cfg.fed.method].connector
     init = fed_mod.generator(cfg.seed, "init")
     connector = model_mod.build_connector(kind, base, cfg.fed.released_init, init)

@@ -34,10 +34,10 @@ def main():
     if args.one:
         print(json.dumps(one(args.one, args.device, args.smoke)))
         return
-    import model
     import train
+    from tools import embedded
     steps = ["model.embedded_pretrain_steps=5"] if args.smoke else []
-    model.embedded_checkpoint(train.load_config(f"{ROOT}/config.yaml", steps + [f"model.cache_dir={ROOT}/.cache"]).model)
+    embedded.embedded_checkpoint(train.load_config(f"{ROOT}/config.yaml", steps + [f"model.cache_dir={ROOT}/.cache"]).model)
     rows = []   # the base is built above, so no child process pays for (or measures) building it
     for K in ((1, 3) if args.smoke else (1, 3, 9, 27)):
         out = subprocess.run([sys.executable, __file__, "--one", str(K), "--device", args.device]

@@ -18,6 +18,7 @@ from common import best_time, dtype_for, emit, parser
 
 import model
 import pilot
+from tools import embedded
 
 SIZES = {
     "tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=4,
@@ -32,7 +33,7 @@ def random_base(shape: str, device: str) -> model.Base:
     if shape == "7b":
         config = model.llava_15_7b_config()
     else:
-        config = model.tiny_llava_config(100, 4, 0, **SIZES[shape])
+        config = embedded.tiny_llava_config(100, 4, 0, **SIZES[shape])
     with torch.device(device):   # built in place, in the final dtype: no fp32 copy of 7B
         torch.manual_seed(0)
         llava = LlavaForConditionalGeneration._from_config(config, dtype=dtype_for(device))

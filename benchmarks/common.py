@@ -66,19 +66,20 @@ def write_jpeg_manifest(out_dir: str, records: int, clients: int = 9, side: int 
     manifest's path."""
     import random
 
-    import data
     import yaml
+
+    from tools import embedded
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    tasks = data.SCENARIOS["A"]
+    tasks = embedded.SCENARIOS["A"]
     manifest = []
     for c in range(clients):
         task, name = tasks[c % len(tasks)], f"{tasks[c % len(tasks)]}{c // len(tasks)}"
         rng = random.Random(f"bench-{seed}-{name}")
-        style = data.client_style(rng, task, c // len(tasks))
+        style = embedded.client_style(rng, task, c // len(tasks))
         n = records // clients + (c < records % clients)
         recs = []
         for j in range(n):
-            s = data.synthetic_sample(rng, task, style, side, f"{name}-{j}")
+            s = embedded.synthetic_sample(rng, task, style, side, f"{name}-{j}")
             s.image.save(os.path.join(out_dir, "images", f"{s.id}.jpg"), quality=85)
             conv = [{"from": "human", "value": s.turns[0][0]}, {"from": "gpt", "value": s.turns[0][1]}]
             recs.append({"id": s.id, "image": f"{s.id}.jpg", "conversations": conv})

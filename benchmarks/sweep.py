@@ -266,9 +266,9 @@ def main():
         for job in first:
             print(" ".join(overrides(*job[1:], job_dir(*job))))
         return
-    import model
     import train
-    model.embedded_checkpoint(train.load_config(os.path.join(ROOT, "config.yaml"), []).model)   # build once, here
+    from tools import embedded
+    embedded.embedded_checkpoint(train.load_config(os.path.join(ROOT, "config.yaml"), []).model)   # build once, here
     done = run_all(first, args.workers)
     chosen = tune(done, args, cells, tuned)
     rest = [(args.out, w, n, m, *chosen[(w, n, m)], s) for w, n in cells for m in args.methods

@@ -13,8 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # subprocesses share the two cores (two threads each would fight over them in OpenMP's spin-waits)
 torch.set_num_threads(1)
 
-import data  # noqa: E402
 import model  # noqa: E402
+from tools import embedded  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=8, vision_width=16, vision_layers=2, vision_heads=2,
             llm_width=32, llm_layers=2, llm_heads=2, llm_mlp=64)
@@ -25,8 +25,8 @@ def tiny_llava_dir(tmp_path_factory):
     """A random tiny LLaVA checkpoint directory, loadable by path (a)."""
     from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
     path = str(tmp_path_factory.mktemp("tiny_llava"))
-    tok = model.embedded_tokenizer()
-    cfg = model.tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
+    tok = embedded.embedded_tokenizer()
+    cfg = embedded.tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
                                   tok.eos_token_id, **TINY)
     torch.manual_seed(0)
     llava = LlavaForConditionalGeneration(cfg).eval()
@@ -40,7 +40,7 @@ def tiny_llava_dir(tmp_path_factory):
 def embedded_dir(tmp_path_factory):
     """The embedded base recipe at test size: a few pretraining steps only."""
     cfg = model.ModelConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), embedded_pretrain_steps=5)
-    return model.embedded_checkpoint(cfg)
+    return embedded.embedded_checkpoint(cfg)
 
 
 class Background:

@@ -9,6 +9,7 @@ from PIL import Image
 
 import data
 from data import DataConfig, DataError
+from tools import embedded
 
 
 def _bytes(clients):
@@ -17,13 +18,13 @@ def _bytes(clients):
 
 def test_synthetic_world_is_deterministic_and_seeded():
     cfg = DataConfig(train_per_client=6, test_per_client=3)
-    assert _bytes(data.synthetic_clients("A", cfg, 0)) == _bytes(data.synthetic_clients("A", cfg, 0))
-    assert _bytes(data.synthetic_clients("A", cfg, 0)) != _bytes(data.synthetic_clients("A", cfg, 1))
+    assert _bytes(embedded.synthetic_clients("A", cfg, 0)) == _bytes(embedded.synthetic_clients("A", cfg, 0))
+    assert _bytes(embedded.synthetic_clients("A", cfg, 0)) != _bytes(embedded.synthetic_clients("A", cfg, 1))
 
 
 @pytest.mark.parametrize("scenario,tasks", [("A", ["colour", "shape", "count"]), ("B", ["caption", "grounding", "vqa"])])
 def test_scenarios_have_their_tasks_clients_and_disjoint_splits(scenario, tasks):
-    clients = data.synthetic_clients(scenario, DataConfig(train_per_client=20, test_per_client=10), 0)
+    clients = embedded.synthetic_clients(scenario, DataConfig(train_per_client=20, test_per_client=10), 0)
     assert [c.task for c in clients] == [t for t in tasks for _ in range(3)]
     for c in clients:
         assert len(c.train) == 20 and len(c.test) == 10
@@ -33,7 +34,7 @@ def test_scenarios_have_their_tasks_clients_and_disjoint_splits(scenario, tasks)
 
 
 def test_clients_of_one_task_differ_in_style_and_phrasing():
-    clients = data.synthetic_clients("A", DataConfig(train_per_client=30, test_per_client=1), 0)
+    clients = embedded.synthetic_clients("A", DataConfig(train_per_client=30, test_per_client=1), 0)
     count = [c for c in clients if c.task == "count"]
     answers = [{s.turns[0][1] for s in c.train} for c in count]
     assert answers[0] <= {"1", "2", "3"} and answers[1] <= {"one", "two", "three"}
@@ -42,9 +43,9 @@ def test_clients_of_one_task_differ_in_style_and_phrasing():
 
 
 def test_llava_json_export_and_manifest_round_trip(tmp_path):
-    clients = data.synthetic_clients("B", DataConfig(train_per_client=3, test_per_client=2), 0)
-    manifest = data.export_llava(clients, str(tmp_path))
-    loaded = data.load_clients(DataConfig(scenario="manifest", manifest=manifest), seed=0)
+    clients = embedded.synthetic_clients("B", DataConfig(train_per_client=3, test_per_client=2), 0)
+    manifest = embedded.export_llava(clients, str(tmp_path))
+    loaded = data.load_clients(DataConfig(scenario="manifest", manifest=manifest))
     assert _bytes(loaded) == _bytes(clients)
     assert [c.metric for c in loaded] == [c.metric for c in clients]
     record = json.load(open(tmp_path / "caption0_train.json"))[0]
@@ -126,9 +127,9 @@ def test_metrics_by_hand():
 
 
 def test_every_synthetic_word_is_in_the_vocabulary():
-    vocab = set(data.vocabulary())
+    vocab = set(embedded.vocabulary())
     for scenario in ("A", "B"):
-        for c in data.synthetic_clients(scenario, DataConfig(train_per_client=40, test_per_client=1), 0):
+        for c in embedded.synthetic_clients(scenario, DataConfig(train_per_client=40, test_per_client=1), 0):
             for s in c.train:
                 for h, g in s.turns:
                     assert set(data.normalise(h.replace("<image>", ""))) <= {w.lower() for w in vocab}

@@ -19,6 +19,7 @@ import fed
 import train
 from test_fed import _cfg
 from test_train import ROOT, _write_config
+from tools import embedded
 
 
 def _final_states(run):
@@ -172,8 +173,8 @@ def test_the_server_sees_only_uploads_and_answers_as_a_function_of_them():
 
 
 def test_skip_bad_records_reports_each_per_client(tmp_path):
-    clients = data.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=3, test_per_client=2), 0)
-    manifest = data.export_llava(clients, str(tmp_path))
+    clients = embedded.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=3, test_per_client=2), 0)
+    manifest = embedded.export_llava(clients, str(tmp_path))
     path = tmp_path / "colour0_train.json"
     records = json.load(open(path))
     records[1]["conversations"][1]["value"] = ""

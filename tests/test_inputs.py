@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 import data
-import model
 import train
 from data import DataConfig, DataError
 from test_train import ROOT
+from tools import embedded
 
 
 def _folder(tmp_path):
@@ -126,7 +126,8 @@ def no_model(monkeypatch):
     """Any attempt to load weights fails loudly: errors must come before it."""
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the data were checked")
-    monkeypatch.setattr(model, "load_base", refuse)
+    loader = train.base_loader
+    monkeypatch.setattr(train, "base_loader", lambda m: loader(m)._replace(base=refuse))
 
 
 def _cfg(manifest, **data_kw):
@@ -151,7 +152,7 @@ def test_any_words_train_on_the_embedded_base_and_round_trip(tmp_path, no_model,
     (tmp_path / "c.json").write_text(json.dumps([_rec(answer="big zebra", question="What hue? Größe"), _rec()]))
     clients = train.load_data(_cfg(manifest))
     assert clients[0].train[0].turns[0][1] == "big zebra" and "prompts use words" not in capsys.readouterr().err
-    tok = model.embedded_tokenizer()                                 # byte fallback: nothing becomes <unk>
+    tok = embedded.embedded_tokenizer()                                 # byte fallback: nothing becomes <unk>
     for text in ("big zebra", "What hue? Größe", "naïve ✓ 42"):
         ids = tok(text).input_ids
         assert tok.unk_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == text
@@ -176,8 +177,8 @@ def test_a_closed_vocabulary_tokenizer_names_the_words_it_lacks():
 
 def test_data_py_lists_the_vocabulary():
     import subprocess
-    out = subprocess.run([sys.executable, "data.py", "--vocabulary"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0 and set(out.stdout.split()) == set(data.vocabulary())
+    out = subprocess.run([sys.executable, "tools/embedded.py", "--vocabulary"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and set(out.stdout.split()) == set(embedded.vocabulary())
 
 
 BAD_VALUES = [
@@ -218,7 +219,7 @@ def test_lora_targets_that_match_no_layer_fail_before_the_model_loads(no_model):
 
 def test_a_failed_embedded_build_leaves_nothing_in_the_cache(tmp_path):
     with pytest.raises(ValueError, match="embedded_pretrain_steps must be >= 1"):
-        model.build_embedded(str(tmp_path / "base"), steps=0)
+        embedded.build_embedded(str(tmp_path / "base"), steps=0)
     assert os.listdir(tmp_path) == []
 
 
@@ -232,9 +233,9 @@ needs_digits = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
 @needs_digits
 def test_scenario_d_is_real_digits_in_three_formats_with_disjoint_iid_splits():
     cfg = DataConfig(scenario="D", train_per_client=16, test_per_client=8, val_per_client=4)
-    clients = data.synthetic_clients("D", cfg, 0)
+    clients = embedded.synthetic_clients("D", cfg, 0)
     assert [c.task for c in clients] == ["digit"] * 3 + ["parity"] * 3 + ["greater"] * 3
-    answers = {t: {s.turns[0][1] for c in clients if c.task == t for s in c.train + c.test} for t in data.SCENARIOS["D"]}
+    answers = {t: {s.turns[0][1] for c in clients if c.task == t for s in c.train + c.test} for t in embedded.SCENARIOS["D"]}
     assert answers["digit"] <= set("0123456789") and len(answers["digit"]) >= 8
     assert answers["parity"] == {"odd", "even"} and answers["greater"] == {"yes", "no"}
     sources = [s.source for c in clients for s in c.train + c.val + c.test]
@@ -243,35 +244,35 @@ def test_scenario_d_is_real_digits_in_three_formats_with_disjoint_iid_splits():
         assert (len(c.train), len(c.val), len(c.test)) == (16, 4, 8)
         assert c.train[0].image.size == (32, 32) and c.train[0].image.mode == "RGB"
     assert len({c.train[0].turns[0][0] for c in clients if c.task == "parity"}) == 1   # one format per task
-    vocab = set(data.vocabulary())                                     # the embedded base knows every word
+    vocab = set(embedded.vocabulary())                                     # the embedded base knows every word
     for s in (s for c in clients for s in c.train):
         assert set(data.normalise(s.turns[0][1])) <= vocab
         assert set(w for w in data.normalise(s.turns[0][0].replace("<image>", ""))) <= {w.lower() for w in vocab}
     # the same seed gives the same world, another seed another one
-    again = data.synthetic_clients("D", cfg, 0)
+    again = embedded.synthetic_clients("D", cfg, 0)
     assert [s.source for c in again for s in c.train] == [s.source for c in clients for s in c.train]
-    assert [s.source for c in data.synthetic_clients("D", cfg, 1) for s in c.train] != [s.source for c in clients for s in c.train]
+    assert [s.source for c in embedded.synthetic_clients("D", cfg, 1) for s in c.train] != [s.source for c in clients for s in c.train]
 
 
 def test_scenario_d_without_scikit_learn_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)          # import fails as if not installed
     with pytest.raises(DataError, match="pip install -r requirements-digits.txt"):
-        data.synthetic_clients("D", DataConfig(scenario="D"), 0)
+        embedded.synthetic_clients("D", DataConfig(scenario="D"), 0)
 
 
 @needs_digits
 def test_scenario_d_too_large_for_the_digits_is_named():
     with pytest.raises(DataError, match="scenario D has 1797 digits"):
-        data.synthetic_clients("D", DataConfig(scenario="D", train_per_client=200), 0)
+        embedded.synthetic_clients("D", DataConfig(scenario="D", train_per_client=200), 0)
 
 
 def test_minority_phrasing_switch_and_validation_split_change_nothing_else():
     base = DataConfig(train_per_client=6, test_per_client=3)
-    a = data.synthetic_clients("A", base, 0)
-    v = data.synthetic_clients("A", DataConfig(train_per_client=6, test_per_client=3, val_per_client=2), 0)
+    a = embedded.synthetic_clients("A", base, 0)
+    v = embedded.synthetic_clients("A", DataConfig(train_per_client=6, test_per_client=3, val_per_client=2), 0)
     assert [s.image.tobytes() for c in a for s in c.train + c.test] == [s.image.tobytes() for c in v for s in c.train + c.test]
     assert all(len(c.val) == 2 for c in v) and all(not c.val for c in a)
-    shared = data.synthetic_clients("A", DataConfig(train_per_client=30, test_per_client=1, minority_phrasing=False), 0)
+    shared = embedded.synthetic_clients("A", DataConfig(train_per_client=30, test_per_client=1, minority_phrasing=False), 0)
     count = [{s.turns[0][1] for s in c.train} for c in shared if c.task == "count"]
     assert all(ans <= {"1", "2", "3"} for ans in count)                 # every count client answers "3", none "three"
     mixed = [{s.turns[0][1] for s in c.train} for c in a if c.task == "count"]
@@ -279,8 +280,8 @@ def test_minority_phrasing_switch_and_validation_split_change_nothing_else():
 
 
 def test_a_manifest_validation_split_is_carved_from_the_training_file(tmp_path):
-    clients = data.synthetic_clients("A", DataConfig(clients_per_task=1, train_per_client=5, test_per_client=2), 0)
-    manifest = data.export_llava(clients, str(tmp_path))
-    loaded = data.load_clients(DataConfig(scenario="manifest", manifest=manifest, val_per_client=2), 0)
+    clients = embedded.synthetic_clients("A", DataConfig(clients_per_task=1, train_per_client=5, test_per_client=2), 0)
+    manifest = embedded.export_llava(clients, str(tmp_path))
+    loaded = data.load_clients(DataConfig(scenario="manifest", manifest=manifest, val_per_client=2))
     assert [s.id for s in loaded[0].train + loaded[0].val] == [s.id for s in clients[0].train]
     assert len(loaded[0].val) == 2 and len(loaded[0].train) == 3

@@ -14,6 +14,7 @@ import fed
 import model
 import pilot
 from data import IGNORE, IMAGE, LLAVA_V1_SYSTEM, Encoder, Sample
+from tools import embedded
 
 N_IMG = 4          # image tokens per picture in these tests
 IMG_ID = 10_000    # any id the tokenizer does not use
@@ -164,7 +165,7 @@ def test_the_token_picture_around_the_image_and_between_turns(tmp_path, llama_to
 
 
 def test_the_embedded_base_speaks_the_same_format():
-    tok = model.embedded_tokenizer()
+    tok = embedded.embedded_tokenizer()
     img = tok.convert_tokens_to_ids("<image>")
     record = {"image": "a.png", "conversations": _turns("How many shapes are there?\n<image>", "three",
                                                         "What colour are the shapes?", "red")}
@@ -188,7 +189,7 @@ def test_records_of_llava_15s_mix_load_as_llava_reads_them(tmp_path):
     assert s.image is None and s.turns == [("Who wrote it?", "Ann")]
     s = _sample(tmp_path, "image after the text", RECORDS["image after the text"])
     assert s.image.endswith("a.png")
-    assert Encoder(model.embedded_tokenizer(), None, 0, 1).text(s)[0].startswith("USER: <image>\nWho wrote this book?")
+    assert Encoder(embedded.embedded_tokenizer(), None, 0, 1).text(s)[0].startswith("USER: <image>\nWho wrote this book?")
     bad = {"two placeholders": ({"image": "a.png", "conversations": _turns("<image> <image>", "x")}, "found 2"),
            "in a later turn": ({"image": "a.png", "conversations": _turns("Hi", "x", "<image>", "y")}, "found 1"),
            "no image, a placeholder": ({"conversations": _turns("<image> Hi", "x")}, "has no 'image' but 1"),
@@ -257,7 +258,7 @@ def test_a_mixed_batch_equals_its_samples_one_by_one(tiny_llava_dir):
         for p in pilot.lora_state_dict(m.lm).values():
             p.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
     enc = Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens)
-    pics = data.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=2, test_per_client=1), 0)
+    pics = embedded.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=2, test_per_client=1), 0)
     a, b = pics[0].train
     text = Sample("t", None, [("What colour are the shapes?", "red")])
     batch = enc.collate([a, text, b])

@@ -12,7 +12,7 @@ import data
 import model
 import pilot
 from data import IGNORE, Encoder, Sample
-from tools import sizing
+from tools import embedded, sizing
 
 
 def _plain_model(base):
@@ -21,7 +21,7 @@ def _plain_model(base):
 
 def _batch(base, n=3, seed=0):
     enc = Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens)
-    clients = data.synthetic_clients("B", data.DataConfig(clients_per_task=1, train_per_client=n, test_per_client=1), seed)
+    clients = embedded.synthetic_clients("B", data.DataConfig(clients_per_task=1, train_per_client=n, test_per_client=1), seed)
     return enc, [s for c in clients for s in c.train][:n]
 
 
@@ -167,10 +167,10 @@ def test_only_connector_and_lora_are_trainable(tiny_llava_dir):
 def test_embedded_base_is_built_once_and_loads_through_path_a(embedded_dir):
     assert os.path.exists(os.path.join(embedded_dir, "pretraining.json"))
     base = model.load_llava(embedded_dir)
-    assert base.n_image_tokens == (model.EMBEDDED["image_size"] // model.EMBEDDED["patch_size"]) ** 2
+    assert base.n_image_tokens == (embedded.EMBEDDED["image_size"] // embedded.EMBEDDED["patch_size"]) ** 2
     before = os.path.getmtime(os.path.join(embedded_dir, "config.json"))
     cfg = model.ModelConfig(cache_dir=os.path.dirname(embedded_dir), embedded_pretrain_steps=5)
-    assert model.embedded_checkpoint(cfg) == embedded_dir     # cached: not rebuilt
+    assert embedded.embedded_checkpoint(cfg) == embedded_dir     # cached: not rebuilt
     assert os.path.getmtime(os.path.join(embedded_dir, "config.json")) == before
 
 

@@ -22,6 +22,7 @@ from test_train import ROOT, _write_config
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from common import write_jpeg_manifest  # noqa: E402
+from tools import embedded  # noqa: E402
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def _counting_decoder(monkeypatch):
 
 def test_loading_decodes_no_picture_and_training_holds_a_batch_of_them(manifest, tiny_llava_dir, monkeypatch):
     stats = _counting_decoder(monkeypatch)
-    clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest), seed=0)
+    clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest))
     assert sum(len(c.train) + len(c.test) for c in clients) == 300
     assert stats["decodes"] == 0                                       # headers only
     assert all(isinstance(s.image, str) and os.path.isfile(s.image) for c in clients for s in c.train)
@@ -77,7 +78,7 @@ def test_loading_a_manifest_keeps_memory_flat(tmp_path):
     path = write_jpeg_manifest(str(tmp_path / "data"), records=300, clients=3, side=336)
     code = ("import resource, sys; sys.path.insert(0, %r); import data; "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "c = data.load_clients(data.DataConfig(scenario='manifest', manifest=%r), 0); "
+            "c = data.load_clients(data.DataConfig(scenario='manifest', manifest=%r)); "
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)") % (ROOT, path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -96,7 +97,7 @@ def test_batched_token_lengths_equal_one_by_one_encoding(tiny_llava_dir):
 
 
 def test_workers_load_the_same_batches_in_the_same_order(manifest, tiny_llava_dir):
-    clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest), seed=0)
+    clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest))
     cfg = train.Config()
     cfg.model.llava = tiny_llava_dir
     _, _, enc = train.build_model(cfg)
@@ -123,7 +124,7 @@ def test_a_picture_that_fails_mid_run_is_named_or_skipped_and_listed(manifest, t
     cfg = train.Config()
     cfg.model.llava, cfg.model.lora_r = tiny_llava_dir, 4
     cfg.fed = fed.FedConfig(local_epochs=2, batch_size=4)
-    clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest), seed=0)
+    clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest))
     bad = clients[0].train[5]
     _break(bad)
     weights = dict.fromkeys(("difference", "balance", "router_z"), 0.0)
@@ -148,7 +149,7 @@ def test_a_picture_that_fails_mid_run_is_named_or_skipped_and_listed(manifest, t
 
 def test_identity_tells_records_from_images_and_verify_data_reads_the_bytes(manifest):
     def digest(full=False):
-        return data.data_digest(data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest), 0), full)
+        return data.data_digest(data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest)), full)
     before = digest(full=True)
     root = os.path.dirname(manifest)
     json_file = os.path.join(root, "colour0_train.json")
@@ -205,7 +206,7 @@ def test_a_run_scores_its_subset_each_round_and_every_sample_at_the_end(tmp_path
 
 
 def test_ask_and_score_load_a_trained_client_and_agree_with_the_run(tmp_path, embedded_dir):
-    exported = data.export_llava(data.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=8,
+    exported = embedded.export_llava(embedded.synthetic_clients("A", data.DataConfig(clients_per_task=1, train_per_client=8,
                                                                              test_per_client=4), 0), str(tmp_path / "A"))
     config = _write_config(tmp_path, embedded_dir, stage1_rounds=1, stage2_rounds=1)
     raw = yaml.safe_load(open(config))
