@@ -16,7 +16,7 @@ Readable as the protocol itself (SPEC section 5):
 
 Who does what: fed.Client is one client's side of a round (train, score, upload; take a
 download), fed.Coordinator the server's (sampling, stages, Server.aggregate, the log record);
-they meet in two calls a round. Federation runs both in one process; flower_app.py runs the
+they meet in two calls a round. Federation runs both in one process; tools/flower_app.py runs the
 same two on Flower, a client per SuperNode.
 
 Where things are decided, once each: what a client owns (model.client_state), where a task's
@@ -462,7 +462,7 @@ def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequen
 #                                                          is scored again ("after_download")
 # Coordinator.train_and_aggregate makes the first call and aggregates, Coordinator.close
 # writes the round's record from both calls' replies. In process, Federation is `nodes` and
-# keeps the K states in a list; on Flower, flower_app.GridNodes carries the two calls in ONE
+# keeps the K states in a list; on Flower, tools/flower_app.GridNodes carries the two calls in ONE
 # message per client and round (round r's download rides with round r+1's training
 # instruction), and each SuperNode keeps its own state. The protocol is written once, here.
 

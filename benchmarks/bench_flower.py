@@ -41,13 +41,13 @@ def mean(xs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="the 3-client config of tests/test_flower.py")
-    ap.add_argument("--tree", default=ROOT, help="the checkout whose train.py and flower_app.py to measure")
+    ap.add_argument("--tree", default=ROOT, help="the checkout whose train.py and tools/flower_app.py to measure")
     ap.add_argument("--skip-simulation", action="store_true")
     ap.add_argument("--skip-deployment", action="store_true")
     args = ap.parse_args()
     tree = os.path.abspath(args.tree)
     sys.path.insert(0, tree)
-    import flower_app
+    from tools import flower_app
     import train
     extra = [*ROUNDS, f"model.cache_dir={ROOT}/.cache"] + (SMALL if args.small else [])
     config = os.path.join(tree, "config.yaml")

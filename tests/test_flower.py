@@ -1,4 +1,4 @@
-"""flower_app.py: the in-process federation of fed.py, run over Flower in one message per
+"""tools/flower_app.py: the in-process federation of fed.py, run over Flower in one message per
 client and round, gives every client the same final state (SHA-256 of its tensors) and the
 same scores, losses, traffic and LoRA mixing; a client's private state never reaches the
 server; a killed SuperNode is left out once it is gone, however slow the live ones are; a node
@@ -20,7 +20,7 @@ import yaml
 pytest.importorskip("flwr", reason="pip install -r requirements-flower.txt")
 
 import pilot  # noqa: E402
-import flower_app  # noqa: E402
+from tools import flower_app  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -422,7 +422,7 @@ def test_localhost_processes_die_with_their_parent_whatever_the_signal(tmp_path)
     import sys
     holders = {}
     for signame in ("SIGTERM", "SIGKILL"):
-        code = ("import sys, time; sys.path.insert(0, %r); import flower_app\n"
+        code = ("import sys, time; sys.path.insert(0, %r); from tools import flower_app\n"
                 "with flower_app.Localhost(1, %r) as lh:\n"
                 "    print(' '.join(str(p.pid) for p in lh.procs), flush=True)\n"
                 "    time.sleep(600)\n") % (ROOT, str(tmp_path / signame))

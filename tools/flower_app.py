@@ -1,10 +1,10 @@
-"""flower_app.py -- the federation of fed.py on Flower: each client on its own SuperNode.
+"""tools/flower_app.py -- the federation of fed.py on Flower: each client on its own SuperNode.
 
     pip install -r requirements-flower.txt
     # one machine, Flower's Simulation Engine (Ray), one virtual SuperNode per client:
-    python flower_app.py --config config.yaml
+    python tools/flower_app.py --config config.yaml
     # many machines, Flower's Deployment Engine: a SuperLink on the server, a SuperNode on
-    # each client machine, then `flwr run` from this folder (README: "More than one machine")
+    # each client machine, then `flwr run` from the project's root (README: "More than one machine")
     flower-superlink --insecure
     flower-supernode --insecure --superlink SERVER:9092 --node-config 'partition-id=0'
     flwr run . CONNECTION --run-config 'clients=9' --stream
@@ -71,15 +71,19 @@ try:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
 except ImportError as e:   # flwr is an optional extra
-    raise ImportError("flower_app.py needs Flower: pip install -r requirements-flower.txt") from e
+    raise ImportError("tools/flower_app.py needs Flower: pip install -r requirements-flower.txt") from e
 
 import torch
 
-import fed as fed_mod
-import model as model_mod
-import train
+# the Flower app's folder: the project's root, whose pyproject.toml names this file's apps and
+# whose core modules it runs (on the path for `python tools/flower_app.py` too)
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import fed as fed_mod  # noqa: E402
+import model as model_mod  # noqa: E402
+import train  # noqa: E402
 NODE_KEYS = ("data.", "model.llava", "model.vision", "model.llm", "model.projector", "model.cache_dir",
              "model.device", "model.dtype")   # what a node may set for itself
 
