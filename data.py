@@ -33,7 +33,6 @@ Shape legend: B batch, L text length, N image tokens.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -354,35 +353,6 @@ def load_manifest(path: str, skip_bad_records: bool = False, progress: bool = Fa
     if len(set(names)) != len(names):
         raise DataError(f"{path}: client names must be unique, got {names}")
     return clients
-
-
-def data_digest(clients: Sequence[ClientData], full: bool = False) -> dict[str, str]:
-    """What a run's data is, cheaply, for the run identity train.py checks on --resume:
-      records_sha256: the bytes of every JSON file read, and every kept sample's id and turns;
-      images_sha256:  each image file's name, size and mtime; a synthetic picture's pixels.
-    [choice] An image file replaced by one of the same size and mtime goes unseen; `full`
-    (train.py --verify-data) adds images_content_sha256 over every image file's bytes.
-    Two digests, so a refused resume says whether the records or the images changed."""
-    records, images, content = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    for c in clients:
-        for f in c.files:
-            with open(f, "rb") as fh:
-                records.update(hashlib.sha256(fh.read()).digest())
-        for s in c.train + c.val + c.test:
-            records.update(repr((c.name, s.id, s.turns)).encode())
-            if s.image is None:
-                continue
-            if isinstance(s.image, Image.Image):
-                images.update(s.image.tobytes())
-                content.update(s.image.tobytes())
-                continue
-            st = os.stat(s.image)
-            images.update(repr((s.image, st.st_size, st.st_mtime_ns)).encode())
-            if full:
-                with open(s.image, "rb") as fh:
-                    content.update(hashlib.sha256(fh.read()).digest())
-    out = {"records_sha256": records.hexdigest(), "images_sha256": images.hexdigest()}
-    return out | ({"images_content_sha256": content.hexdigest()} if full else {})
 
 
 def load_clients(cfg: DataConfig, progress: bool = False) -> list[ClientData]:

@@ -24,14 +24,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import fcntl
 import json
 import math
 import operator
 import os
-import re
 import resource
-import shutil
 import sys
 import time
 import types
@@ -40,13 +37,13 @@ from dataclasses import dataclass, field
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data as data_mod
 import fed as fed_mod
 import model as model_mod
 import pilot
+from tools import runs
 
 # -----------------------------------------------------------------------------
 # Config
@@ -212,218 +209,6 @@ def load_config(path: str, overrides: list[str]) -> Config:
 
 
 # -----------------------------------------------------------------------------
-# The run directory: one run owns it (a lock, and refusal to mix runs), and what defines a run
-
-# What defines a run: a resume must match these exactly. Every other key (the rounds of stage
-# 2, learning rates, loss weights, epochs, ATA's settings, evaluation) may change on resume;
-# the change is printed and applies from the next round on.
-IDENTITY_KEYS = ("seed", "fed.method", "fed.stage1_rounds", "fed.top_k", "fed.stage2_ramp_steps",
-                 "fed.released_init", "model.llava", "model.vision", "model.llm", "model.projector",
-                 "model.lora_r", "model.lora_alpha", "model.lora_targets", "model.dtype",
-                 "model.embedded_pretrain_steps", "data.scenario", "data.manifest")
-
-
-def claim_run_dir(run_dir: str, resume: bool, overwrite: bool):
-    """Lock run_dir for this process (a second process is refused at once) and make sure a
-    fresh run does not write over another run's files. Returns the open lock file: keep it
-    open for the whole run (the OS releases the lock if the process dies)."""
-    os.makedirs(run_dir, exist_ok=True)
-    lock = open(os.path.join(run_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise ConfigError(f"run_dir {run_dir} is in use by another running process (pid {holder})") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
-    others = sorted(f for f in os.listdir(run_dir) if f != ".lock")
-    if others and not resume:
-        if not overwrite:
-            lock.close()
-            raise ConfigError(f"run_dir {run_dir} already holds a run ({', '.join(others[:5])}): continue it with "
-                              "--resume, replace it with --overwrite, or set another run_dir")
-        for name in others:
-            path = os.path.join(run_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return lock
-
-
-def run_identity(cfg: Config, clients, verify_data: bool = False) -> dict:
-    """The keys that define a run, its clients (name, task, split sizes, metric) and digests of
-    their data (data.data_digest: the records' bytes, and each image's name, size and mtime;
-    with verify_data also every image file's bytes)."""
-    flat = {k: operator.attrgetter(k)(cfg) for k in IDENTITY_KEYS}
-    flat["clients"] = [[c.name, c.task, len(c.train), len(c.val), len(c.test), c.metric] for c in clients]
-    return flat | data_mod.data_digest(clients, full=verify_data)
-
-
-CONTENT_KEY = "images_content_sha256"   # present only where --verify-data computed it
-
-
-def check_resume(run_dir: str, cfg: Config, clients, verify_data: bool = False) -> None:
-    """Refuse a resume whose config or data differ from the run's in what defines it, naming
-    each key; print the other keys that changed. Only then write config.resolved.yaml. The
-    full image digest (--verify-data) is compared only where both the run and now have it."""
-    now = run_identity(cfg, clients, verify_data)
-    path = os.path.join(run_dir, "run.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as fh:
-                saved = json.load(fh)
-            before, old_cfg = saved["identity"], saved["config"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RunError(f"{path} is unreadable ({type(e).__name__}: {e}): cannot check what --resume would continue") from None
-        keys = set(before) | set(now)
-        if not (CONTENT_KEY in before and CONTENT_KEY in now):   # the full digest: compared where both have it
-            keys.discard(CONTENT_KEY)
-            if CONTENT_KEY in before:
-                now.setdefault(CONTENT_KEY, before[CONTENT_KEY])   # run.json keeps the run's full digest
-        diff = [k for k in sorted(keys) if before.get(k) != now.get(k)]
-        if diff:
-            shown = "; ".join(f"{k}: {_short(before.get(k))} in the run, {_short(now.get(k))} now" for k in diff)
-            raise ConfigError(f"--resume refused: {run_dir} holds a different run ({shown}). "
-                              "Use another run_dir, or --overwrite to replace it")
-        changed = _changed_keys(old_cfg, dataclasses.asdict(cfg))
-        if changed:
-            print(f"resume: changed since the run started, applied from the next round: {', '.join(changed)}",
-                  file=sys.stderr)
-    elif any(os.path.isdir(os.path.join(run_dir, d)) for d in ("ckpt",)):
-        raise RunError(f"{run_dir} has checkpoints but no run.json: cannot check what --resume would continue")
-    write_atomic(path, json.dumps({"identity": now, "config": dataclasses.asdict(cfg)}, indent=1))
-    write_atomic(os.path.join(run_dir, "config.resolved.yaml"), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-
-def _short(v) -> str:
-    text = json.dumps(v)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the config keys whose values differ between two config dicts."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: <run_dir>/ckpt/round_XXX/{client_<name>.safetensors, server.safetensors, meta.json}
-
-
-def _rounds(root: str) -> list[str]:
-    """Complete round directories, oldest first (by number, not by name)."""
-    if not os.path.isdir(root):
-        return []
-    names = [d for d in os.listdir(root) if re.fullmatch(r"round_\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("_")[1]))
-
-
-def save_checkpoint(run_dir: str, r: int, fedn: fed_mod.Federation, cfg: Config) -> None:
-    """Written into a temp dir (each file fsynced) and renamed into place: a crash leaves the
-    previous complete round. Keeps the last two rounds."""
-    root = os.path.join(run_dir, "ckpt")
-    os.makedirs(root, exist_ok=True)
-    tmp, final = os.path.join(root, f".tmp_round_{r:03d}"), os.path.join(root, f"round_{r:03d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    files = []
-    for client, state in zip(fedn.clients, fedn.states):
-        files.append(os.path.join(tmp, f"client_{client.name}.safetensors"))
-        save_file({k: v.contiguous() for k, v in state.items()}, files[-1])
-    files.append(os.path.join(tmp, "server.safetensors"))
-    save_file({k: v.contiguous() for k, v in fedn.server.state().items()}, files[-1])
-    meta = {"round": r, "stage": fedn.stage, "seed": cfg.seed,
-            "rng": "every generator is derived from (seed, purpose, round, client): nothing else to save",
-            "config": dataclasses.asdict(cfg)}
-    files.append(os.path.join(tmp, "meta.json"))
-    with open(files[-1], "w") as fh:
-        json.dump(meta, fh, indent=1)
-    for name in files:
-        with open(name, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    dir_fd = os.open(root, os.O_RDONLY)   # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    for old in _rounds(root)[:-2]:
-        shutil.rmtree(os.path.join(root, old))
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write a text file via temp file, fsync and rename: readers see the old or the new file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _load_copy(name: str) -> dict[str, torch.Tensor]:
-    """safetensors may map the file into memory; copy, so the file can be replaced later."""
-    return {k: v.clone() for k, v in load_file(name).items()}
-
-
-def _read_round(path: str, fedn: fed_mod.Federation) -> tuple[dict, dict, list]:
-    """Read one round's checkpoint completely and check it, or raise ValueError naming the bad file."""
-    name = os.path.join(path, "meta.json")
-    try:
-        with open(name) as fh:
-            meta = json.load(fh)
-        if not isinstance(meta, dict) or not isinstance(meta.get("round"), int) or meta.get("stage") not in (1, 2):
-            raise ValueError("meta.json lacks an integer 'round' or a 'stage' of 1 or 2")
-        name = os.path.join(path, "server.safetensors")
-        server = _load_copy(name)
-        states, want = [], fedn.state_keys(meta["stage"])
-        for client in fedn.clients:
-            name = os.path.join(path, f"client_{client.name}.safetensors")
-            states.append(_load_copy(name))
-            if set(states[-1]) != want:
-                raise ValueError(f"its keys are not those of a stage-{meta['stage']} client state of this run")
-    except Exception as e:  # truncated, corrupted or incomplete: json, safetensors and OS errors alike
-        raise ValueError(f"checkpoint file {name} is unreadable ({type(e).__name__}: {e})") from None
-    return meta, server, states
-
-
-def load_checkpoint(run_dir: str, fedn: fed_mod.Federation) -> int:
-    """Restore the newest readable round into `fedn`; returns that round (0 if there is none).
-    A bad checkpoint is reported by file name and the previous round is used; if rounds exist
-    but none is readable, stop (RunError) rather than start over and lose the log."""
-    root = os.path.join(run_dir, "ckpt")
-    rounds = _rounds(root)
-    for d in reversed(rounds):
-        try:
-            meta, server, states = _read_round(os.path.join(root, d), fedn)
-        except ValueError as e:
-            print(f"warning: {e}; falling back to the previous round", file=sys.stderr)
-            continue
-        r = meta["round"]
-        if meta["stage"] == 1 and r < fedn.total_rounds and fedn.stage_of(r + 1) == 2:
-            # stage 2 starts from the adapters sent in the last stage-1 round; this run's last
-            # stage-1 round sent none, as it was then the run's last round
-            raise RunError(f"fed.stage2_rounds: round {r} ended stage 1 as the last round of the run, so there "
-                           "was no stage-2 handover; a run cannot add stage-2 rounds after that (start a new run)")
-        fedn.set_stage(meta["stage"])
-        fedn.server.load_state(server)
-        fedn.states = states
-        return r
-    if rounds:
-        raise RunError(f"no checkpoint in {root} is readable; nothing was changed (start over with --overwrite)")
-    return 0
-
-
-# -----------------------------------------------------------------------------
 # Results
 
 HEADLINE = "after_local"   # [choice] the score the README and results.json's "mean" report; see README
@@ -521,23 +306,6 @@ def build(cfg: Config, clients=None) -> fed_mod.Federation:
     return fed_mod.Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
 
 
-def resume_log(run_dir: str, start: int) -> list[dict]:
-    """The log records of the rounds up to `start`; the log is rewritten to hold exactly those
-    (a line torn by a kill mid-write is dropped: its round reruns)."""
-    path = os.path.join(run_dir, "log.jsonl")
-    records = []
-    if start and os.path.exists(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-        records = [rec for rec in records if isinstance(rec, dict) and rec.get("round", start + 1) <= start]
-    write_atomic(path, "".join(json.dumps(rec) + "\n" for rec in records))   # a kill here loses nothing
-    return records
-
-
 def log_round(run_dir: str, record: dict, t0: float, seconds: float | None = None) -> None:
     """Complete a round's record (means, memory, seconds since t0 unless given), warn about
     the clients left out of it, and append it to <run_dir>/log.jsonl."""
@@ -578,7 +346,7 @@ def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[
         rounds.write(round_line(record, fedn.total_rounds))
         rounds.set_postfix(stage=record["stage"], mean=f"{record['mean'][HEADLINE]:.3f}")
         records.append(record)
-        save_checkpoint(cfg.run_dir, r, fedn, cfg)
+        runs.save_checkpoint(cfg.run_dir, r, fedn, cfg)
     return records
 
 
@@ -606,7 +374,7 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
         table += (f"\nRounds scored at most {cfg.fed.eval_max_samples} test samples per client (fed.eval_max_samples); the "
                   f"final states on every test sample: mean {_mean(full):.3f} "
                   + ", ".join(f"{k} {v:.3f}" for k, v in full.items()) + "\n")
-    write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)
+    runs.write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)
     results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed, "headline": HEADLINE,
                "own": last[HEADLINE], "mean": _mean(last[HEADLINE]),
                **{p: {"own": last[p], "mean": _mean(last[p]),
@@ -616,7 +384,7 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
                "cross": cross, "comm_bytes": comm_total, "rounds": [rec["mean"][HEADLINE] for rec in records],
                "full_test": None if full is None else {"own": full, "mean": _mean(full)},
                "skipped_records": {c.name: c.skipped for c in fedn.clients if c.skipped}}
-    write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
+    runs.write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
     print(header + table)
     return results
 
@@ -670,17 +438,17 @@ def main(argv=None) -> dict:
         return result
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for what runs in fp32 on Ampere+ GPUs
     torch.backends.cudnn.allow_tf32 = True
-    lock = claim_run_dir(cfg.run_dir, args.resume, args.overwrite)
+    lock = runs.claim_run_dir(cfg.run_dir, args.resume, args.overwrite)
     try:
         clients = load_data(cfg)
-        check_resume(cfg.run_dir, cfg, clients, args.verify_data)   # also records a fresh run's identity
+        runs.check_resume(cfg.run_dir, cfg, clients, args.verify_data)   # also records a fresh run's identity
         for c in clients:
             if c.skipped:
                 print(f"client {c.name}: skipped {len(c.skipped)} bad records:\n  " + "\n  ".join(c.skipped),
                       file=sys.stderr)
         fedn = build(cfg, clients)
-        start = load_checkpoint(cfg.run_dir, fedn) if args.resume else 0
-        records = run_rounds(cfg, fedn, start, resume_log(cfg.run_dir, start))
+        start = runs.load_checkpoint(cfg.run_dir, fedn) if args.resume else 0
+        records = run_rounds(cfg, fedn, start, runs.resume_log(cfg.run_dir, start))
         return finish(cfg, fedn, records)
     finally:
         lock.close()

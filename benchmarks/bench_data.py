@@ -47,6 +47,7 @@ def one(manifest: str, smoke: bool) -> dict:
     import fed
     import model as model_mod
     import train
+    from tools import runs
     over = [f"model.cache_dir={ROOT}/.cache", "data.scenario=manifest", f"data.manifest={manifest}",
             "fed.local_epochs=1"] + (["model.embedded_pretrain_steps=5"] if smoke else [])
     cfg = train.load_config(f"{ROOT}/config.yaml", over)
@@ -54,7 +55,7 @@ def one(manifest: str, smoke: bool) -> dict:
     clients = train.load_data(cfg)
     load_s = time.perf_counter() - t0
     identity_t = time.perf_counter()
-    train.run_identity(cfg, clients)
+    runs.run_identity(cfg, clients)
     identity_s = time.perf_counter() - identity_t
     rss_loaded = peak_rss_mb()
     fedn = train.build(cfg, clients)

@@ -11,6 +11,7 @@ import time
 from common import ROOT, emit, parser
 
 import train
+from tools import runs
 
 
 def main():
@@ -29,7 +30,7 @@ def main():
             rec = f.run_round(r)
             t_round = time.perf_counter() - t
             t = time.perf_counter()
-            train.save_checkpoint(run_dir, r, f, cfg)
+            runs.save_checkpoint(run_dir, r, f, cfg)
             t_ckpt = time.perf_counter() - t
             total = t_round + t_ckpt - rec["seconds_scoring"]   # scoring is evaluation, reported apart
             rows.append({"round": r, "stage": rec["stage"], "round_s": round(total, 3),

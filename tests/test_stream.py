@@ -22,7 +22,7 @@ from test_train import ROOT, _write_config
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from common import write_jpeg_manifest  # noqa: E402
-from tools import embedded  # noqa: E402
+from tools import embedded, runs  # noqa: E402
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_a_picture_that_fails_mid_run_is_named_or_skipped_and_listed(manifest, t
 
 def test_identity_tells_records_from_images_and_verify_data_reads_the_bytes(manifest):
     def digest(full=False):
-        return data.data_digest(data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest)), full)
+        return runs.data_digest(data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest)), full)
     before = digest(full=True)
     root = os.path.dirname(manifest)
     json_file = os.path.join(root, "colour0_train.json")

@@ -84,6 +84,7 @@ if HERE not in sys.path:
 import fed as fed_mod  # noqa: E402
 import model as model_mod  # noqa: E402
 import train  # noqa: E402
+from tools import runs  # noqa: E402
 NODE_KEYS = ("data.", "model.llava", "model.vision", "model.llm", "model.projector", "model.cache_dir",
              "model.device", "model.dtype")   # what a node may set for itself
 
@@ -585,7 +586,7 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
     <run_dir>/log.jsonl (the in-process records, plus "lost" and "wire") and results.json."""
     cfg = settings.load()
     run_dir = settings.run_dir or cfg.run_dir
-    lock = train.claim_run_dir(run_dir, resume=False, overwrite=settings.overwrite)
+    lock = runs.claim_run_dir(run_dir, resume=False, overwrite=settings.overwrite)
     try:
         node_of, meta, initial = greet(grid, settings, tap)
         names = [m["name"] for m in meta]
@@ -602,7 +603,7 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
         results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": train.HEADLINE,
                    **{p: {"own": records[-1][p], "mean": records[-1]["mean"][p]} for p in fed_mod.EVAL_POINTS},
                    "final_state_sha256": {names[k]: reply["final"]["state_sha256"] for k, reply in sorted(finals.items())}}
-        train.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
+        runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
         return records
     finally:
         lock.close()

@@ -19,6 +19,7 @@ import data as data_mod
 import fed as fed_mod
 import model as model_mod
 import train
+from tools import runs
 
 
 def trained_checkpoint(cfg: train.Config, name: str) -> dict:
@@ -36,11 +37,11 @@ def trained_checkpoint(cfg: train.Config, name: str) -> dict:
     if name not in clients:
         raise train.ConfigError(f"client {name!r} is not in the run in {cfg.run_dir}; its clients: {', '.join(clients)}")
     root = os.path.join(cfg.run_dir, "ckpt")
-    for d in reversed(train._rounds(root)):
+    for d in reversed(runs._rounds(root)):
         try:
             with open(os.path.join(root, d, "meta.json")) as fh:
                 meta = json.load(fh)
-            state = train._load_copy(os.path.join(root, d, f"client_{name}.safetensors"))
+            state = runs._load_copy(os.path.join(root, d, f"client_{name}.safetensors"))
         except Exception as e:  # truncated or corrupted: the previous round, as a resume does
             print(f"warning: {root}/{d} is unreadable ({type(e).__name__}: {e}); trying the previous round", file=sys.stderr)
             continue
