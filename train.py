@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import math
 import operator
-import os
-import resource
 import sys
 import time
 import types
@@ -214,31 +211,6 @@ def load_config(path: str, overrides: list[str]) -> Config:
 HEADLINE = "after_local"   # [choice] the score the README and results.json's "mean" report; see README
 
 
-def peak_memory_mb() -> dict[str, float]:
-    out = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return out
-
-
-def _mean(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores) if scores else float("nan")   # nan: every client lost
-
-
-def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
-    tasks = sorted({c.task for c in clients})
-    lines = ["| client | task | after local training | after download | " + " | ".join(f"on {t}" for t in tasks) + " |",
-             "|---|---|---|---|" + "---|" * len(tasks)]
-    for c in clients:
-        cells = [f"{cross[c.name][t]:.3f}" if t in cross.get(c.name, {}) else "-" for t in tasks]
-        lines.append(f"| {c.name} | {c.task} | {last['after_local'][c.name]:.3f} | "
-                     f"{last['after_download'][c.name]:.3f} | " + " | ".join(cells) + " |")
-    lines.append(f"| **mean** | | **{_mean(last['after_local']):.3f}** | **{_mean(last['after_download']):.3f}** |"
-                 + " |" * len(tasks))
-    comm = ", ".join(f"{g} {b / 2 ** 20:.2f} MiB" for g, b in sorted(comm_total.items())) or "none"
-    return "\n".join(lines) + f"\n\nCommunication, all clients and rounds, up + down: {comm}\n"
-
-
 # -----------------------------------------------------------------------------
 # Main: the story of a run, each step a named function
 
@@ -306,21 +278,6 @@ def build(cfg: Config, clients=None) -> fed_mod.Federation:
     return fed_mod.Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
 
 
-def log_round(run_dir: str, record: dict, t0: float, seconds: float | None = None) -> None:
-    """Complete a round's record (means, memory, seconds since t0 unless given), warn about
-    the clients left out of it, and append it to <run_dir>/log.jsonl."""
-    r = record["round"]
-    for name in record["excluded"]:
-        print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation", file=sys.stderr)
-    for name in record.get("lost", []):
-        print(f"warning: round {r}: client {name} did not reply; left out of this round", file=sys.stderr)
-    record["mean"] = {p: _mean(record[p]) for p in fed_mod.EVAL_POINTS}
-    record["memory"] = peak_memory_mb()
-    record["seconds"] = round(time.perf_counter() - t0 if seconds is None else seconds, 3)
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 def round_line(record: dict, total: int) -> str:
     """The one line a finished round prints: mean scores at both points, wall time, and the
     time per taking-part client."""
@@ -342,7 +299,7 @@ def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[
                 record = fedn.run_round(r, progress=steps)
             except FloatingPointError as e:   # the last good checkpoint stays as it is
                 raise RunError(f"stopped: {e}; the last complete round's checkpoint is in {cfg.run_dir}/ckpt") from None
-        log_round(cfg.run_dir, record, t0)
+        runs.log_round(cfg.run_dir, record, t0)
         rounds.write(round_line(record, fedn.total_rounds))
         rounds.set_postfix(stage=record["stage"], mean=f"{record['mean'][HEADLINE]:.3f}")
         records.append(record)
@@ -351,7 +308,8 @@ def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[
 
 
 def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
-    """Cross-task evaluation, then results.md and results.json (both evaluation points)."""
+    """The final scores (the last round's, each client on the other tasks' test splits, and on
+    every test sample where rounds scored a subset), written as results.md and results.json."""
     if records:
         last = {p: records[-1][p] for p in fed_mod.EVAL_POINTS}
     else:   # zero rounds left to run: score the states as they are
@@ -361,31 +319,8 @@ def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
     full = None
     if cfg.fed.eval_max_samples is not None:   # rounds scored a subset: the final states on every test sample
         full = {c.name: fedn.score(k, full=True)["test"] for k, c in enumerate(fedn.clients)}
-    comm_total: dict[str, int] = {}
-    for rec in records:
-        for per in rec["comm"].values():
-            for direction in ("up", "down"):
-                for g, b in per[direction].items():
-                    comm_total[g] = comm_total.get(g, 0) + b
-    header = (f"# {cfg.fed.method}, scenario {cfg.data.scenario}, seed {cfg.seed}, {fedn.total_rounds} rounds; "
-              f"headline: {HEADLINE}\n\n")
-    table = results_table(last, cross, fedn.clients, comm_total)
-    if full is not None:
-        table += (f"\nRounds scored at most {cfg.fed.eval_max_samples} test samples per client (fed.eval_max_samples); the "
-                  f"final states on every test sample: mean {_mean(full):.3f} "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in full.items()) + "\n")
-    runs.write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)
-    results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed, "headline": HEADLINE,
-               "own": last[HEADLINE], "mean": _mean(last[HEADLINE]),
-               **{p: {"own": last[p], "mean": _mean(last[p]),
-                      "rounds": [rec["mean"][p] for rec in records],
-                      "val_mean": _mean(records[-1]["val"][p]) if records and "val" in records[-1] else None}
-                  for p in fed_mod.EVAL_POINTS},
-               "cross": cross, "comm_bytes": comm_total, "rounds": [rec["mean"][HEADLINE] for rec in records],
-               "full_test": None if full is None else {"own": full, "mean": _mean(full)},
-               "skipped_records": {c.name: c.skipped for c in fedn.clients if c.skipped}}
-    runs.write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
-    print(header + table)
+    results, text = runs.write_results(cfg, fedn.clients, fedn.total_rounds, records, last, cross, full)
+    print(text)
     return results
 
 

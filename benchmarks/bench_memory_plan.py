@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import ROOT, emit, parser, peak_rss_mb, rss_mb
+from common import emit, parser, peak_rss_mb, rss_mb
 
 SIZES = {   # hidden, layers, MLP, heads (LLaMA shape, vocab 32000)
     "0.1B": (768, 12, 2048, 12),

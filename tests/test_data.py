@@ -2,7 +2,6 @@
 case, metrics."""
 
 import json
-import os
 
 import pytest
 from PIL import Image

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import pilot
-from pilot import (AUX_KEYS, CTMoA, LoRALinear, PlainConnector, Stage2Connector, TaskClientConnector, add_lora,
+from pilot import (AUX_KEYS, LoRALinear, PlainConnector, Stage2Connector, TaskClientConnector, add_lora,
                    ata_weights, stage2_from_stage1, difference_loss, expert_tasks, lora_state_dict,
                    merge_lora, task_average, weighted_average)
 

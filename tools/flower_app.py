@@ -562,7 +562,7 @@ def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, run_dir: str) -> tuple
     def close(opened, t_open, t_next):
         record = coord.close(opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire),
                                                  "resent": [coord.names[k] for k in sorted(opened["resent"])]}
-        train.log_round(run_dir, record, t_open, seconds=t_next - t_open)
+        runs.log_round(run_dir, record, t_open, seconds=t_next - t_open)
         print(train.round_line(record, coord.total_rounds) + (f"; lost {record['lost']}" if record["lost"] else ""),
               flush=True)
         records.append(record)

@@ -18,8 +18,10 @@ import json
 import operator
 import os
 import re
+import resource
 import shutil
 import sys
+import time
 from typing import Sequence
 
 import torch
@@ -287,3 +289,79 @@ def resume_log(run_dir: str, start: int) -> list[dict]:
         records = [rec for rec in records if isinstance(rec, dict) and rec.get("round", start + 1) <= start]
     write_atomic(path, "".join(json.dumps(rec) + "\n" for rec in records))   # a kill here loses nothing
     return records
+
+
+# -----------------------------------------------------------------------------
+# The log and the results: <run_dir>/log.jsonl, results.md, results.json
+
+
+def peak_memory_mb() -> dict[str, float]:
+    out = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def mean_score(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores) if scores else float("nan")   # nan: every client lost
+
+
+def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
+    tasks = sorted({c.task for c in clients})
+    lines = ["| client | task | after local training | after download | " + " | ".join(f"on {t}" for t in tasks) + " |",
+             "|---|---|---|---|" + "---|" * len(tasks)]
+    for c in clients:
+        cells = [f"{cross[c.name][t]:.3f}" if t in cross.get(c.name, {}) else "-" for t in tasks]
+        lines.append(f"| {c.name} | {c.task} | {last['after_local'][c.name]:.3f} | "
+                     f"{last['after_download'][c.name]:.3f} | " + " | ".join(cells) + " |")
+    lines.append(f"| **mean** | | **{mean_score(last['after_local']):.3f}** | **{mean_score(last['after_download']):.3f}** |"
+                 + " |" * len(tasks))
+    comm = ", ".join(f"{g} {b / 2 ** 20:.2f} MiB" for g, b in sorted(comm_total.items())) or "none"
+    return "\n".join(lines) + f"\n\nCommunication, all clients and rounds, up + down: {comm}\n"
+
+
+def log_round(run_dir: str, record: dict, t0: float, seconds: float | None = None) -> None:
+    """Complete a round's record (means, memory, seconds since t0 unless given), warn about
+    the clients left out of it, and append it to <run_dir>/log.jsonl."""
+    r = record["round"]
+    for name in record["excluded"]:
+        print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation", file=sys.stderr)
+    for name in record.get("lost", []):
+        print(f"warning: round {r}: client {name} did not reply; left out of this round", file=sys.stderr)
+    record["mean"] = {p: mean_score(record[p]) for p in fed_mod.EVAL_POINTS}
+    record["memory"] = peak_memory_mb()
+    record["seconds"] = round(time.perf_counter() - t0 if seconds is None else seconds, 3)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def write_results(cfg: "train.Config", clients, total_rounds: int, records: list[dict], last: dict, cross: dict,
+                  full: dict | None) -> tuple[dict, str]:
+    """<run_dir>/results.md and results.json from a run's final scores (`last`: both evaluation
+    points; `cross`: on the other tasks; `full`: every test sample, or None). -> (results, the
+    text of results.md)."""
+    comm_total: dict[str, int] = {}
+    for rec in records:
+        for per in rec["comm"].values():
+            for direction in ("up", "down"):
+                for g, b in per[direction].items():
+                    comm_total[g] = comm_total.get(g, 0) + b
+    header = (f"# {cfg.fed.method}, scenario {cfg.data.scenario}, seed {cfg.seed}, {total_rounds} rounds; "
+              f"headline: {train.HEADLINE}\n\n")
+    table = results_table(last, cross, clients, comm_total)
+    if full is not None:
+        table += (f"\nRounds scored at most {cfg.fed.eval_max_samples} test samples per client (fed.eval_max_samples); the "
+                  f"final states on every test sample: mean {mean_score(full):.3f} "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in full.items()) + "\n")
+    write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)
+    results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed, "headline": train.HEADLINE,
+               "own": last[train.HEADLINE], "mean": mean_score(last[train.HEADLINE]),
+               **{p: {"own": last[p], "mean": mean_score(last[p]),
+                      "rounds": [rec["mean"][p] for rec in records],
+                      "val_mean": mean_score(records[-1]["val"][p]) if records and "val" in records[-1] else None}
+                  for p in fed_mod.EVAL_POINTS},
+               "cross": cross, "comm_bytes": comm_total, "rounds": [rec["mean"][train.HEADLINE] for rec in records],
+               "full_test": None if full is None else {"own": full, "mean": mean_score(full)},
+               "skipped_records": {c.name: c.skipped for c in clients if c.skipped}}
+    write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
+    return results, header + table
