@@ -16,7 +16,7 @@ Readable as the protocol itself (SPEC section 5):
 
 Who does what: fed.Client is one client's side of a round (train, score, upload; take a
 download), fed.Coordinator the server's (sampling, stages, Server.aggregate, the log record);
-they meet in two calls a round. Federation runs both in one process; tools/flower_app.py runs the
+they meet in two calls a round. train.Federation runs both in one process; tools/flower_app.py runs the
 same two on Flower, a client per SuperNode.
 
 Where things are decided, once each: what a client owns (model.client_state), where a task's
@@ -461,7 +461,7 @@ def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequen
 #   nodes.deliver(r, downloads, handover)  -> {k: reply}  each client takes its download and
 #                                                          is scored again ("after_download")
 # Coordinator.train_and_aggregate makes the first call and aggregates, Coordinator.close
-# writes the round's record from both calls' replies. In process, Federation is `nodes` and
+# writes the round's record from both calls' replies. In process, train.Federation is `nodes` and
 # keeps the K states in a list; on Flower, tools/flower_app.GridNodes carries the two calls in ONE
 # message per client and round (round r's download rides with round r+1's training
 # instruction), and each SuperNode keeps its own state. The protocol is written once, here.
@@ -472,7 +472,7 @@ EVAL_POINTS = ("after_download", "after_local")
 class Client:
     """One client's side of a round, on the model it is given (shared by all clients in
     process; the node's own on Flower). Storage-free: every call takes the client's state and
-    returns the new one, so the caller decides where the state lives (Federation.states in
+    returns the new one, so the caller decides where the state lives (train.Federation.states in
     process, the node's context on Flower). A reply to the server holds scores, losses and the
     upload (make_upload), never the state."""
 
@@ -701,88 +701,3 @@ class Coordinator:
         `after_download`, close. Returns the round's log record."""
         opened = self.train_and_aggregate(r, nodes, progress)
         return self.close(opened, nodes.deliver(r, opened["downloads"], opened["handover"]))
-
-
-class Federation(Coordinator):
-    """The whole federation in one process: K clients (their data and their state as CPU
-    tensors) on one shared model, and the coordinator that runs the rounds; it is its own
-    `nodes`. The state to checkpoint is `states`, `stage` and the server's `state()`;
-    everything random is derived from (seed, purpose, round, client).
-
-    [choice] When a client is scored (SPEC 5b): every round, every method, at two points:
-    `after_local` (the state after its own local training of the round, as personalised-FL
-    papers score it) and `after_download` (the state the server's reply leaves it with), on
-    its test split and, when it has one, its validation split."""
-
-    def __init__(self, cfg: FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
-                 clients: Sequence[data_mod.ClientData], enc: data_mod.Encoder, seed: int, max_new_tokens: int):
-        self.clients, self.model, self.base, self.enc = list(clients), model, base, enc
-        self.max_new_tokens = max_new_tokens
-        # [choice] every client starts from the same initial state (as if broadcast by the server)
-        self.states = [model_mod.client_state(model) for _ in self.clients]
-        self.initial_keys = frozenset(self.states[0])
-        self.stage = 1
-        super().__init__(cfg, [d.name for d in self.clients], [d.task for d in self.clients],
-                         [len(d.train) for d in self.clients], seed, adapter_tensors(self.states[0], OWN_ADAPTER))
-        self.nodes = [Client(k, d, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
-                      for k, d in enumerate(self.clients)]
-
-    def run_round(self, r: int, progress=None) -> dict:
-        return self.communication_round(r, self, progress)
-
-    # `nodes`, in process: call each client in turn, keep its state in self.states
-
-    def local_round(self, r: int, stage: int, chosen: Sequence[int], progress=None) -> dict[int, dict]:
-        replies = {}
-        for k, node in enumerate(self.nodes):
-            self.states[k], replies[k] = node.local_round(self.states[k], r, stage, k in chosen, progress)
-        return replies
-
-    def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> dict[int, dict]:
-        replies = {}
-        for k, msg in downloads.items():
-            if msg:
-                self.states[k], _, replies[k] = self.nodes[k].take(self.states[k], self.stage, msg, handover)
-        if handover:
-            self.set_stage(2)
-        return replies
-
-    # what train.py needs for checkpoints and results
-
-    def set_stage(self, stage: int) -> None:
-        """Give the shared model the connector structure of `stage`; used when stage 2 starts
-        and when resuming in stage 2."""
-        self.nodes[0].structure(stage)
-        self.stage = stage
-
-    def state_keys(self, stage: int) -> set[str]:
-        """The key set of a client state in `stage` (to check a checkpoint before loading it)."""
-        keys = set(self.initial_keys)
-        if stage == 2:
-            keys = {k for k in keys if pilot.is_lora(k)} | {f"connector.{n}" for n in self.nodes[0].ctmoa_shell().state_dict()}
-        return keys
-
-    def train_client(self, k: int, r: int, stage: int, progress=None) -> dict[str, float]:
-        """Client k's local training of round r (its trained state is left in the shared model)."""
-        return self.nodes[k].train(self.states[k], r, stage, progress)
-
-    def score(self, k: int, full: bool = False) -> dict[str, float]:
-        return self.nodes[k].score(self.states[k], self.stage, full)
-
-    def evaluate_cross(self) -> dict[str, dict[str, float]]:
-        """Each client on every other task's test splits (what it learned from other tasks).
-        Answers are judged against the other clients' phrasing, so this is a lower bound."""
-        out = {}
-        for k, client in enumerate(self.clients):
-            self.nodes[k].structure(self.stage)
-            model_mod.load_client_state(self.model, self.states[k])
-            out[client.name] = {}
-            for task in self.tasks:
-                if task == client.task:
-                    continue
-                others = [o for o in self.clients if o.task == task]
-                samples = [s for o in others for s in eval_subset(o.test, self.cfg.eval_max_samples, self.seed,
-                                                                   o.name, "test")]
-                out[client.name][task] = evaluate(self.model, self.enc, samples, others[0].metric,
-                                                  self.cfg.eval_batch_size, self.max_new_tokens)
-        return out

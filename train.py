@@ -31,6 +31,7 @@ import time
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import yaml
@@ -212,6 +213,95 @@ HEADLINE = "after_local"   # [choice] the score the README and results.json's "m
 
 
 # -----------------------------------------------------------------------------
+# The federation in one process: fed.py's protocol, every client on one shared model
+
+
+class Federation(fed_mod.Coordinator):
+    """The whole federation in one process: K clients (their data and their state as CPU
+    tensors) on one shared model, and the coordinator that runs the rounds; it is its own
+    `nodes`. The state to checkpoint is `states`, `stage` and the server's `state()`;
+    everything random is derived from (seed, purpose, round, client).
+
+    [choice] When a client is scored (SPEC 5b): every round, every method, at two points:
+    `after_local` (the state after its own local training of the round, as personalised-FL
+    papers score it) and `after_download` (the state the server's reply leaves it with), on
+    its test split and, when it has one, its validation split."""
+
+    def __init__(self, cfg: fed_mod.FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
+                 clients: Sequence[data_mod.ClientData], enc: data_mod.Encoder, seed: int, max_new_tokens: int):
+        self.clients, self.model, self.base, self.enc = list(clients), model, base, enc
+        self.max_new_tokens = max_new_tokens
+        # [choice] every client starts from the same initial state (as if broadcast by the server)
+        self.states = [model_mod.client_state(model) for _ in self.clients]
+        self.initial_keys = frozenset(self.states[0])
+        self.stage = 1
+        super().__init__(cfg, [d.name for d in self.clients], [d.task for d in self.clients],
+                         [len(d.train) for d in self.clients], seed, fed_mod.adapter_tensors(self.states[0], fed_mod.OWN_ADAPTER))
+        self.nodes = [fed_mod.Client(k, d, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
+                      for k, d in enumerate(self.clients)]
+
+    def run_round(self, r: int, progress=None) -> dict:
+        return self.communication_round(r, self, progress)
+
+    # `nodes`, in process: call each client in turn, keep its state in self.states
+
+    def local_round(self, r: int, stage: int, chosen: Sequence[int], progress=None) -> dict[int, dict]:
+        replies = {}
+        for k, node in enumerate(self.nodes):
+            self.states[k], replies[k] = node.local_round(self.states[k], r, stage, k in chosen, progress)
+        return replies
+
+    def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> dict[int, dict]:
+        replies = {}
+        for k, msg in downloads.items():
+            if msg:
+                self.states[k], _, replies[k] = self.nodes[k].take(self.states[k], self.stage, msg, handover)
+        if handover:
+            self.set_stage(2)
+        return replies
+
+    # what train.py needs for checkpoints and results
+
+    def set_stage(self, stage: int) -> None:
+        """Give the shared model the connector structure of `stage`; used when stage 2 starts
+        and when resuming in stage 2."""
+        self.nodes[0].structure(stage)
+        self.stage = stage
+
+    def state_keys(self, stage: int) -> set[str]:
+        """The key set of a client state in `stage` (to check a checkpoint before loading it)."""
+        keys = set(self.initial_keys)
+        if stage == 2:
+            keys = {k for k in keys if pilot.is_lora(k)} | {f"connector.{n}" for n in self.nodes[0].ctmoa_shell().state_dict()}
+        return keys
+
+    def train_client(self, k: int, r: int, stage: int, progress=None) -> dict[str, float]:
+        """Client k's local training of round r (its trained state is left in the shared model)."""
+        return self.nodes[k].train(self.states[k], r, stage, progress)
+
+    def score(self, k: int, full: bool = False) -> dict[str, float]:
+        return self.nodes[k].score(self.states[k], self.stage, full)
+
+    def evaluate_cross(self) -> dict[str, dict[str, float]]:
+        """Each client on every other task's test splits (what it learned from other tasks).
+        Answers are judged against the other clients' phrasing, so this is a lower bound."""
+        out = {}
+        for k, client in enumerate(self.clients):
+            self.nodes[k].structure(self.stage)
+            model_mod.load_client_state(self.model, self.states[k])
+            out[client.name] = {}
+            for task in self.tasks:
+                if task == client.task:
+                    continue
+                others = [o for o in self.clients if o.task == task]
+                samples = [s for o in others for s in fed_mod.eval_subset(o.test, self.cfg.eval_max_samples, self.seed,
+                                                                   o.name, "test")]
+                out[client.name][task] = fed_mod.evaluate(self.model, self.enc, samples, others[0].metric,
+                                                  self.cfg.eval_batch_size, self.max_new_tokens)
+        return out
+
+
+# -----------------------------------------------------------------------------
 # Main: the story of a run, each step a named function
 
 
@@ -271,11 +361,11 @@ def build_model(cfg: Config):
     return model, base, enc
 
 
-def build(cfg: Config, clients=None) -> fed_mod.Federation:
+def build(cfg: Config, clients=None) -> Federation:
     """Data (checked first), then the base model, then the federation."""
     clients = load_data(cfg) if clients is None else clients
     model, base, enc = build_model(cfg)
-    return fed_mod.Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
+    return Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
 
 
 def round_line(record: dict, total: int) -> str:
@@ -288,7 +378,7 @@ def round_line(record: dict, total: int) -> str:
             f" + {record['seconds_scoring'] / n:.1f} s scoring")
 
 
-def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[dict]) -> list[dict]:
+def run_rounds(cfg: Config, fedn: Federation, start: int, records: list[dict]) -> list[dict]:
     """Rounds start+1 .. total: train, score, log one JSON line, checkpoint."""
     rounds = tqdm(range(start + 1, fedn.total_rounds + 1), desc="rounds", initial=start,
                   total=fedn.total_rounds, disable=None)
@@ -307,7 +397,7 @@ def run_rounds(cfg: Config, fedn: fed_mod.Federation, start: int, records: list[
     return records
 
 
-def finish(cfg: Config, fedn: fed_mod.Federation, records: list[dict]) -> dict:
+def finish(cfg: Config, fedn: Federation, records: list[dict]) -> dict:
     """The final scores (the last round's, each client on the other tasks' test splits, and on
     every test sample where rounds scored a subset), written as results.md and results.json."""
     if records:

@@ -148,7 +148,7 @@ def _rounds(root: str) -> list[str]:
     return sorted(names, key=lambda d: int(d.split("_")[1]))
 
 
-def save_checkpoint(run_dir: str, r: int, fedn: fed_mod.Federation, cfg: train.Config) -> None:
+def save_checkpoint(run_dir: str, r: int, fedn: train.Federation, cfg: train.Config) -> None:
     """Written into a temp dir (each file fsynced) and renamed into place: a crash leaves the
     previous complete round. Keeps the last two rounds."""
     root = os.path.join(run_dir, "ckpt")
@@ -197,7 +197,7 @@ def _load_copy(name: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_file(name).items()}
 
 
-def _read_round(path: str, fedn: fed_mod.Federation) -> tuple[dict, dict, list]:
+def _read_round(path: str, fedn: train.Federation) -> tuple[dict, dict, list]:
     """Read one round's checkpoint completely and check it, or raise ValueError naming the bad file."""
     name = os.path.join(path, "meta.json")
     try:
@@ -218,7 +218,7 @@ def _read_round(path: str, fedn: fed_mod.Federation) -> tuple[dict, dict, list]:
     return meta, server, states
 
 
-def load_checkpoint(run_dir: str, fedn: fed_mod.Federation) -> int:
+def load_checkpoint(run_dir: str, fedn: train.Federation) -> int:
     """Restore the newest readable round into `fedn`; returns that round (0 if there is none).
     A bad checkpoint is reported by file name and the previous round is used; if rounds exist
     but none is readable, stop (RunError) rather than start over and lose the log."""
