@@ -356,7 +356,7 @@ def plan_batches(n: int, cfg: FedConfig, gen: torch.Generator) -> list[list[list
     return steps
 
 
-def _loader(enc: data_mod.Encoder, samples, plan, dev: torch.device, prompts: bool = False,
+def _loader(enc: model_mod.Encoder, samples, plan, dev: torch.device, prompts: bool = False,
             skipped: list[str] | None = None):
     """The planned batches, decoded ahead by data.num_workers workers, on `dev`. A picture
     that does not decode is a DataError naming it; with data.skip_bad_records its sample is
@@ -371,7 +371,7 @@ def _loader(enc: data_mod.Encoder, samples, plan, dev: torch.device, prompts: bo
         yield ({k: v.to(dev, non_blocking=True) for k, v in batch.items()} if kept else None), kept
 
 
-def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
+def local_train(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
                 prox_mu: float = 0.0, where: str = "", progress=None,
                 skipped: list[str] | None = None, after_step=None) -> dict[str, float]:
@@ -428,7 +428,7 @@ def eval_subset(samples: Sequence[data_mod.Sample], n: int | None, seed: int, cl
 
 
 @torch.no_grad()
-def evaluate(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
+def evaluate(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Sequence[data_mod.Sample],
              metric: str, batch_size: int, max_new_tokens: int, progress: bool = False,
              skipped: list[str] | None = None) -> float:
     """The metric (data.METRICS, corpus-level) of greedy answers to each record's first turn
@@ -477,7 +477,7 @@ class Client:
     upload (make_upload), never the state."""
 
     def __init__(self, k: int, data: data_mod.ClientData, tasks: Sequence[str], cfg: FedConfig,
-                 model: model_mod.PilotLlava, base: model_mod.Base, enc: data_mod.Encoder, seed: int,
+                 model: model_mod.PilotLlava, base: model_mod.Base, enc: model_mod.Encoder, seed: int,
                  max_new_tokens: int, stage1_connector=None):
         self.k, self.data, self.tasks, self.cfg = k, data, list(tasks), cfg
         self.model, self.base, self.enc, self.seed, self.max_new_tokens = model, base, enc, seed, max_new_tokens

@@ -228,7 +228,7 @@ class Federation(fed_mod.Coordinator):
     its test split and, when it has one, its validation split."""
 
     def __init__(self, cfg: fed_mod.FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
-                 clients: Sequence[data_mod.ClientData], enc: data_mod.Encoder, seed: int, max_new_tokens: int):
+                 clients: Sequence[data_mod.ClientData], enc: model_mod.Encoder, seed: int, max_new_tokens: int):
         self.clients, self.model, self.base, self.enc = list(clients), model, base, enc
         self.max_new_tokens = max_new_tokens
         # [choice] every client starts from the same initial state (as if broadcast by the server)
@@ -339,7 +339,7 @@ def load_data(cfg: Config):
     if missing:
         raise ConfigError(f"model.lora_targets: {missing} match no linear layer of the language model")
     tok, image_token_id, n_image_tokens = source.text_side(cfg.model)
-    text_enc = data_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
+    text_enc = model_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
     for warning in data_mod.check_encodable(clients, text_enc, cfg.data.skip_bad_records, progress=True):
         print(f"warning: {warning}", file=sys.stderr)
     return clients
@@ -355,7 +355,7 @@ def build_model(cfg: Config):
     connector = model_mod.build_connector(kind, base, cfg.fed.released_init, init)
     model = model_mod.build_model(base, connector, cfg.model, init)
     d = cfg.data
-    enc = data_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
+    enc = model_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
                            d.system_prompt, d.max_length, d.max_image_side, d.num_workers, d.skip_bad_records,
                            d.image_aspect_ratio)
     return model, base, enc

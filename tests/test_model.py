@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 import data
 import model
 import pilot
-from data import IGNORE, Encoder, Sample
+from data import IGNORE, Sample
+from model import Encoder
 from tools import embedded, sizing
 
 

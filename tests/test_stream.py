@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import data
+import model
 import fed
 import train
 from test_train import ROOT, _write_config
@@ -92,7 +93,7 @@ def test_batched_token_lengths_equal_one_by_one_encoding(tiny_llava_dir):
                data.Sample("b", "x.png", [("How many? <image>", "two"), ("And the shape?", "a circle")]),
                data.Sample("c", "x.png", [("What kind of shape is shown? <image> at the top left", "square")])]
     for system in ("", "Describe the image briefly."):
-        enc = data.Encoder(tok, None, 4, 16, system_prompt=system)
+        enc = model.Encoder(tok, None, 4, 16, system_prompt=system)
         assert enc.lengths(samples, chunk=2) == [len(enc.encode(s)[0]) for s in samples]
 
 
