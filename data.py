@@ -8,8 +8,6 @@
             reported), never a silent drop; image paths must stay inside their image folder.
             Loading keeps records, not pixels: each image's header is checked and its file name
             kept; `picture` decodes it when its batch is built.
-  checks    check_encodable, before any model loads: over-long samples, and words a
-            closed-vocabulary tokenizer cannot represent.
   batches   Batches / batch_loader: the planned batches, encoded by model.Encoder (LLaVA-1.5's
             own tokenisation and picture padding) in the DataLoader's workers.
   scores    METRICS, corpus-level, each record with one or more references: exact, f1, vqa
@@ -363,55 +361,6 @@ def load_clients(cfg: DataConfig, progress: bool = False) -> list[ClientData]:
         if not c.train or not c.test:
             raise DataError(f"client {c.name!r} has an empty {'train' if not c.train else 'test'} split")
     return clients
-
-
-def unknown_words(tokenizer, texts: Sequence[str]) -> Counter:
-    """Words (whitespace/punctuation split) that the tokenizer maps to its unknown token, with
-    how often each occurs. Empty for tokenizers without an unknown token (byte-level BPE).
-    Each distinct word is tokenised once, all of them in one batch."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
-        return Counter()
-    words = Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.replace(IMAGE, " ")))
-    distinct = list(words)
-    ids = tokenizer(distinct, add_special_tokens=False).input_ids if distinct else []
-    return Counter({w: words[w] for w, i in zip(distinct, ids) if unk in i})
-
-
-def check_encodable(clients: Sequence[ClientData], enc: Encoder, skip_bad_records: bool = False,
-                    progress: bool = False) -> list[str]:
-    """Before any model loads: every sample of every split fits data.max_length (else a
-    DataError naming its file and record, or, with skip_bad_records, it is left out and
-    reported in the client's `skipped`), and every answer word is one the tokenizer knows
-    (else a DataError listing the words; only a closed-vocabulary tokenizer has any: Llama's and
-    the embedded base's fall back to bytes). Returns warnings for unknown words in prompts.
-    Token lengths come from Encoder.lengths, tokenised in batches."""
-    for c in clients:
-        for split in ("train", "val", "test"):
-            samples = getattr(c, split)
-            kept = []
-            for s, n in zip(samples, enc.lengths(samples, progress=progress)):
-                if n <= enc.max_length:
-                    kept.append(s)
-                    continue
-                why = f"{s.source or s.id}: {n} tokens > data.max_length {enc.max_length}"
-                if not skip_bad_records:
-                    raise DataError(why)
-                c.skipped.append(why)
-            setattr(c, split, kept)
-        if not c.train or not c.test:
-            raise DataError(f"client {c.name!r}: no {'train' if not c.train else 'test'} sample fits data.max_length")
-    samples = [s for c in clients for s in c.train + c.val + c.test]
-    answers = unknown_words(enc.tokenizer, [g for s in samples for _, g in s.turns])
-    if answers:
-        listed = ", ".join(f"{w!r} x{n}" for w, n in answers.most_common(20))
-        raise DataError(f"answers use words the model's tokenizer cannot represent ({listed}): they would train and "
-                        "score as <unk>. Use a tokenizer that knows them (a byte-fallback one, as Llama's and the "
-                        "embedded base's, knows every word)")
-    prompts = unknown_words(enc.tokenizer, [h for s in samples for h, _ in s.turns])
-    if not prompts:
-        return []
-    return ["prompts use words the tokenizer maps to <unk>: " + ", ".join(f"{w!r} x{n}" for w, n in prompts.most_common(20))]
 
 
 # -----------------------------------------------------------------------------

@@ -26,10 +26,12 @@ import dataclasses
 import difflib
 import math
 import operator
+import re
 import sys
 import time
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -340,9 +342,58 @@ def load_data(cfg: Config):
         raise ConfigError(f"model.lora_targets: {missing} match no linear layer of the language model")
     tok, image_token_id, n_image_tokens = source.text_side(cfg.model)
     text_enc = model_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
-    for warning in data_mod.check_encodable(clients, text_enc, cfg.data.skip_bad_records, progress=True):
+    for warning in check_encodable(clients, text_enc, cfg.data.skip_bad_records, progress=True):
         print(f"warning: {warning}", file=sys.stderr)
     return clients
+
+
+def unknown_words(tokenizer, texts: Sequence[str]) -> Counter:
+    """Words (whitespace/punctuation split) that the tokenizer maps to its unknown token, with
+    how often each occurs. Empty for tokenizers without an unknown token (byte-level BPE).
+    Each distinct word is tokenised once, all of them in one batch."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return Counter()
+    words = Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.replace(data_mod.IMAGE, " ")))
+    distinct = list(words)
+    ids = tokenizer(distinct, add_special_tokens=False).input_ids if distinct else []
+    return Counter({w: words[w] for w, i in zip(distinct, ids) if unk in i})
+
+
+def check_encodable(clients: Sequence[data_mod.ClientData], enc: model_mod.Encoder, skip_bad_records: bool = False,
+                    progress: bool = False) -> list[str]:
+    """Before any model loads: every sample of every split fits data.max_length (else a
+    DataError naming its file and record, or, with skip_bad_records, it is left out and
+    reported in the client's `skipped`), and every answer word is one the tokenizer knows
+    (else a DataError listing the words; only a closed-vocabulary tokenizer has any: Llama's and
+    the embedded base's fall back to bytes). Returns warnings for unknown words in prompts.
+    Token lengths come from Encoder.lengths, tokenised in batches."""
+    for c in clients:
+        for split in ("train", "val", "test"):
+            samples = getattr(c, split)
+            kept = []
+            for s, n in zip(samples, enc.lengths(samples, progress=progress)):
+                if n <= enc.max_length:
+                    kept.append(s)
+                    continue
+                why = f"{s.source or s.id}: {n} tokens > data.max_length {enc.max_length}"
+                if not skip_bad_records:
+                    raise data_mod.DataError(why)
+                c.skipped.append(why)
+            setattr(c, split, kept)
+        if not c.train or not c.test:
+            raise data_mod.DataError(f"client {c.name!r}: no {'train' if not c.train else 'test'} sample fits data.max_length")
+    samples = [s for c in clients for s in c.train + c.val + c.test]
+    answers = unknown_words(enc.tokenizer, [g for s in samples for _, g in s.turns])
+    if answers:
+        listed = ", ".join(f"{w!r} x{n}" for w, n in answers.most_common(20))
+        raise data_mod.DataError(f"answers use words the model's tokenizer cannot represent ({listed}): they would train and "
+                        "score as <unk>. Use a tokenizer that knows them (a byte-fallback one, as Llama's and the "
+                        "embedded base's, knows every word)")
+    prompts = unknown_words(enc.tokenizer, [h for s in samples for h, _ in s.turns])
+    if not prompts:
+        return []
+    return ["prompts use words the tokenizer maps to <unk>: " + ", ".join(f"{w!r} x{n}" for w, n in prompts.most_common(20))]
 
 
 def build_model(cfg: Config):

@@ -171,9 +171,9 @@ def test_a_closed_vocabulary_tokenizer_names_the_words_it_lacks():
     c = data.ClientData("c0", "colour", [data.Sample("a", None, [("What colour?", "big")])],
                         [data.Sample("b", None, [("What hue?", "red"), ("What colour?", "big")])])
     with pytest.raises(DataError, match=r"cannot represent \('big' x2\)"):
-        data.check_encodable([c], enc)
+        train.check_encodable([c], enc)
     c.train[0].turns[0] = c.test[0].turns[1] = ("What hue?", "red")
-    assert data.check_encodable([c], enc) == ["prompts use words the tokenizer maps to <unk>: 'hue' x3"]
+    assert train.check_encodable([c], enc) == ["prompts use words the tokenizer maps to <unk>: 'hue' x3"]
 
 
 def test_data_py_lists_the_vocabulary():
