@@ -1,34 +1,19 @@
-"""fed.py -- the federated protocol of Pilot, in process: clients, server, rounds.
+"""fed.py -- the federated protocol of Pilot (SPEC section 5): clients, server, rounds.
 
-Readable as the protocol itself (SPEC section 5):
-  every round, each sampled client
-    1. trains locally on ONE shared model instance (its state is swapped in, then out);
-    2. uploads a message {group: {name: tensor}}: its task adapter psi_t and its LoRA
-       (never psi_s, psi_c or the router: make_upload picks exactly what travels);
-  the server
-    3. averages task adapters per task (task_average) and aggregates LoRA per client with
-       adaptive text aggregation (ata_weights): one personalised LoRA per client;
-    4. sends back each client's LoRA and the task adapters it needs.
-  Each client is scored twice a round: after its local training and after the download.
-  Stage 1 (`stage1_rounds`) uses the TaskClientConnector; stage 2 (`stage2_rounds`) the CT-MoA,
-  which each client builds, on receiving the last stage-1 round's message, from its stage-1
-  connector and the T global task adapters in that message (Client.take, the handover).
+Every round, each sampled client trains locally (on a model it is given: one shared instance
+in process, its state swapped in and out), is scored `after_local`, and uploads {group: {name:
+tensor}}: its task adapter psi_t (h_0 in stage 2) and its LoRA, never psi_s, psi_c or the
+router (make_upload). The server averages task adapters per task (pilot.task_average), mixes
+LoRA per client by ATA (one personalised LoRA each) and sends back each client's LoRA and the
+task adapters it needs; the client takes them (apply_download) and is scored `after_download`.
+Stage 1 (`stage1_rounds`) uses the TaskClientConnector; stage 2 the CT-MoA, which each client
+builds from its stage-1 connector and the T task adapters of the last stage-1 round's message.
 
-Who does what: fed.Client is one client's side of a round (train, score, upload; take a
-download), fed.Coordinator the server's (sampling, stages, Server.aggregate, the log record);
-they meet in two calls a round. train.Federation runs both in one process; tools/flower_app.py runs the
-same two on Flower, a client per SuperNode.
-
-Where things are decided, once each: what a client owns (model.client_state), where a task's
-adapter sits in a client's state (adapter_prefix, after pilot.expert_tasks), what travels
-(make_upload), what a client does with a message (apply_download).
-
-Methods (`fed.method`): pilot, and the baselines and ablations of SPEC section 6, each a row of
-METHODS saying what it changes (the only place where methods differ).
-
-Randomness: every draw comes from a generator seeded by (seed, purpose, round, client) via
-derive_seed, never from reseeding the global RNG, so a run is a function of its seed and a
-resumed run continues exactly.
+Client is one client's side of a round, Coordinator the server's; they meet in two calls a round
+(`nodes`, below): train.Federation runs them in one process, tools/flower_app.py on Flower.
+Methods (`fed.method`): pilot and the baselines and ablations of SPEC section 6, each a row of
+METHODS saying what it changes. Every random draw comes from a generator seeded by (seed,
+purpose, round, client) (derive_seed), so a run is a function of its seed and resumes exactly.
 
 Shape legend: K clients, T tasks, B batch.
 """
@@ -169,15 +154,6 @@ def make_upload(method: str, state: dict[str, torch.Tensor]) -> dict[str, dict[s
     if shares == "model":
         return {"projector": adapter_tensors(state, PROJECTOR), "lora": lora_tensors(state)}
     return {"task_adapter": adapter_tensors(state, own_adapter(state)), "lora": lora_tensors(state)}
-
-
-def message_bytes(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
-    """Bytes per parameter group ("task_adapter.<task>" counts as "task_adapter")."""
-    out: dict[str, int] = {}
-    for group, tensors in msg.items():
-        name = group.split(".")[0]
-        out[name] = out.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors.values())
-    return out
 
 
 def received_adapters(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
@@ -454,17 +430,15 @@ def evaluate(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Seque
 
 
 # -----------------------------------------------------------------------------
-# The protocol in two halves: a client's side (Client) and the server's side (Coordinator).
-# They meet in two calls a round, each a dict per client of plain messages:
+# The protocol in two halves, a client's (Client) and the server's (Coordinator), meeting in two
+# calls a round, each a dict per client of plain messages:
 #   nodes.local_round(r, stage, chosen)    -> {k: reply}  every reachable client: train if
 #                                                          chosen, score ("after_local"), upload
 #   nodes.deliver(r, downloads, handover)  -> {k: reply}  each client takes its download and
 #                                                          is scored again ("after_download")
-# Coordinator.train_and_aggregate makes the first call and aggregates, Coordinator.close
-# writes the round's record from both calls' replies. In process, train.Federation is `nodes` and
-# keeps the K states in a list; on Flower, tools/flower_app.GridNodes carries the two calls in ONE
-# message per client and round (round r's download rides with round r+1's training
-# instruction), and each SuperNode keeps its own state. The protocol is written once, here.
+# train.Federation is `nodes` in process (the K states in a list); tools/flower_app.GridNodes
+# carries the two calls in ONE message per client and round on Flower (round r's download rides
+# with round r+1's instruction). A missing reply is a client that did not take part.
 
 EVAL_POINTS = ("after_download", "after_local")
 
@@ -647,7 +621,7 @@ class Coordinator:
     def train_and_aggregate(self, r: int, nodes, progress=None) -> dict:
         """The first half of round r (1-based): every reachable client trains if chosen and is
         scored `after_local`; the uploads are aggregated. -> the round so far, with the
-        downloads to deliver; `close` completes it once the clients have taken them."""
+        downloads to deliver to the clients (nodes.deliver)."""
         stage = self.stage_of(r)
         chosen = self.sample_clients(r)
         # the handover: the last stage-1 round sends every task's adapter, and each client
@@ -660,44 +634,9 @@ class Coordinator:
                 "uploads": uploads, "downloads": agg.downloads, "lora_weights": agg.lora_weights,
                 "distances": agg.distances}
 
-    def close(self, opened: dict, taken: dict[int, dict]) -> dict:
-        """The round's log record, from its first half and the replies to its downloads
-        (`taken`: {k: {"scores", "seconds_scoring"}}). A client that did not reply to either
-        is "lost"; one whose update was not finite is "excluded"."""
-        names, replies, downloads, uploads = self.names, opened["replies"], opened["downloads"], opened["uploads"]
-        lost = sorted(set(range(len(names))) - set(replies)
-                      | {k for k, msg in downloads.items() if msg and k not in taken})
-        after_local = {k: rep["scores"] for k, rep in replies.items()}
-        after_download = {k: taken[k]["scores"] if downloads.get(k) else s
-                          for k, s in after_local.items() if k in taken or not downloads.get(k)}
-        comm = {names[k]: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
-                for k, msg in downloads.items() if k in taken or not msg}
-        record = {"round": opened["round"], "stage": opened["stage"], "clients": [names[k] for k in opened["chosen"]],
-                  "excluded": [names[k] for k, rep in replies.items() if rep["excluded"]],
-                  "lost": [names[k] for k in lost],
-                  "losses": {names[k]: {t: v for t, v in rep["losses"].items() if t != "gate"}
-                             for k, rep in replies.items() if rep["losses"] is not None},
-                  "comm": comm,
-                  "seconds_local_training": round(sum(rep["seconds_local"] for rep in replies.values()), 4),
-                  "seconds_scoring": round(sum(rep["seconds_scoring"] for rep in (*replies.values(), *taken.values())), 4)}
-        gates = {names[k]: rep["losses"]["gate"] for k, rep in replies.items()
-                 if rep["losses"] is not None and "gate" in rep["losses"]}
-        if gates:   # the CT-MoA gate g each client's round ended with (1: the paper's mixture)
-            record["gate"] = gates
-        if opened["distances"] is not None:   # the K x K LoRA distances ATA saw, uploaders in order
-            record["lora_distances"] = {"clients": [names[k] for k in opened["distances"][0]],
-                                        "d": [[round(x, 6) for x in row] for row in opened["distances"][1]]}
-        if opened["lora_weights"] is not None:   # how each client's new LoRA was mixed: itself, task mates, other tasks
-            record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
-                                      for k, mix in opened["lora_weights"].items()}
-        for point, scores in (("after_download", after_download), ("after_local", after_local)):
-            record[point] = {names[k]: s["test"] for k, s in sorted(scores.items())}
-            if any("val" in s for s in scores.values()):
-                record.setdefault("val", {})[point] = {names[k]: s["val"] for k, s in sorted(scores.items()) if "val" in s}
-        return record
-
-    def communication_round(self, r: int, nodes, progress=None) -> dict:
-        """One whole round r: train_and_aggregate, the downloads delivered and scored
-        `after_download`, close. Returns the round's log record."""
+    def communication_round(self, r: int, nodes, progress=None) -> tuple[dict, dict[int, dict]]:
+        """One whole round r: train_and_aggregate, then the downloads delivered and scored
+        `after_download`. -> (the round so far, the replies to the downloads: {k: {"scores",
+        "seconds_scoring"}}), which tools/runs.round_record writes as the round's log record."""
         opened = self.train_and_aggregate(r, nodes, progress)
-        return self.close(opened, nodes.deliver(r, opened["downloads"], opened["handover"]))
+        return opened, nodes.deliver(r, opened["downloads"], opened["handover"])

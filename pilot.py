@@ -1,9 +1,8 @@
 """pilot.py -- every component of Pilot, in plain torch.
 
-Pilot: Building the Federated Multimodal Instruction Tuning Framework
-(Xiong, Yang, Song, Wang, Xu; AAAI 2025; arXiv 2501.13985). This file holds the method
-itself, each piece small enough to copy into another project on its own (torch only, no
-transformers import):
+Pilot: Building the Federated Multimodal Instruction Tuning Framework (Xiong, Yang, Song, Wang,
+Xu; AAAI 2025; arXiv 2501.13985). The method itself, each piece small enough to copy alone
+(torch only, no transformers import):
 
   LoRA            LoRALinear, add_lora, lora_state_dict, merge_lora     (SPEC section 2)
   Adapter         the LLaVA projector shape, Linear -> GELU -> Linear   (SPEC section 2)
@@ -11,28 +10,19 @@ transformers import):
   stage 2         route, balance_loss, router_z_loss, CTMoA (the cross-task Mixture-of-Adapters),
                   Stage2Connector (psi_s + the gated CT-MoA), stage2_from_stage1   (SPEC section 4)
   baseline        PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox), prox_term
-  server          task_average; ata (the default ATA) and ata_weights (ata_spread | ata_kernel | ata_top_m);
-                  weighted_average(s)                                                 (SPEC section 5)
+  server          task_average, weighted_average(s); ata (the default ATA), ata_weights (every form)  (5)
 
-Every connector returns the same NamedTuple, ConnectorOutput(tokens, aux), where aux always
-holds the keys of AUX_KEYS (zeros where a loss is unused), so training code never branches
-on the connector type. The loss coefficients (lambda_d, lambda_b, lambda_z) are applied by
-the caller (fed.total_loss), not here: these modules return raw loss values.
+Every connector returns ConnectorOutput(tokens, aux), aux always holding the keys of AUX_KEYS
+(zeros where unused), so training code never branches on the connector; the losses are raw,
+their lambdas applied by the caller (fed.total_loss). Every initialiser takes an optional
+torch.Generator (None: torch's global RNG; nn.init's `generator=` needs torch >= 2.1).
 
-Randomness: every initialiser takes an optional torch.Generator (None = torch's global RNG),
-so a caller can make a whole run a function of its seed without reseeding the global RNG.
-That needs a torch whose nn.init functions accept `generator=` (2.1 and later;
-requirements.txt asks for 2.4).
+Copying a component: the imports below, the component, and what its docstring's last line
+names (`Copy with: ...`); tests/test_copy.py runs each such copy alone, in a namespace holding
+only torch, math and the standard library, and checks it against this file bit for bit.
 
-Copying a component: the imports below, the component, and the definitions its docstring's
-last line names (`Copy with: ...`); tests/test_copy.py runs each such copy alone, in a fresh
-namespace holding only torch, math and the standard library, and checks it against this file
-bit for bit.
-
-Shape legend: B batch, N image tokens per image, C_v vision width, C LLM width,
-T number of tasks = number of CT-MoA experts, K clients, r LoRA rank, D = N * C.
-
-Tests: `pytest tests/test_pilot.py`.
+Shape legend: B batch, N image tokens per image, C_v vision width, C LLM width, T tasks = CT-MoA
+experts, K clients, r LoRA rank, D = N * C. Tests: `pytest tests/test_pilot.py tests/test_copy.py`.
 """
 
 from __future__ import annotations
@@ -52,9 +42,8 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @torch.no_grad()
 def reset_linear(linear: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
-    """nn.Linear's own default init (Kaiming-uniform weight, a = sqrt(5); bias uniform in
-    +-1/sqrt(fan_in)), drawn from `generator` on the CPU and then copied to the layer's device.
-    Copy with: nothing else."""
+    """nn.Linear's default init (Kaiming-uniform weight, a = sqrt(5); bias uniform in
+    +-1/sqrt(fan_in)) drawn from `generator` on the CPU. Copy with: nothing else."""
     w = torch.empty(linear.weight.shape)
     nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
     linear.weight.copy_(w)
@@ -69,15 +58,11 @@ class LoRALinear(nn.Module):
 
         h = W0 x + b + (alpha / r) * B A dropout(x)
 
-    A (r, in) is initialised like nn.Linear (Kaiming-uniform, drawn from `generator`), B (out,
-    r) with zeros, so the wrapped layer starts exactly equal to the base layer. Dropout acts on
-    the LoRA path only; its masks come from `self.dropout_generator` when one is set
-    (set_dropout_generator: fed.py sets one per round and client), else from torch's global RNG.
-    LoRA factors are kept in float32 whatever the base dtype (bf16 bases train their LoRA in
-    fp32, as PEFT does under autocast); the update is cast back to the base output's dtype.
-    State-dict keys: `base.weight`, `base.bias`, `lora_A`, `lora_B`.
-    Copy with: nothing else.
-    """
+    A (r, in) is initialised like nn.Linear (Kaiming-uniform, from `generator`), B (out, r) with
+    zeros, so the layer starts exactly equal to the base. Dropout acts on the LoRA path only, its
+    masks from `dropout_generator` if set (set_dropout_generator), else torch's global RNG. The
+    factors stay float32 on a bf16 base (as PEFT under autocast); the update is cast back.
+    State-dict keys: `base.weight`, `base.bias`, `lora_A`, `lora_B`. Copy with: nothing else."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None):
@@ -107,10 +92,9 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
              targets: Sequence[str] = DEFAULT_LORA_TARGETS, generator: torch.Generator | None = None) -> list[str]:
-    """Freeze `model` and wrap every nn.Linear whose attribute name is in `targets` in a
-    LoRALinear. SPEC section 2: LoRA on q, k, v, o, gate, up, down of every decoder layer,
-    never on lm_head or the embeddings (those names are refused even if listed).
-    Returns the qualified names of the wrapped layers; afterwards only LoRA is trainable.
+    """Freeze `model`, wrap every nn.Linear named in `targets` in a LoRALinear (SPEC section 2:
+    q, k, v, o, gate, up, down of every decoder layer; lm_head and the embeddings are refused).
+    Returns the wrapped layers' names; afterwards only LoRA is trainable.
     Copy with: LoRALinear, DEFAULT_LORA_TARGETS."""
     bad = {"lm_head", "embed_tokens"} & set(targets)
     if bad:
@@ -150,9 +134,8 @@ def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRALinear into its base weight, W0 <- W0 + (alpha/r) B A, and put the plain
-    nn.Linear back in its place (for export or faster inference; dropout is dropped).
-    Copy with: LoRALinear."""
+    """Fold every LoRALinear into its base, W0 <- W0 + (alpha/r) B A, the plain nn.Linear back in
+    its place (for export or inference). Copy with: LoRALinear."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
@@ -169,11 +152,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 class Adapter(nn.Module):
     """Linear(C_v, C) -> GELU -> Linear(C, C), the LLaVA-1.5 `mlp2x_gelu` projector.
 
-    Parameter names match transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`),
-    so a llava-hf projector loads with a plain strict load_state_dict. `zero_last=True`
-    zeroes the last layer so the adapter outputs exactly 0 at init (used for psi_s and
-    psi_c, SPEC sections 3-4 [choice]). `generator` draws the init (None: global RNG).
-    Copy with: reset_linear."""
+    Names as transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`): a llava-hf projector
+    loads strictly. `zero_last=True`: the adapter outputs exactly 0 at init (psi_s and psi_c,
+    SPEC sections 3-4 [choice]). Copy with: reset_linear."""
 
     def __init__(self, in_dim: int, out_dim: int, zero_last: bool = False,
                  generator: torch.Generator | None = None):
@@ -212,7 +193,7 @@ def aux_losses(h: torch.Tensor, **losses: torch.Tensor) -> dict[str, torch.Tenso
 
 
 class PlainConnector(nn.Module):
-    """The baselines' connector (local / fedavg / fedprox): one LLaVA projector, no aux loss.
+    """The baselines' connector (local, fedavg, fedprox): one LLaVA projector, no aux loss.
     Copy with: Adapter, reset_linear, ConnectorOutput, AUX_KEYS, aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, generator: torch.Generator | None = None):
@@ -224,9 +205,8 @@ class PlainConnector(nn.Module):
 
 
 def prox_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx's proximal term (Li et al. 2020, eq. 2), added to a client's local loss:
-    (mu / 2) * ||w - w_global||^2 over the trainable tensors, w_global their values at the
-    round's start (`anchor`). Copy with: nothing else."""
+    """FedProx's proximal term (Li et al. 2020, eq. 2): (mu / 2) ||w - w_global||^2 over the
+    trainable tensors, w_global (`anchor`) their values at the round's start. Copy with: nothing else."""
     return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)) * (mu / 2)
 
 
@@ -258,13 +238,11 @@ def difference_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class TaskClientConnector(nn.Module):
     """Stage-1 connector (SPEC section 3): x_img = psi_t(H_v) + psi_s(H_v).
 
-    psi_t: task-specific adapter, shared by the clients of one task (uploaded, task-averaged).
-    psi_s: client-specific adapter, never leaves its client.
-    [choice] psi_s starts with its last layer zeroed so that at step 0 the model equals the
-    pretrained LLaVA; `released_init=True` instead starts psi_s as a full random adapter that
-    the caller overwrites with the projector too, as the released code does (which doubles the
-    projector output at step 0).
-    aux["difference"] = difference_loss(psi_t(H), psi_s(H)); the caller weighs it by lambda_d.
+    psi_t: the task's adapter, shared by its clients (uploaded, task-averaged); psi_s: the
+    client's, never leaves it. [choice] psi_s starts with its last layer zeroed, so step 0 is the
+    pretrained LLaVA; `released_init=True` starts it random for the caller to overwrite with the
+    projector, as the released code does (doubling the projector output at step 0).
+    aux["difference"] = difference_loss(psi_t(H), psi_s(H)), weighed by lambda_d by the caller.
     Copy with: Adapter, reset_linear, difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, released_init: bool = False,
@@ -292,10 +270,9 @@ class Routing(NamedTuple):
 
 
 def route(h: torch.Tensor, router: nn.Linear, top_k: int) -> Routing:
-    """The CT-MoA router phi (SPEC section 4): logits = phi(H) per image token, P = softmax,
-    keep the top-k and renormalise (the released code's renormalisation; with top_k = 1 the
-    weight is p / p = 1, so the router then learns through the auxiliary losses alone, where
-    Switch keeps the raw p). Computed in float32 with autocast off, as ST-MoE keeps its router.
+    """The CT-MoA router phi (SPEC section 4): logits phi(H) per image token, P = softmax, the
+    top-k renormalised, as the released code does (top_k = 1: weight p / p = 1, so the router
+    learns through the aux losses alone; Switch keeps the raw p). float32, autocast off (ST-MoE).
     Copy with: nothing else."""
     with torch.autocast(h.device.type, enabled=False):
         logits = F.linear(h.float(), router.weight.float())            # (B, N, T)
@@ -331,19 +308,15 @@ class CTMoA(nn.Module):
 
         CT-MoA(H) = sum_i P_i(H) h_i(H),   P = top-k of softmax(phi(H)), renormalised (route)
 
-    Experts (T of them, own task first, then the other tasks: expert_tasks gives the order):
+    Experts, in expert_tasks' order (own task first):
         h_0 = psi_t                           own task's adapter, trainable
         h_i = psi_t_other[i-1] + psi_c[i-1]   another task's adapter, FROZEN, plus a trainable
-                                              cross-task adapter psi_c on top ("adapter on adapter")
-    [choice] psi_c starts with its last layer zeroed (released code: a copy of the projector),
-    so at the start of stage 2 expert i equals the other task's global adapter.
-    aux: balance_loss and router_z_loss of the routing (released script: lambda_b 0.1, lambda_z
-    0.01, applied by the caller).
-    Vectorised over batch and tokens; loops over the T experts only. top_k == T: every expert
-    runs densely on all tokens. top_k < T: each expert runs only on the tokens that selected
-    it, gathered from the whole batch and scattered back with index_add (litgpt-style) into a
-    float32 accumulator (so bf16 autocast outputs and the fp32 weights never meet in
-    index_add): an unselected expert costs nothing and contributes exactly zero.
+                                              cross-task adapter psi_c ("adapter on adapter")
+    [choice] psi_c starts with its last layer zeroed (released code: a copy of the projector), so
+    expert i starts as the other task's global adapter. aux: balance_loss and router_z_loss.
+    Loops over the T experts only. top_k == T: every expert runs densely. top_k < T: each expert
+    runs on the tokens that chose it, gathered from the whole batch and scattered back with
+    index_add (litgpt-style) into a float32 accumulator; an unselected expert costs nothing.
     Copy with: route, Routing, balance_loss, router_z_loss, MoAOutput, expert_slot, Adapter,
     reset_linear."""
 
@@ -406,17 +379,12 @@ class Stage2Connector(nn.Module):
 
         x_img = psi_s(H) + lerp(h_0(H), CT-MoA(H), g) = psi_s + h_0 + g (CT-MoA(H) - h_0),
 
-    exactly h_0 at g = 0 and exactly the paper's CT-MoA(H) at g = 1 (torch.lerp returns its end
-    point bit for bit at weight 1, its start at 0).
-    [choice] psi_s (the stage-1 client adapter) is frozen and used: the released code computes
-    it and drops it, the paper keeps it as the client's personal features. Built alone it
-    starts at zero output; stage2_from_stage1 copies the client's stage-1 psi_s into it.
-    [choice] g is a buffer, not learned. A connector built alone has g = 1: the paper's formula.
-    The federated loop ramps it from 0 to 1 over the first fed.stage2_ramp_steps stage-2 steps,
-    so stage 2 starts exactly where stage 1 ended and reaches the paper's mixture
-    (docs/choices.md: why, with what it measured).
-    aux: the CT-MoA's balance and router_z; difference = difference_loss(psi_s(H), h_0(H)) when
-    use_difference (SPEC: lambda_d default 0 in stage 2), else 0.
+    exactly h_0 at g = 0 and exactly the paper's CT-MoA(H) at g = 1 (torch.lerp, bit for bit).
+    [choice] psi_s, the stage-1 client adapter, is frozen and used (the released code computes
+    and drops it); stage2_from_stage1 copies it in. [choice] g is a buffer, 1 (the paper) when
+    built alone; the federated loop ramps it 0 -> 1 over fed.stage2_ramp_steps, so stage 2 starts
+    where stage 1 ended (docs/choices.md). aux: the CT-MoA's balance and router_z; difference =
+    difference_loss(psi_s(H), h_0(H)) when use_difference (SPEC: lambda_d 0 in stage 2).
     Copy with: CTMoA (and what it names), difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
@@ -441,8 +409,7 @@ class Stage2Connector(nn.Module):
 
 def expert_tasks(tasks: Sequence[str], own_task: str) -> list[str]:
     """THE expert order of a CT-MoA for a client of `own_task`: own task first (h_0), then the
-    other tasks sorted by name (h_1 .. h_{T-1}). With expert_slot, everything that places an
-    expert uses this. Copy with: nothing else."""
+    others by name (h_1 .. h_{T-1}); everything that places an expert uses it. Copy with: nothing else."""
     if own_task not in tasks:
         raise KeyError(f"own task {own_task!r} is not among the tasks {sorted(tasks)}")
     return [own_task] + [t for t in sorted(set(tasks)) if t != own_task]
@@ -458,12 +425,10 @@ def expert_slot(i: int) -> str:
 def stage2_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dict[str, torch.Tensor]],
                        own_task: str, top_k: int | None = None, use_difference: bool = False,
                        gate: float = 0.0, generator: torch.Generator | None = None) -> Stage2Connector:
-    """Build client k's stage-2 connector from its stage-1 connector and the T global task
-    adapters it received {task: Adapter state_dict} (SPEC section 4). Experts in the order of
-    expert_tasks; psi_s is carried over from stage 1 (then frozen); the router and psi_c's first
-    layers are drawn from `generator`. With gate = 0 (default: the federated loop then ramps it
-    to 1) the result's output equals the stage-1 output with psi_t = task_adapters[own_task]
-    exactly; gate = 1 is the paper's mixture from the first step.
+    """A client's stage-2 connector from its stage-1 connector and the T task adapters it received
+    {task: Adapter state} (SPEC section 4): experts in expert_tasks' order, psi_s carried over
+    (frozen), router and psi_c drawn from `generator`. At gate 0 (the loop ramps it) its output
+    is exactly the stage-1 output with psi_t = task_adapters[own_task]; gate 1 is the paper's.
     Copy with: Stage2Connector (and what it names), TaskClientConnector, expert_tasks."""
     order = expert_tasks(list(task_adapters), own_task)
     in_dim, out_dim = stage1.psi_t.linear_1.in_features, stage1.psi_t.linear_1.out_features
@@ -488,10 +453,9 @@ def check_same_keys(states: Sequence[dict[str, torch.Tensor]]) -> None:
 
 
 def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One state, sum_j w_j * states[j], key by key (Flower-style, by parameter name); weights
-    (K,). Accumulates in float32, returns each tensor in its original dtype. For LoRA, A and B
-    are averaged as separate tensors (FedIT, the paper): mean(B) @ mean(A) is not mean(B @ A);
-    that is the method, not an approximation error of this code.
+    """One state, sum_j w_j * states[j], key by key (by parameter name); weights (K,); float32
+    sums, each tensor back in its dtype. LoRA's A and B average separately (FedIT, the paper):
+    mean(B) @ mean(A) is not mean(B @ A), and that is the method.
     Copy with: weighted_averages, check_same_keys."""
     w = torch.as_tensor(weights, dtype=torch.float32)
     if w.dim() != 1:
@@ -500,9 +464,8 @@ def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: torch.T
 
 
 def weighted_averages(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """K' states, row k = sum_j W[k, j] * states[j], key by key; weights W (K', K). ATA's
-    personalised LoRA, one per client. Only one key's K tensors are stacked at a time.
-    Copy with: check_same_keys."""
+    """K' states, row k = sum_j W[k, j] states[j], key by key, one key's K tensors stacked at a
+    time; W (K', K). ATA's personalised LoRA, one per client. Copy with: check_same_keys."""
     check_same_keys(states)
     W = torch.as_tensor(weights, dtype=torch.float32)
     if W.dim() != 2 or W.shape[1] != len(states):
@@ -518,9 +481,9 @@ def weighted_averages(states: Sequence[dict[str, torch.Tensor]], weights: torch.
 
 def task_average(states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
                  tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Task-aware visual aggregation: the psi_t of the clients of each task, averaged with
-    sample-count weights, gives that task's global adapter. Never mixes tasks.
-    Returns {task: state}. Copy with: weighted_average, weighted_averages, check_same_keys."""
+    """Task-aware visual aggregation: each task's global adapter is the sample-weighted mean of
+    its clients' psi_t; tasks never mix. -> {task: state}.
+    Copy with: weighted_average, weighted_averages, check_same_keys."""
     if not len(states) == len(n_samples) == len(tasks):
         raise ValueError("states, n_samples and tasks must have one entry per client")
     out = {}
@@ -533,10 +496,9 @@ def task_average(states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[
 
 @torch.no_grad()
 def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """(K, K) Euclidean distances between clients, each client's tensors taken as one vector.
-    One Gram matrix accumulated tensor by tensor (||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b):
-    only one key's K tensors are stacked at a time, never K full copies. float64, since the
-    subtraction cancels when clients are close. Copy with: nothing else."""
+    """(K, K) Euclidean distances between clients, each client's tensors as one vector: one Gram
+    matrix accumulated key by key (||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b), never K full copies;
+    float64, as the subtraction cancels when clients are close. Copy with: nothing else."""
     if any(set(s) != set(states[0]) for s in states):
         raise KeyError("distances are by parameter name: every state must hold the same names")
     K = len(states)
@@ -560,9 +522,8 @@ def nearest_others(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
 
 
 def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> torch.Tensor:
-    """ATA weights, form "spread" (the default; SPEC section 5) [choice]: the contrast comes from
-    the SPREAD of the distances, not their common level (LoRA distances share a large offset:
-    d^2 = |a|^2 + |b|^2 - 2<a,b> is dominated by the norms; docs/choices.md has the figures):
+    """ATA weights, form "spread" (the default; SPEC section 5) [choice]: contrast from the SPREAD
+    of the distances, not their common level, which the norms dominate (docs/choices.md):
         o_k  = min_{j != k} d_kj                 row k's offset: its nearest other client
         c    = median_k o_k                      the federation's typical nearest distance
         b_k  = min(o_k, c)                       a far outlier is measured from c, not from its
@@ -570,11 +531,9 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
         s    = median over pairs j != k of (d_kj - o_k)   the robust spread (lower median), one for all rows
         z_kj = (d_kj - b_k) / s                  0 for the nearest, ~1 one spread further on
         s_kk = n_k,   s_kj = n_j * exp(-z_kj / tau) for j in N_k,   W_kj = s_kj / sum_j s_kj
-    The self-weight is the client's sample count, as if it were its own nearest neighbour;
-    identical distances give FedAvg, n_j / sum n; s = 0 with some d_kj > b_k gives those
-    clients weight 0. tau (fed.ata_tau) is chosen on validation data (benchmarks/sweep.py).
-    d (K, K) distances, n (K,) sample counts, m neighbours (N_k: the m nearest other clients,
-    ties by index). -> (K, K) float64. Copy with: nothing else."""
+    Identical distances give FedAvg (n_j / sum n); s = 0 with some d_kj > b_k gives those weight
+    0. d (K, K), n (K,) sample counts, m neighbours (N_k: the m nearest others, ties by index).
+    -> (K, K) float64. Copy with: nothing else."""
     K = d.shape[0]
     W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
     if K == 1:
@@ -595,11 +554,9 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
 @torch.no_grad()
 def ata(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int], top_m: int | None = None,
         tau: float = 0.25) -> torch.Tensor:
-    """Adaptive text aggregation (ATA, SPEC section 5) as this project runs it by default: the
-    (K, K) mixing matrix W (rows sum to 1) of the spread form (ata_spread) from the Euclidean
-    distances between the clients' LoRA vectors (pairwise_distances); N_k the top_m nearest
-    other clients (None: all). tau = 0.25 is the default the sweep's choice on validation data
-    starts from (fed.ata_tau). Apply with weighted_averages(lora_states, W).
+    """Adaptive text aggregation (ATA, SPEC section 5), the default form: the (K, K) mixing matrix
+    W (rows sum to 1) of ata_spread over the LoRA distances (pairwise_distances); N_k the top_m
+    nearest others (None: all); tau = fed.ata_tau's default. Apply with weighted_averages.
     Copy with: ata_spread, pairwise_distances."""
     K = len(lora_states)
     m = K - 1 if top_m is None else min(top_m, K - 1)
@@ -608,14 +565,10 @@ def ata(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int]
 
 
 def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0) -> torch.Tensor:
-    """ATA weights, form "kernel" (the earlier default, kept as an option):
-        d_ref = median over clients k of min_{j != k} d_kj   (how near clients' nearest
-                neighbours typically are; a scale of the federation, so W is scale-free)
-        s_kk = n_k,   s_kj = n_j * exp(-d_kj / (tau d_ref)) for j in N_k,   W_kj = s_kj / sum_j s_kj
-    Its flaw: every other client sits at ~1-1.2 d_ref (the common offset of LoRA distances),
-    so the self-weight is ~1 / (1 + 0.33 (K - 1)), set by K, not by the data. Identical
-    clients (all d = 0) get FedAvg, n_j / sum n; d_ref = 0 with some d > 0 gives those clients
-    weight 0. -> (K, K) float64. Copy with: nearest_others."""
+    """ATA weights, form "kernel" (the earlier default, an option), scale-free:
+        d_ref = median_k min_{j != k} d_kj,   s_kk = n_k,   s_kj = n_j exp(-d_kj / (tau d_ref)) (j in N_k)
+    W_kj = s_kj / sum_j s_kj; its self-weight is set by K, not the data (docs/choices.md).
+    -> (K, K) float64. Copy with: nearest_others."""
     K = d.shape[0]
     ratio = torch.zeros_like(d)                                              # (K, K)
     if K > 1:
@@ -632,8 +585,7 @@ def ata_top_m(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0, eps: f
     """ATA weights, form "top_m" (the first form, kept as an option):
         a_kj = (n_j / (d_kj + eps)^(1/tau)) / sum_{j' in N_k} n_j' / (d_kj' + eps)^(1/tau)
         W_kk = n_k / (n_k + n_N),   W_kj = n_N a_kj / (n_k + n_N),   n_N = sum_{j in N_k} n_j
-    Scale-free and FedAvg when all distances are equal and M = K-1; but with M = 1 the
-    self-weight is a constant 1/2 and distance only picks the neighbour. -> (K, K) float64.
+    (with M = 1 the self-weight is 1/2 whatever the distances). -> (K, K) float64.
     Copy with: nearest_others."""
     K = d.shape[0]
     W = torch.zeros(K, K, dtype=torch.float64)
@@ -655,15 +607,10 @@ ATA_FORMS = {"spread": ata_spread, "kernel": ata_kernel, "top_m": ata_top_m}   #
 def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
                 top_m: int | None = None, form: str = "spread", tau: float | None = None,
                 d: torch.Tensor | None = None) -> torch.Tensor:
-    """Adaptive text aggregation (ATA) of LoRA, as a (K, K) matrix W, rows sum to 1 (SPEC
-    section 5); apply with weighted_averages(lora_states, W). d_kj is the Euclidean distance
-    between the LoRA vectors of clients k and j (pairwise_distances; pass `d` if already
-    computed); N_k the M = top_m nearest other clients (ties by index). top_m None, or more
-    than the K - 1 other clients there are (client sampling makes K vary), means all of them:
-    this is the one place that rule lives. `form` picks the weights from the distances
-    (ATA_FORMS: ata_spread, ata_kernel, ata_top_m), `tau` its temperature (None: the form's
-    default: ata_spread's 0.25, the others' 1). [choice] The paper publishes no exact
-    normalisation. The default form alone copies out smaller: `ata`.
+    """ATA of LoRA in any form (SPEC section 5): the (K, K) matrix W, rows summing to 1, from the
+    distances d (pairwise_distances, or `d` if computed); N_k the top_m nearest others, where
+    None or more than K - 1 (client sampling varies K) means all. `form` (ATA_FORMS) and its
+    `tau` (None: its default). [choice] The paper gives no normalisation. Default alone: `ata`.
     Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others, pairwise_distances."""
     if form not in ATA_FORMS:
         raise ValueError(f"ATA form must be one of {tuple(ATA_FORMS)}, got {form!r}")

@@ -243,7 +243,7 @@ class Federation(fed_mod.Coordinator):
                       for k, d in enumerate(self.clients)]
 
     def run_round(self, r: int, progress=None) -> dict:
-        return self.communication_round(r, self, progress)
+        return runs.round_record(self.names, *self.communication_round(r, self, progress))
 
     # `nodes`, in process: call each client in turn, keep its state in self.states
 

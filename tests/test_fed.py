@@ -6,6 +6,7 @@ import torch
 import fed
 import pilot
 import train
+from tools import runs
 
 
 def _cfg(llava_dir, method="pilot", **fed_kw):
@@ -162,7 +163,7 @@ def test_the_gate_ramps_to_the_papers_mixture_and_each_round_logs_it_and_the_dis
     assert all(s["connector.gate"].item() == (1.0 if ramp == 0 else 0.0) for s in f.states)   # at the handover
     for r, want in zip((2, 3), gates):
         opened = f.train_and_aggregate(r, f)
-        rec = f.close(opened, f.deliver(r, opened["downloads"], opened["handover"]))
+        rec = runs.round_record(f.names, opened, f.deliver(r, opened["downloads"], opened["handover"]))
         assert rec["gate"] == {name: pytest.approx(want, abs=1e-7) for name in f.names}
         assert all(s["connector.gate"].item() == pytest.approx(want, abs=1e-7) for s in f.states)
         ids = sorted(opened["uploads"])

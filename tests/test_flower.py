@@ -20,7 +20,7 @@ import yaml
 pytest.importorskip("flwr", reason="pip install -r requirements-flower.txt")
 
 import pilot  # noqa: E402
-from tools import flower_app  # noqa: E402
+from tools import flower_app, runs  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,7 +320,7 @@ def _in_process_without(config, gone: int):
         def deliver(self, r, downloads, handover):
             return f.deliver(r, {k: m for k, m in downloads.items() if k != gone}, handover)
 
-    records = [f.communication_round(r, Nodes()) for r in range(1, f.total_rounds + 1)]
+    records = [runs.round_record(f.names, *f.communication_round(r, Nodes())) for r in range(1, f.total_rounds + 1)]
     return records, {c.name: flower_app.state_sha256(s) for k, (c, s) in enumerate(zip(f.clients, f.states))
                      if k != gone}
 

@@ -560,7 +560,7 @@ def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, run_dir: str) -> tuple
     records, opened, t0 = [], None, time.perf_counter()
 
     def close(opened, t_open, t_next):
-        record = coord.close(opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire),
+        record = runs.round_record(coord.names, opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire),
                                                  "resent": [coord.names[k] for k in sorted(opened["resent"])]}
         runs.log_round(run_dir, record, t_open, seconds=t_next - t_open)
         print(train.round_line(record, coord.total_rounds) + (f"; lost {record['lost']}" if record["lost"] else ""),

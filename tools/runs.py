@@ -320,6 +320,52 @@ def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
     return "\n".join(lines) + f"\n\nCommunication, all clients and rounds, up + down: {comm}\n"
 
 
+def message_bytes(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
+    """Bytes per parameter group ("task_adapter.<task>" counts as "task_adapter")."""
+    out: dict[str, int] = {}
+    for group, tensors in msg.items():
+        name = group.split(".")[0]
+        out[name] = out.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors.values())
+    return out
+
+
+def round_record(names: Sequence[str], opened: dict, taken: dict[int, dict]) -> dict:
+    """The round's log record, from its first half and the replies to its downloads
+    (`taken`: {k: {"scores", "seconds_scoring"}}). A client that did not reply to either
+    is "lost"; one whose update was not finite is "excluded"."""
+    replies, downloads, uploads = opened["replies"], opened["downloads"], opened["uploads"]
+    lost = sorted(set(range(len(names))) - set(replies)
+                  | {k for k, msg in downloads.items() if msg and k not in taken})
+    after_local = {k: rep["scores"] for k, rep in replies.items()}
+    after_download = {k: taken[k]["scores"] if downloads.get(k) else s
+                      for k, s in after_local.items() if k in taken or not downloads.get(k)}
+    comm = {names[k]: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
+            for k, msg in downloads.items() if k in taken or not msg}
+    record = {"round": opened["round"], "stage": opened["stage"], "clients": [names[k] for k in opened["chosen"]],
+              "excluded": [names[k] for k, rep in replies.items() if rep["excluded"]],
+              "lost": [names[k] for k in lost],
+              "losses": {names[k]: {t: v for t, v in rep["losses"].items() if t != "gate"}
+                         for k, rep in replies.items() if rep["losses"] is not None},
+              "comm": comm,
+              "seconds_local_training": round(sum(rep["seconds_local"] for rep in replies.values()), 4),
+              "seconds_scoring": round(sum(rep["seconds_scoring"] for rep in (*replies.values(), *taken.values())), 4)}
+    gates = {names[k]: rep["losses"]["gate"] for k, rep in replies.items()
+             if rep["losses"] is not None and "gate" in rep["losses"]}
+    if gates:   # the CT-MoA gate g each client's round ended with (1: the paper's mixture)
+        record["gate"] = gates
+    if opened["distances"] is not None:   # the K x K LoRA distances ATA saw, uploaders in order
+        record["lora_distances"] = {"clients": [names[k] for k in opened["distances"][0]],
+                                    "d": [[round(x, 6) for x in row] for row in opened["distances"][1]]}
+    if opened["lora_weights"] is not None:   # how each client's new LoRA was mixed: itself, task mates, other tasks
+        record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
+                                  for k, mix in opened["lora_weights"].items()}
+    for point, scores in (("after_download", after_download), ("after_local", after_local)):
+        record[point] = {names[k]: s["test"] for k, s in sorted(scores.items())}
+        if any("val" in s for s in scores.values()):
+            record.setdefault("val", {})[point] = {names[k]: s["val"] for k, s in sorted(scores.items()) if "val" in s}
+    return record
+
+
 def log_round(run_dir: str, record: dict, t0: float, seconds: float | None = None) -> None:
     """Complete a round's record (means, memory, seconds since t0 unless given), warn about
     the clients left out of it, and append it to <run_dir>/log.jsonl."""
