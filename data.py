@@ -374,7 +374,7 @@ class Batches(torch.utils.data.Dataset):
     batch. Every batch also carries "kept" (the plan's indices it holds) and "skipped": with
     skip_bad a sample whose file does not decode is left out and named there (a batch left
     with no sample is those two lists alone); without it the batch is {"error": message}, which
-    the reader raises as a DataError (fed._loader), one line whichever process decoded it."""
+    the reader raises as a DataError (model.load_batches), one line whichever process decoded it."""
 
     def __init__(self, enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequence[int]],
                  prompts: bool = False, skip_bad: bool = False):

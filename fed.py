@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
-from tqdm import tqdm
 
 import data as data_mod
 import model as model_mod
@@ -281,19 +280,12 @@ class Server:
 
 
 # -----------------------------------------------------------------------------
-# Local training: optimiser, schedule, batches, then the step loop alone
+# Local training: optimiser, schedule, batches, then the step loop alone (scoring: model.evaluate)
 
 
 def total_loss(out: model_mod.Output, weights: dict[str, float]) -> torch.Tensor:
     """L = L_ce + sum_k lambda_k L_k over the connector's auxiliary losses."""
     return out.ce + sum(weights[k] * out.aux[k] for k in pilot.AUX_KEYS)
-
-
-def autocast(model: model_mod.PilotLlava):
-    """bf16/fp16 autocast on CUDA when the base is in half precision; a no-op on CPU."""
-    p = next(model.lm.parameters())
-    enabled = p.device.type == "cuda" and p.dtype != torch.float32
-    return torch.autocast("cuda", dtype=p.dtype, enabled=enabled)
 
 
 def make_optimizer(model: model_mod.PilotLlava, cfg: FedConfig, lr_lora: float):
@@ -332,21 +324,6 @@ def plan_batches(n: int, cfg: FedConfig, gen: torch.Generator) -> list[list[list
     return steps
 
 
-def _loader(enc: model_mod.Encoder, samples, plan, dev: torch.device, prompts: bool = False,
-            skipped: list[str] | None = None):
-    """The planned batches, decoded ahead by data.num_workers workers, on `dev`. A picture
-    that does not decode is a DataError naming it; with data.skip_bad_records its sample is
-    left out and its message added to `skipped` once. Yields (batch or None, kept indices)."""
-    for batch in data_mod.batch_loader(enc, samples, plan, prompts, enc.num_workers, dev.type == "cuda",
-                                       enc.skip_bad_records):
-        if "error" in batch:
-            raise data_mod.DataError(batch["error"])
-        bad, kept = batch.pop("skipped"), batch.pop("kept")
-        if skipped is not None:
-            skipped.extend(m for m in bad if m not in skipped)
-        yield ({k: v.to(dev, non_blocking=True) for k, v in batch.items()} if kept else None), kept
-
-
 def local_train(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
                 prox_mu: float = 0.0, where: str = "", progress=None,
@@ -362,13 +339,13 @@ def local_train(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Se
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None   # w_global (fedprox)
     sums = dict.fromkeys(("loss", "ce", *pilot.AUX_KEYS, "prox"), 0.0)
     dev = next(model.lm.parameters()).device
-    batches = _loader(enc, samples, [m for step in plan for m in step], dev, skipped=skipped)
+    batches = model_mod.load_batches(enc, samples, [m for step in plan for m in step], dev, skipped=skipped)
     for step, micro in enumerate(plan):
         for _ in micro:
             batch, _ = next(batches)
             if batch is None:   # every picture of this micro-batch failed to decode (skip_bad_records)
                 continue
-            with autocast(model):
+            with model_mod.autocast(model):
                 out = model(**batch)
                 loss = total_loss(out, loss_weights)
             terms = {"ce": out.ce, **out.aux}
@@ -401,32 +378,6 @@ def eval_subset(samples: Sequence[data_mod.Sample], n: int | None, seed: int, cl
         return list(samples)
     pick = torch.randperm(len(samples), generator=generator(seed, "eval-subset", client, split))[:n]
     return [samples[i] for i in sorted(pick.tolist())]
-
-
-@torch.no_grad()
-def evaluate(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Sequence[data_mod.Sample],
-             metric: str, batch_size: int, max_new_tokens: int, progress: bool = False,
-             skipped: list[str] | None = None) -> float:
-    """The metric (data.METRICS, corpus-level) of greedy answers to each record's first turn
-    against its references (data.references): batched generation with the KV cache
-    (PilotLlava.generate), batches decoded ahead by the loader's workers, the metric computed
-    once over every record scored."""
-    model.eval()
-    tok = enc.tokenizer
-    dev = next(model.lm.parameters()).device
-    plan = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
-    predictions, references = [], []
-    bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=None if progress else True, leave=False)
-    for batch, kept in _loader(enc, samples, plan, dev, prompts=True, skipped=skipped):
-        if batch is not None:
-            with autocast(model):
-                seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id)
-            predictions += [tok.decode(seq, skip_special_tokens=True) for seq in seqs]
-            references += [data_mod.references(samples[j]) for j in kept]
-        bar.update(len(kept))
-    bar.close()
-    return data_mod.METRICS[metric](predictions, references) if predictions else float("nan")
 
 
 # -----------------------------------------------------------------------------
@@ -579,7 +530,7 @@ class Client:
             samples = getattr(d, split)
             if not full:
                 samples = eval_subset(samples, cfg.eval_max_samples, self.seed, d.name, split)
-            out[split] = evaluate(self.model, self.enc, samples, d.metric, cfg.eval_batch_size, self.max_new_tokens,
+            out[split] = model_mod.evaluate(self.model, self.enc, samples, d.metric, cfg.eval_batch_size, self.max_new_tokens,
                                   progress=True, skipped=d.skipped)
         return out
 

@@ -18,6 +18,9 @@ conv_vicuna_v1, preprocess_multimodal, preprocess_v1, tokenizer_image_token), `<
 to N image tokens, labels on the answers only; pictures padded to a square in the processor's
 mean colour (image_aspect_ratio "pad", expand2square) before the processor.
 
+Running it (autocast, load_batches, evaluate): a client's batches decoded ahead by the loader's
+workers, and its greedy answers scored by the record's metric (data.METRICS).
+
 One model instance serves every client: a client's state (its connector and its LoRA) is a
 {name: tensor} dict swapped in and out with client_state / load_client_state.
 
@@ -37,6 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import pilot
+import data
 from data import IGNORE, IMAGE, DataError, Sample, picture
 
 # -----------------------------------------------------------------------------
@@ -334,17 +338,6 @@ def loader(cfg: ModelConfig) -> Loader:
     return LOADERS["pair"]
 
 
-def missing_lora_targets(cfg: ModelConfig, source: Loader) -> list[str]:
-    """The names in model.lora_targets that match no nn.Linear of the configured LM (built on
-    the meta device from its config: no weights, no download)."""
-    from transformers import AutoModelForCausalLM
-    config, _ = meta_config(cfg, source)
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config.text_config)
-    found = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if type(m) is nn.Linear}
-    return [t for t in cfg.lora_targets if t not in found]
-
-
 def build_connector(kind: str, base: Base, released_init: bool = False,
                     generator: torch.Generator | None = None) -> nn.Module:
     """kind 'plain' (baselines) or 'stage1' (Pilot), psi_t / the projector initialised from
@@ -548,25 +541,52 @@ class Encoder:
 
 
 # -----------------------------------------------------------------------------
-# The configs a run would load, without weights (the data checks and tools/sizing.py use them)
+# Running the model on a client's batches: precision, the loader, greedy answers scored
 
 
-def llava_15_7b_config():
-    """LLaVA-1.5-7B's shape (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          image_size=336, patch_size=14, projection_dim=768)
-    tc = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, image_seq_length=576)
+def autocast(model: PilotLlava):
+    """bf16/fp16 autocast on CUDA when the base is in half precision; a no-op on CPU."""
+    p = next(model.lm.parameters())
+    enabled = p.device.type == "cuda" and p.dtype != torch.float32
+    return torch.autocast("cuda", dtype=p.dtype, enabled=enabled)
 
 
-def meta_config(cfg: ModelConfig, source: Loader):
-    """The LlavaConfig a run would load from `source`, without weights or downloads: a local (or
-    already cached) checkpoint's config (the embedded recipe's), else LLaVA-1.5-7B's built-in shape."""
-    try:
-        return source.config(cfg)
-    except (OSError, ValueError):
-        if cfg.llava == "embedded":
-            raise
-        return llava_15_7b_config(), "built-in LLaVA-1.5-7B shape (checkpoint config not available offline)"
+def load_batches(enc: Encoder, samples, plan, dev: torch.device, prompts: bool = False,
+            skipped: list[str] | None = None):
+    """The planned batches, decoded ahead by data.num_workers workers, on `dev`. A picture
+    that does not decode is a DataError naming it; with data.skip_bad_records its sample is
+    left out and its message added to `skipped` once. Yields (batch or None, kept indices)."""
+    for batch in data.batch_loader(enc, samples, plan, prompts, enc.num_workers, dev.type == "cuda",
+                                       enc.skip_bad_records):
+        if "error" in batch:
+            raise data.DataError(batch["error"])
+        bad, kept = batch.pop("skipped"), batch.pop("kept")
+        if skipped is not None:
+            skipped.extend(m for m in bad if m not in skipped)
+        yield ({k: v.to(dev, non_blocking=True) for k, v in batch.items()} if kept else None), kept
+
+
+@torch.no_grad()
+def evaluate(model: PilotLlava, enc: Encoder, samples: Sequence[data.Sample],
+             metric: str, batch_size: int, max_new_tokens: int, progress: bool = False,
+             skipped: list[str] | None = None) -> float:
+    """The metric (data.METRICS, corpus-level) of greedy answers to each record's first turn
+    against its references (data.references): batched generation with the KV cache
+    (PilotLlava.generate), batches decoded ahead by the loader's workers, the metric computed
+    once over every record scored."""
+    model.eval()
+    tok = enc.tokenizer
+    dev = next(model.lm.parameters()).device
+    plan = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
+    predictions, references = [], []
+    bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=None if progress else True, leave=False)
+    for batch, kept in load_batches(enc, samples, plan, dev, prompts=True, skipped=skipped):
+        if batch is not None:
+            with autocast(model):
+                seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+            predictions += [tok.decode(seq, skip_special_tokens=True) for seq in seqs]
+            references += [data.references(samples[j]) for j in kept]
+        bar.update(len(kept))
+    bar.close()
+    return data.METRICS[metric](predictions, references) if predictions else float("nan")

@@ -1,25 +1,22 @@
 """pilot.py -- every component of Pilot, in plain torch.
 
 Pilot: Building the Federated Multimodal Instruction Tuning Framework (Xiong, Yang, Song, Wang,
-Xu; AAAI 2025; arXiv 2501.13985). The method itself, each piece small enough to copy alone
-(torch only, no transformers import):
-
-  LoRA            LoRALinear, add_lora, lora_state_dict, merge_lora     (SPEC section 2)
-  Adapter         the LLaVA projector shape, Linear -> GELU -> Linear   (SPEC section 2)
-  stage 1         difference_loss, TaskClientConnector                 (SPEC section 3)
-  stage 2         route, balance_loss, router_z_loss, CTMoA (the cross-task Mixture-of-Adapters),
-                  Stage2Connector (psi_s + the gated CT-MoA), stage2_from_stage1   (SPEC section 4)
-  baseline        PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox), prox_term
-  server          task_average, weighted_average(s); ata (the default ATA), ata_weights (every form)  (5)
+Xu; AAAI 2025; arXiv 2501.13985): the method itself, each piece small enough to copy alone.
+  LoRA      LoRALinear, add_lora, lora_state_dict, merge_lora                              (SPEC 2)
+  Adapter   the LLaVA projector shape, Linear -> GELU -> Linear                            (SPEC 2)
+  stage 1   difference_loss, TaskClientConnector                                           (SPEC 3)
+  stage 2   route, balance_loss, router_z_loss, CTMoA (the cross-task Mixture-of-Adapters),
+            Stage2Connector (psi_s + the gated CT-MoA), stage2_from_stage1                 (SPEC 4)
+  baseline  PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox), prox_term
+  server    task_average, weighted_average(s); ata (the default ATA), ata_weights (every form) (SPEC 5)
 
 Every connector returns ConnectorOutput(tokens, aux), aux always holding the keys of AUX_KEYS
 (zeros where unused), so training code never branches on the connector; the losses are raw,
 their lambdas applied by the caller (fed.total_loss). Every initialiser takes an optional
 torch.Generator (None: torch's global RNG; nn.init's `generator=` needs torch >= 2.1).
-
-Copying a component: the imports below, the component, and what its docstring's last line
-names (`Copy with: ...`); tests/test_copy.py runs each such copy alone, in a namespace holding
-only torch, math and the standard library, and checks it against this file bit for bit.
+Copying a component: the imports below, the component, and what its docstring's last line names
+(`Copy with: ...`); tests/test_copy.py runs each copy alone (torch, math and the standard library
+only) and checks it against this file bit for bit.
 
 Shape legend: B batch, N image tokens per image, C_v vision width, C LLM width, T tasks = CT-MoA
 experts, K clients, r LoRA rank, D = N * C. Tests: `pytest tests/test_pilot.py tests/test_copy.py`.
@@ -54,15 +51,12 @@ def reset_linear(linear: nn.Linear, generator: torch.Generator | None = None) ->
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021, eq. 3).
-
+    """A frozen nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021, eq. 3):
         h = W0 x + b + (alpha / r) * B A dropout(x)
-
-    A (r, in) is initialised like nn.Linear (Kaiming-uniform, from `generator`), B (out, r) with
-    zeros, so the layer starts exactly equal to the base. Dropout acts on the LoRA path only, its
-    masks from `dropout_generator` if set (set_dropout_generator), else torch's global RNG. The
-    factors stay float32 on a bf16 base (as PEFT under autocast); the update is cast back.
-    State-dict keys: `base.weight`, `base.bias`, `lora_A`, `lora_B`. Copy with: nothing else."""
+    A (r, in) is initialised like nn.Linear (Kaiming-uniform, from `generator`), B (out, r) with zeros, so the
+    layer starts exactly equal to the base. Dropout acts on the LoRA path only, its masks from
+    `dropout_generator` if set (set_dropout_generator), else torch's global RNG. A and B stay float32 on a bf16
+    base (as PEFT); keys `base.*`, `lora_A`, `lora_B`. Copy with: nothing else."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None):
@@ -92,10 +86,9 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
              targets: Sequence[str] = DEFAULT_LORA_TARGETS, generator: torch.Generator | None = None) -> list[str]:
-    """Freeze `model`, wrap every nn.Linear named in `targets` in a LoRALinear (SPEC section 2:
-    q, k, v, o, gate, up, down of every decoder layer; lm_head and the embeddings are refused).
-    Returns the wrapped layers' names; afterwards only LoRA is trainable.
-    Copy with: LoRALinear, DEFAULT_LORA_TARGETS."""
+    """Freeze `model`, wrap every nn.Linear named in `targets` in a LoRALinear (SPEC section 2: q, k, v, o, gate,
+    up, down of every decoder layer; lm_head and the embeddings are refused). Returns the wrapped layers' names;
+    afterwards only LoRA is trainable. Copy with: LoRALinear, DEFAULT_LORA_TARGETS."""
     bad = {"lm_head", "embed_tokens"} & set(targets)
     if bad:
         raise ValueError(f"LoRA targets must not include {sorted(bad)} (SPEC section 2)")
@@ -119,14 +112,12 @@ def is_lora(name: str) -> bool:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: tensor} of every LoRA factor in `model`.
-    Copy with: is_lora."""
+    """{name: tensor} of every LoRA factor in `model`. Copy with: is_lora."""
     return {k: v for k, v in model.state_dict().items() if is_lora(k)}
 
 
 def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> None:
-    """Draw every LoRALinear's dropout masks from `generator` (None: torch's global RNG).
-    Copy with: LoRALinear."""
+    """Draw every LoRALinear's dropout masks from `generator` (None: torch's global RNG). Copy with: LoRALinear."""
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.dropout_generator = generator
@@ -146,18 +137,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 # -----------------------------------------------------------------------------
-# Adapter: the LLaVA-1.5 projector shape
+# Adapter (the LLaVA-1.5 projector shape) and the one output structure of every connector
 
 
 class Adapter(nn.Module):
-    """Linear(C_v, C) -> GELU -> Linear(C, C), the LLaVA-1.5 `mlp2x_gelu` projector.
+    """Linear(C_v, C) -> GELU -> Linear(C, C), the LLaVA-1.5 `mlp2x_gelu` projector; names as transformers'
+    LlavaMultiModalProjector (`linear_1`, `linear_2`), so a llava-hf projector loads strictly. `zero_last=True`:
+    the adapter outputs exactly 0 at init (psi_s and psi_c, SPEC sections 3-4 [choice]). Copy with:
+    reset_linear."""
 
-    Names as transformers' LlavaMultiModalProjector (`linear_1`, `linear_2`): a llava-hf projector
-    loads strictly. `zero_last=True`: the adapter outputs exactly 0 at init (psi_s and psi_c,
-    SPEC sections 3-4 [choice]). Copy with: reset_linear."""
-
-    def __init__(self, in_dim: int, out_dim: int, zero_last: bool = False,
-                 generator: torch.Generator | None = None):
+    def __init__(self, in_dim: int, out_dim: int, zero_last: bool = False, generator: torch.Generator | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, out_dim)
         self.act = nn.GELU()
@@ -173,9 +162,6 @@ class Adapter(nn.Module):
         return self.linear_2(self.act(self.linear_1(h)))  # (..., C_v) -> (..., C)
 
 
-# -----------------------------------------------------------------------------
-# Connector outputs: one fixed structure for every connector
-
 AUX_KEYS = ("difference", "balance", "router_z")
 
 
@@ -186,8 +172,7 @@ class ConnectorOutput(NamedTuple):
 
 
 def aux_losses(h: torch.Tensor, **losses: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The aux dict of a ConnectorOutput: every key of AUX_KEYS, 0 where not given.
-    Copy with: AUX_KEYS."""
+    """The aux dict of a ConnectorOutput: every key of AUX_KEYS, 0 where not given. Copy with: AUX_KEYS."""
     zero = h.new_zeros((), dtype=torch.float32)
     return {k: losses.get(k, zero) for k in AUX_KEYS}
 
@@ -218,13 +203,11 @@ def difference_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Difference loss of Domain Separation Networks (Bousmalis et al. 2016), as in the
     released Pilot code: flatten each sample to a row, L2-normalise rows (norm detached, +1e-6),
     L_d = mean((X_a^T X_b)^2) over the D x D matrix, D = N * C.
-
-    [choice] The D x D matrix has D^2 = 5.6e12 entries at LLaVA size (D = 576 * 4096), so
-    the released formula cannot run. The same number, exactly, via B x B Gram matrices:
+    [choice] At LLaVA size (D = 576 * 4096) the D x D matrix has 5.6e12 entries and cannot be
+    built; the same number, exactly, via B x B Gram matrices:
         sum((X_a^T X_b)^2) = trace(X_b^T X_a X_a^T X_b) = sum((X_a X_a^T) * (X_b X_b^T)),
     then divide by D^2. Cost O(B^2 D) time, O(B^2) extra memory. Computed in float32, with
-    autocast off: under autocast `.float()` alone would still run the matmuls in bf16.
-    Copy with: nothing else."""
+    autocast off: under autocast `.float()` alone would still run the matmuls in bf16. Copy with: nothing else."""
     with torch.autocast(a.device.type, enabled=False):
         xa = a.reshape(a.shape[0], -1).float()                      # (B, D)
         xb = b.reshape(b.shape[0], -1).float()                      # (B, D)
@@ -236,14 +219,12 @@ def difference_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class TaskClientConnector(nn.Module):
-    """Stage-1 connector (SPEC section 3): x_img = psi_t(H_v) + psi_s(H_v).
-
-    psi_t: the task's adapter, shared by its clients (uploaded, task-averaged); psi_s: the
-    client's, never leaves it. [choice] psi_s starts with its last layer zeroed, so step 0 is the
-    pretrained LLaVA; `released_init=True` starts it random for the caller to overwrite with the
-    projector, as the released code does (doubling the projector output at step 0).
-    aux["difference"] = difference_loss(psi_t(H), psi_s(H)), weighed by lambda_d by the caller.
-    Copy with: Adapter, reset_linear, difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
+    """Stage-1 connector (SPEC section 3): x_img = psi_t(H_v) + psi_s(H_v). psi_t: the task's adapter, shared by
+    its clients (uploaded, task-averaged); psi_s: the client's, never leaves it. [choice] psi_s starts with its
+    last layer zeroed, so step 0 is the pretrained LLaVA; `released_init=True` starts it random for the caller
+    to overwrite with the projector, as the released code does (doubling the projector output at step 0).
+    aux["difference"] = difference_loss(psi_t(H), psi_s(H)), weighed by lambda_d by the caller. Copy with:
+    Adapter, reset_linear, difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, released_init: bool = False,
                  generator: torch.Generator | None = None):
@@ -270,10 +251,9 @@ class Routing(NamedTuple):
 
 
 def route(h: torch.Tensor, router: nn.Linear, top_k: int) -> Routing:
-    """The CT-MoA router phi (SPEC section 4): logits phi(H) per image token, P = softmax, the
-    top-k renormalised, as the released code does (top_k = 1: weight p / p = 1, so the router
-    learns through the aux losses alone; Switch keeps the raw p). float32, autocast off (ST-MoE).
-    Copy with: nothing else."""
+    """The CT-MoA router phi (SPEC section 4): logits phi(H) per image token, P = softmax, the top-k renormalised,
+    as the released code does (top_k = 1: weight p / p = 1, so the router learns through the aux losses alone;
+    Switch keeps the raw p). float32, autocast off (ST-MoE). Copy with: nothing else."""
     with torch.autocast(h.device.type, enabled=False):
         logits = F.linear(h.float(), router.weight.float())            # (B, N, T)
     probs = logits.softmax(dim=-1)                                      # (B, N, T)
@@ -305,9 +285,7 @@ class MoAOutput(NamedTuple):
 
 class CTMoA(nn.Module):
     """The cross-task Mixture-of-Adapters of SPEC section 4 (the paper's CT-MoA):
-
         CT-MoA(H) = sum_i P_i(H) h_i(H),   P = top-k of softmax(phi(H)), renormalised (route)
-
     Experts, in expert_tasks' order (own task first):
         h_0 = psi_t                           own task's adapter, trainable
         h_i = psi_t_other[i-1] + psi_c[i-1]   another task's adapter, FROZEN, plus a trainable
@@ -317,8 +295,7 @@ class CTMoA(nn.Module):
     Loops over the T experts only. top_k == T: every expert runs densely. top_k < T: each expert
     runs on the tokens that chose it, gathered from the whole batch and scattered back with
     index_add (litgpt-style) into a float32 accumulator; an unselected expert costs nothing.
-    Copy with: route, Routing, balance_loss, router_z_loss, MoAOutput, expert_slot, Adapter,
-    reset_linear."""
+    Copy with: route, Routing, balance_loss, router_z_loss, MoAOutput, expert_slot, Adapter, reset_linear."""
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
                  generator: torch.Generator | None = None):
@@ -376,16 +353,14 @@ class CTMoA(nn.Module):
 
 class Stage2Connector(nn.Module):
     """Stage-2 connector (SPEC section 4): x_img = psi_s(H) + CT-MoA(H), with the gate g:
-
         x_img = psi_s(H) + lerp(h_0(H), CT-MoA(H), g) = psi_s + h_0 + g (CT-MoA(H) - h_0),
-
     exactly h_0 at g = 0 and exactly the paper's CT-MoA(H) at g = 1 (torch.lerp, bit for bit).
     [choice] psi_s, the stage-1 client adapter, is frozen and used (the released code computes
     and drops it); stage2_from_stage1 copies it in. [choice] g is a buffer, 1 (the paper) when
     built alone; the federated loop ramps it 0 -> 1 over fed.stage2_ramp_steps, so stage 2 starts
-    where stage 1 ended (docs/choices.md). aux: the CT-MoA's balance and router_z; difference =
-    difference_loss(psi_s(H), h_0(H)) when use_difference (SPEC: lambda_d 0 in stage 2).
-    Copy with: CTMoA (and what it names), difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
+    where stage 1 ended (docs/choices.md). aux: the CT-MoA's balance and router_z, and difference_loss(
+    psi_s(H), h_0(H)) if use_difference (SPEC: lambda_d 0 in stage 2). Copy with: CTMoA (and what it
+    names), difference_loss, ConnectorOutput, AUX_KEYS, aux_losses."""
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, top_k: int | None = None,
                  use_difference: bool = False, gate: float = 1.0, generator: torch.Generator | None = None):
@@ -444,8 +419,7 @@ def stage2_from_stage1(stage1: TaskClientConnector, task_adapters: dict[str, dic
 
 
 def check_same_keys(states: Sequence[dict[str, torch.Tensor]]) -> None:
-    """Aggregation is by parameter name: every state must hold the same names.
-    Copy with: nothing else."""
+    """Aggregation is by parameter name: every state must hold the same names. Copy with: nothing else."""
     keys = set(states[0])
     for k, s in enumerate(states):
         if set(s) != keys:
@@ -455,8 +429,7 @@ def check_same_keys(states: Sequence[dict[str, torch.Tensor]]) -> None:
 def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """One state, sum_j w_j * states[j], key by key (by parameter name); weights (K,); float32
     sums, each tensor back in its dtype. LoRA's A and B average separately (FedIT, the paper):
-    mean(B) @ mean(A) is not mean(B @ A), and that is the method.
-    Copy with: weighted_averages, check_same_keys."""
+    mean(B) @ mean(A) is not mean(B @ A), and that is the method. Copy with: weighted_averages, check_same_keys."""
     w = torch.as_tensor(weights, dtype=torch.float32)
     if w.dim() != 1:
         raise ValueError(f"weights must be (K,), got shape {tuple(w.shape)}; use weighted_averages for a matrix")
@@ -481,9 +454,8 @@ def weighted_averages(states: Sequence[dict[str, torch.Tensor]], weights: torch.
 
 def task_average(states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
                  tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Task-aware visual aggregation: each task's global adapter is the sample-weighted mean of
-    its clients' psi_t; tasks never mix. -> {task: state}.
-    Copy with: weighted_average, weighted_averages, check_same_keys."""
+    """Task-aware visual aggregation: each task's global adapter is the sample-weighted mean of its clients' psi_t;
+    tasks never mix. -> {task: state}. Copy with: weighted_average, weighted_averages, check_same_keys."""
     if not len(states) == len(n_samples) == len(tasks):
         raise ValueError("states, n_samples and tasks must have one entry per client")
     out = {}
@@ -513,8 +485,7 @@ def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tenso
 
 
 def nearest_others(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
-    """The top_m nearest other clients of client k (ties broken by client index).
-    Copy with: nothing else."""
+    """The top_m nearest other clients of client k (ties broken by client index). Copy with: nothing else."""
     K = d.shape[0]
     others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
     order = torch.sort(d[k, others], stable=True).indices
@@ -531,9 +502,9 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
         s    = median over pairs j != k of (d_kj - o_k)   the robust spread (lower median), one for all rows
         z_kj = (d_kj - b_k) / s                  0 for the nearest, ~1 one spread further on
         s_kk = n_k,   s_kj = n_j * exp(-z_kj / tau) for j in N_k,   W_kj = s_kj / sum_j s_kj
-    Identical distances give FedAvg (n_j / sum n); s = 0 with some d_kj > b_k gives those weight
-    0. d (K, K), n (K,) sample counts, m neighbours (N_k: the m nearest others, ties by index).
-    -> (K, K) float64. Copy with: nothing else."""
+    Equal distances give FedAvg (n_j / sum n); s = 0 with some d_kj > b_k gives those weight 0.
+    d (K, K), n (K,) counts, m neighbours (N_k: the m nearest others, ties by index) -> (K, K) float64.
+    Copy with: nothing else."""
     K = d.shape[0]
     W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
     if K == 1:
@@ -554,10 +525,9 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
 @torch.no_grad()
 def ata(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int], top_m: int | None = None,
         tau: float = 0.25) -> torch.Tensor:
-    """Adaptive text aggregation (ATA, SPEC section 5), the default form: the (K, K) mixing matrix
-    W (rows sum to 1) of ata_spread over the LoRA distances (pairwise_distances); N_k the top_m
-    nearest others (None: all); tau = fed.ata_tau's default. Apply with weighted_averages.
-    Copy with: ata_spread, pairwise_distances."""
+    """Adaptive text aggregation (ATA, SPEC section 5), the default form: the (K, K) mixing matrix W, rows
+    summing to 1, of ata_spread over the LoRA distances (pairwise_distances); N_k the top_m nearest others
+    (None: all); tau: fed.ata_tau's default. Apply with weighted_averages. Copy with: ata_spread, pairwise_distances."""
     K = len(lora_states)
     m = K - 1 if top_m is None else min(top_m, K - 1)
     n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
@@ -567,8 +537,8 @@ def ata(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int]
 def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0) -> torch.Tensor:
     """ATA weights, form "kernel" (the earlier default, an option), scale-free:
         d_ref = median_k min_{j != k} d_kj,   s_kk = n_k,   s_kj = n_j exp(-d_kj / (tau d_ref)) (j in N_k)
-    W_kj = s_kj / sum_j s_kj; its self-weight is set by K, not the data (docs/choices.md).
-    -> (K, K) float64. Copy with: nearest_others."""
+    W_kj = s_kj / sum_j s_kj; its self-weight is set by K, not the data (docs/choices.md). -> (K, K) float64.
+    Copy with: nearest_others."""
     K = d.shape[0]
     ratio = torch.zeros_like(d)                                              # (K, K)
     if K > 1:
@@ -585,8 +555,7 @@ def ata_top_m(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0, eps: f
     """ATA weights, form "top_m" (the first form, kept as an option):
         a_kj = (n_j / (d_kj + eps)^(1/tau)) / sum_{j' in N_k} n_j' / (d_kj' + eps)^(1/tau)
         W_kk = n_k / (n_k + n_N),   W_kj = n_N a_kj / (n_k + n_N),   n_N = sum_{j in N_k} n_j
-    (with M = 1 the self-weight is 1/2 whatever the distances). -> (K, K) float64.
-    Copy with: nearest_others."""
+    (with M = 1 the self-weight is 1/2 whatever the distances). -> (K, K) float64. Copy with: nearest_others."""
     K = d.shape[0]
     W = torch.zeros(K, K, dtype=torch.float64)
     n = n.to(torch.float64)

@@ -1,22 +1,24 @@
-"""train.py -- run Pilot (or a baseline) end to end.
+"""train.py -- run Pilot (or a baseline) end to end, on one machine.
 
     python train.py --config config.yaml
     python train.py --config config.yaml --set fed.method=fedavg --set seed=1 --set run_dir=runs/fedavg1
     python train.py --config config.yaml --resume        # continue from the last completed round
     python train.py --config config.yaml --overwrite     # replace the run that run_dir holds
+    python train.py --config config.yaml --dry-run | --ask CLIENT --prompt ... | --score CLIENT --data F
 
-The story of main(): load and check the config; lock the run_dir (one run owns it); load and
-check the data against the base's tokenizer (before any weight loads); on --resume, refuse a
-run that differs in what defines it (IDENTITY_KEYS, the clients, a digest of their data);
-build the base model and the federation of fed.py; run stage1_rounds + stage2_rounds rounds,
-scoring every client after its local training and after the server's download, appending
-one JSON line per round to <run_dir>/log.jsonl and checkpointing every client's and the
-server's state as safetensors with a small meta.json; finally score every client on the other
-tasks' test splits and write results.md and results.json.
+The story of main(): load and check the config; lock the run_dir; load the data and check it
+against the base's tokenizer (before any weight loads); on --resume, refuse a run that differs
+in what defines it; build the base model and the Federation (fed.py's protocol, every client on
+one shared model); run stage1_rounds + stage2_rounds rounds, scoring every client after its
+local training and after the server's download, logging and checkpointing every round; finally
+score every client on the other tasks' test splits and write results.md and results.json.
 
-The config is a tree of dataclasses whose field names are exactly the keys of config.yaml:
-unknown keys and wrong types are errors that name the key. `python train.py` (cli) turns every
-failure into one line: exit code 2 for config and data, 1 for a run that cannot go on.
+Hand-offs to tools/ (pilot, model, fed and data never import it): runs.py, the run folder, its
+identity, checkpoints, log and results; and only where a config or a flag asks for them,
+embedded.py (model.llava "embedded", the synthetic scenarios), sizing.py (--dry-run) and use.py
+(--ask, --score). The config is a tree of dataclasses whose field names are exactly the
+keys of config.yaml (unknown keys, wrong types: errors naming the key); `python train.py` (cli)
+turns every failure into one line, exit code 2 for config and data, 1 for a run that cannot go on.
 """
 
 from __future__ import annotations
@@ -298,7 +300,7 @@ class Federation(fed_mod.Coordinator):
                 others = [o for o in self.clients if o.task == task]
                 samples = [s for o in others for s in fed_mod.eval_subset(o.test, self.cfg.eval_max_samples, self.seed,
                                                                    o.name, "test")]
-                out[client.name][task] = fed_mod.evaluate(self.model, self.enc, samples, others[0].metric,
+                out[client.name][task] = model_mod.evaluate(self.model, self.enc, samples, others[0].metric,
                                                   self.cfg.eval_batch_size, self.max_new_tokens)
         return out
 
@@ -326,6 +328,38 @@ def dry_run(cfg: Config) -> str:
     return sizing.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
 
 
+def llava_15_7b_config():
+    """LLaVA-1.5-7B's shape (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14, projection_dim=768)
+    tc = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, image_seq_length=576)
+
+
+def meta_config(cfg: model_mod.ModelConfig, source: model_mod.Loader):
+    """The LlavaConfig a run would load from `source`, without weights or downloads: a local (or
+    already cached) checkpoint's config (the embedded recipe's), else LLaVA-1.5-7B's built-in shape."""
+    try:
+        return source.config(cfg)
+    except (OSError, ValueError):
+        if cfg.llava == "embedded":
+            raise
+        return llava_15_7b_config(), "built-in LLaVA-1.5-7B shape (checkpoint config not available offline)"
+
+
+def missing_lora_targets(cfg: model_mod.ModelConfig, source: model_mod.Loader) -> list[str]:
+    """The names in model.lora_targets that match no nn.Linear of the configured LM (built on
+    the meta device from its config: no weights, no download)."""
+    from transformers import AutoModelForCausalLM
+    config, _ = meta_config(cfg, source)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config.text_config)
+    found = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if type(m) is torch.nn.Linear}
+    return [t for t in cfg.lora_targets if t not in found]
+
+
 def load_data(cfg: Config):
     """The clients' data, checked against the configured base's tokenizer, before any weight
     loads: bad records, over-long samples, unknown answer words, top_k and LoRA targets."""
@@ -337,7 +371,7 @@ def load_data(cfg: Config):
     if cfg.fed.top_k is not None and cfg.fed.top_k > n_tasks:
         raise ConfigError(f"fed.top_k = {cfg.fed.top_k}: must be <= the number of tasks ({n_tasks})")
     source = base_loader(cfg.model)
-    missing = model_mod.missing_lora_targets(cfg.model, source)
+    missing = missing_lora_targets(cfg.model, source)
     if missing:
         raise ConfigError(f"model.lora_targets: {missing} match no linear layer of the language model")
     tok, image_token_id, n_image_tokens = source.text_side(cfg.model)
@@ -419,16 +453,6 @@ def build(cfg: Config, clients=None) -> Federation:
     return Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
 
 
-def round_line(record: dict, total: int) -> str:
-    """The one line a finished round prints: mean scores at both points, wall time, and the
-    time per taking-part client."""
-    n = max(1, len(record["clients"]))
-    return (f"round {record['round']}/{total} (stage {record['stage']}): "
-            + ", ".join(f"{p} {record['mean'][p]:.3f}" for p in fed_mod.EVAL_POINTS)
-            + f"; {record['seconds']:.1f} s, per client {record['seconds_local_training'] / n:.1f} s training"
-            f" + {record['seconds_scoring'] / n:.1f} s scoring")
-
-
 def run_rounds(cfg: Config, fedn: Federation, start: int, records: list[dict]) -> list[dict]:
     """Rounds start+1 .. total: train, score, log one JSON line, checkpoint."""
     rounds = tqdm(range(start + 1, fedn.total_rounds + 1), desc="rounds", initial=start,
@@ -441,7 +465,7 @@ def run_rounds(cfg: Config, fedn: Federation, start: int, records: list[dict]) -
             except FloatingPointError as e:   # the last good checkpoint stays as it is
                 raise RunError(f"stopped: {e}; the last complete round's checkpoint is in {cfg.run_dir}/ckpt") from None
         runs.log_round(cfg.run_dir, record, t0)
-        rounds.write(round_line(record, fedn.total_rounds))
+        rounds.write(runs.round_line(record, fedn.total_rounds))
         rounds.set_postfix(stage=record["stage"], mean=f"{record['mean'][HEADLINE]:.3f}")
         records.append(record)
         runs.save_checkpoint(cfg.run_dir, r, fedn, cfg)

@@ -78,7 +78,7 @@ def one(size: str, dtype: str) -> dict:
     fcfg = fed.FedConfig()
     opt, params = fed.make_optimizer(pilot_model, fcfg, 1e-4)
     pilot_model.train()
-    with fed.autocast(pilot_model):
+    with model_mod.autocast(pilot_model):
         out = pilot_model(**batch)
         loss = fed.total_loss(out, {"difference": 0.1, "balance": 0.0, "router_z": 0.0})
     loss.backward()

@@ -18,6 +18,7 @@ from common import best_time, dtype_for, emit, parser
 
 import model
 import pilot
+import train
 from tools import embedded
 
 SIZES = {
@@ -31,7 +32,7 @@ SIZES = {
 def random_base(shape: str, device: str) -> model.Base:
     from transformers import LlavaForConditionalGeneration
     if shape == "7b":
-        config = model.llava_15_7b_config()
+        config = train.llava_15_7b_config()
     else:
         config = embedded.tiny_llava_config(100, 4, 0, **SIZES[shape])
     with torch.device(device):   # built in place, in the final dtype: no fp32 copy of 7B
@@ -66,7 +67,7 @@ def time_step(m, conn, batch: dict, dev: str, repeats: int, flops: float, peak_t
 
 def time_generate(m, conn, batch: dict, dev: str, prompt_len: int, max_new_tokens: int, repeats: int) -> dict:
     """Scoring's cost: greedy generation with the KV cache (PilotLlava.generate, as
-    fed.evaluate calls it) of one batch of prompts of `prompt_len` tokens, image included.
+    model.evaluate calls it) of one batch of prompts of `prompt_len` tokens, image included.
     The random base rarely emits EOS, so every answer runs the whole `max_new_tokens`."""
     m.set_connector(conn.to(dev))
     m.eval()

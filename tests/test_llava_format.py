@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import data
-import fed
 import model
 import pilot
 from data import IGNORE, IMAGE, LLAVA_V1_SYSTEM, Sample
@@ -285,7 +284,7 @@ def test_a_text_only_batch_trains_lora_alone_and_scores(tiny_llava_dir):
     out.ce.backward()
     assert all(p.grad is None for p in m.connector.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.lm.named_parameters() if pilot.is_lora(n))
-    score = fed.evaluate(m, enc, samples, "exact", batch_size=2, max_new_tokens=3)
+    score = model.evaluate(m, enc, samples, "exact", batch_size=2, max_new_tokens=3)
     assert 0.0 <= score <= 1.0
 
 

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 import data
-import fed
 import model
 from data import METRICS
 
@@ -90,7 +89,7 @@ def test_evaluate_scores_a_split_in_one_call_against_its_references(tmp_path, ti
     base = model.load_llava(tiny_llava_dir)
     m = model.build_model(base, model.build_connector("plain", base), model.ModelConfig(lora_r=2))
     enc = model.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens)
-    assert fed.evaluate(m, enc, samples, "spy", batch_size=1, max_new_tokens=2) == 0.25
+    assert model.evaluate(m, enc, samples, "spy", batch_size=1, max_new_tokens=2) == 0.25
     assert len(calls) == 1 and calls[0][1] == [["red", "dark red"], ["yes"]] and len(calls[0][0]) == 2
     bad = dict(records[0], references=[])
     (tmp_path / "t.json").write_text(json.dumps([bad]))

@@ -563,7 +563,7 @@ def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, run_dir: str) -> tuple
         record = runs.round_record(coord.names, opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire),
                                                  "resent": [coord.names[k] for k in sorted(opened["resent"])]}
         runs.log_round(run_dir, record, t_open, seconds=t_next - t_open)
-        print(train.round_line(record, coord.total_rounds) + (f"; lost {record['lost']}" if record["lost"] else ""),
+        print(runs.round_line(record, coord.total_rounds) + (f"; lost {record['lost']}" if record["lost"] else ""),
               flush=True)
         records.append(record)
 

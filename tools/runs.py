@@ -411,3 +411,13 @@ def write_results(cfg: "train.Config", clients, total_rounds: int, records: list
                "skipped_records": {c.name: c.skipped for c in clients if c.skipped}}
     write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
     return results, header + table
+
+
+def round_line(record: dict, total: int) -> str:
+    """The one line a finished round prints: mean scores at both points, wall time, and the
+    time per taking-part client."""
+    n = max(1, len(record["clients"]))
+    return (f"round {record['round']}/{total} (stage {record['stage']}): "
+            + ", ".join(f"{p} {record['mean'][p]:.3f}" for p in fed_mod.EVAL_POINTS)
+            + f"; {record['seconds']:.1f} s, per client {record['seconds_local_training'] / n:.1f} s training"
+            f" + {record['seconds_scoring'] / n:.1f} s scoring")

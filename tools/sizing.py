@@ -24,7 +24,7 @@ def size_report(cfg: model.ModelConfig, method: str, num_tasks: int, batch_size:
     memory term (benchmarks/bench_memory_plan.py checks the sum against measured steps). One
     function, so that the whole plan, term by term, reads in one place."""
     from transformers import LlavaForConditionalGeneration
-    config, source = model.meta_config(cfg, train.base_loader(cfg))
+    config, source = train.meta_config(cfg, train.base_loader(cfg))
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
     total_base = sum(p.numel() for p in llava.parameters())

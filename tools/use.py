@@ -79,7 +79,7 @@ def ask(cfg: train.Config, name: str, image: str | None, prompt: str) -> str:
     dev = next(model.lm.parameters()).device
     model.eval()
     batch = {k: v.to(dev) for k, v in enc.collate_prompts([sample]).items()}
-    with torch.no_grad(), fed_mod.autocast(model):
+    with torch.no_grad(), model_mod.autocast(model):
         seq = model.generate(**batch, max_new_tokens=cfg.data.max_new_tokens, eos_token_id=enc.tokenizer.eos_token_id,
                              pad_token_id=enc.tokenizer.pad_token_id)[0]
     return enc.tokenizer.decode(seq, skip_special_tokens=True)
@@ -92,6 +92,6 @@ def score_file(cfg: train.Config, name: str, path: str, images: str | None, metr
     samples = data_mod.load_llava_json(path, images or os.path.dirname(os.path.abspath(path)), progress=True)
     client = load_trained_client(cfg, name, ckpt)
     metric = metric or client.data.metric
-    value = fed_mod.evaluate(client.model, client.enc, samples, metric, cfg.fed.eval_batch_size,
+    value = model_mod.evaluate(client.model, client.enc, samples, metric, cfg.fed.eval_batch_size,
                              cfg.data.max_new_tokens, progress=True)
     return {"client": name, "round": ckpt["round"], "file": path, "records": len(samples), "metric": metric, "score": value}
