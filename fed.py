@@ -536,11 +536,10 @@ class Client:
 
 
 class Coordinator:
-    """The server's side: who takes part in a round, the stage schedule, the Server's
-    aggregation and the round's log record. It knows each client only by name, task and
-    training-set size (what a Flower node says when it joins), and reaches clients only
-    through `nodes`; a client whose reply does not come back is left out of that round
-    ("lost"), as a client with a non-finite update is ("excluded")."""
+    """The server's side: who takes part in a round, the stage schedule and the Server's
+    aggregation. It knows each client only by name, task and training-set size (what a Flower
+    node says when it joins) and reaches clients only through `nodes`; a client whose reply does
+    not come back is left out of that round, as one with a non-finite update is."""
 
     def __init__(self, cfg: FedConfig, names: Sequence[str], client_tasks: Sequence[str],
                  n_samples: Sequence[int], seed: int, initial_adapter: dict[str, torch.Tensor] | None):

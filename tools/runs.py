@@ -1,12 +1,14 @@
-"""tools/runs.py -- a run's folder: who owns it, what defines the run, its checkpoints.
+"""tools/runs.py -- a run's folder: who owns it, what defines the run, its checkpoints, log and results.
 
 <run_dir>/ holds one run: .lock (the process that owns it), run.json (what defines the run: the
 keys of IDENTITY_KEYS, its clients and digests of their data), config.resolved.yaml, log.jsonl
-(one JSON line a round), ckpt/round_XXX/ (every client's state and the server's, as
-safetensors, and meta.json; the last two rounds are kept), results.md and results.json.
-train.py hands its run folder to this file: claim_run_dir when a run starts, check_resume
-before the model loads, save_checkpoint after every round, load_checkpoint and resume_log on
---resume. The core (pilot, model, fed, data) never imports it.
+(one JSON line a round: round_record, from the replies that came back, and log_round),
+ckpt/round_XXX/ (every client's state and the server's, as safetensors, and meta.json; the last
+two rounds are kept), results.md and results.json (write_results). train.py hands its run folder
+to this file: claim_run_dir when a run starts, check_resume before the model loads, round_record,
+log_round and save_checkpoint after every round, load_checkpoint and resume_log on --resume;
+tools/flower_app.py writes its server's log with the same functions. The core (pilot, model,
+fed, data) never imports it.
 """
 
 from __future__ import annotations
