@@ -1,4 +1,4 @@
-"""The memory plan of `train.py --dry-run` (model.size_report) checked against a measurement:
+"""The memory plan of `train.py --dry-run` (tools/sizing.size_report) checked against a measurement:
 the peak RSS that one CPU training step of Pilot's stage 1 adds, at three LLaMA-shaped sizes
 that fit this machine (about 0.1B, 0.5B and 1.3B parameters, random weights built from
 configs, a small CLIP in front), in float32 and bfloat16. Each (size, dtype) runs in a fresh
