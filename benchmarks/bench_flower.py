@@ -47,7 +47,7 @@ def main():
     args = ap.parse_args()
     tree = os.path.abspath(args.tree)
     sys.path.insert(0, tree)
-    from tools import flower_app
+    from tools import flower_app, flower_local
     import train
     extra = [*ROUNDS, f"model.cache_dir={ROOT}/.cache"] + (SMALL if args.small else [])
     config = os.path.join(tree, "config.yaml")
@@ -64,10 +64,10 @@ def main():
         out["inprocess"] = per_round(log)
         if not args.skip_simulation:
             settings = flower_app.Settings(config=config, overrides=extra + [f"run_dir={tmp}/sim"], clients=K)
-            flower_app.simulate(settings)
+            flower_local.simulate(settings)
             out["simulation"] = per_round([json.loads(x) for x in open(f"{tmp}/sim/log.jsonl")])
         if not args.skip_deployment:
-            with flower_app.Localhost(K, f"{tmp}/localhost") as lh:
+            with flower_local.Localhost(K, f"{tmp}/localhost") as lh:
                 rc = " ".join([f'config="{config}"', f'set="{" ".join(extra)}"', f"clients={K}",
                                f'run-dir="{tmp}/dep"'])
                 t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import yaml
 pytest.importorskip("flwr", reason="pip install -r requirements-flower.txt")
 
 import pilot  # noqa: E402
-from tools import flower_app, runs  # noqa: E402
+from tools import flower_app, flower_local, runs  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,7 @@ def test_simulation_equals_the_in_process_loop_and_private_state_stays_on_the_no
     config = _config(tmp_path, embedded_dir)
     reference, digests = _in_process(config)
     seen = []   # everything that reaches the server: (direction, client, {record: [names]})
-    flower_app.simulate(flower_app.Settings(config=config, clients=3, overwrite=True),
+    flower_local.simulate(flower_app.Settings(config=config, clients=3, overwrite=True),
                         tap=lambda d, k, content: seen.append((d, k, {key: sorted(rec.keys())
                                                                       for key, rec in content.items()})))
     log, results = _flower_run(tmp_path / "run")
@@ -246,8 +246,8 @@ def _run_config(config, run_dir, **extra):
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-def _localhost(tmp) -> "flower_app.Localhost":
-    lh = flower_app.Localhost(3, str(tmp))
+def _localhost(tmp) -> "flower_local.Localhost":
+    lh = flower_local.Localhost(3, str(tmp))
     lh.env["OMP_NUM_THREADS"] = "1"          # one torch thread per process: the suite shares the cores
     # the SuperExecs look for work every 1 s, not 0.25 s (FLOWER_ENV): ~1 s more per run, in the
     # background, for a fifth of the idle CPU the other tests would otherwise share
@@ -289,7 +289,7 @@ def _killed_and_paused_scenario(tmp, embedded_dir):
     config, run_dir = _config(tmp, embedded_dir, stage1_rounds=1, stage2_rounds=0), tmp / "run"
     out = tmp / "flwr-run.log"
     with _localhost(tmp) as lh, open(out, "w") as log:
-        proc = subprocess.Popen([flower_app.flower_executable("flwr"), "run", flower_app.HERE, "localhost",
+        proc = subprocess.Popen([flower_local.flower_executable("flwr"), "run", flower_app.HERE, "localhost",
                                  "--run-config", _run_config(config, run_dir), "--stream"],
                                 stdout=log, stderr=subprocess.STDOUT, env=lh.env)
         try:
@@ -422,8 +422,8 @@ def test_localhost_processes_die_with_their_parent_whatever_the_signal(tmp_path)
     import sys
     holders = {}
     for signame in ("SIGTERM", "SIGKILL"):
-        code = ("import sys, time; sys.path.insert(0, %r); from tools import flower_app\n"
-                "with flower_app.Localhost(1, %r) as lh:\n"
+        code = ("import sys, time; sys.path.insert(0, %r); from tools import flower_local\n"
+                "with flower_local.Localhost(1, %r) as lh:\n"
                 "    print(' '.join(str(p.pid) for p in lh.procs), flush=True)\n"
                 "    time.sleep(600)\n") % (ROOT, str(tmp_path / signame))
         (tmp_path / signame).mkdir()

@@ -1,18 +1,17 @@
 """tools/flower_app.py -- the federation of fed.py on Flower: each client on its own SuperNode.
 
     pip install -r requirements-flower.txt
-    # one machine, Flower's Simulation Engine (Ray), one virtual SuperNode per client:
-    python tools/flower_app.py --config config.yaml
-    # many machines, Flower's Deployment Engine: a SuperLink on the server, a SuperNode on
-    # each client machine, then `flwr run` from the project's root (README: "More than one machine")
+    python tools/flower_local.py --config config.yaml     # one machine: Flower's Simulation Engine
+    # many machines (docs/flower.md): a SuperLink on the server, a SuperNode per client machine,
+    # then `flwr run` from the project's root, whose pyproject.toml names this file's two apps
     flower-superlink --insecure
     flower-supernode --insecure --superlink SERVER:9092 --node-config 'partition-id=0'
     flwr run . CONNECTION --run-config 'clients=9' --stream
 
-Nothing of the protocol is written here. The rounds are fed.Coordinator's (train_and_aggregate,
-close), the server's arithmetic is fed.Server.aggregate, a client's work is fed.Client
-(local_train, make_upload, take); this file only carries their messages over Flower, ONE
-message per client and round (round r's download rides with round r+1's instruction):
+Nothing of the protocol is written here: the rounds are fed.Coordinator's, the server's
+arithmetic fed.Server.aggregate's, a client's work fed.Client's, the log record
+tools/runs.round_record's. This file carries their messages over Flower, ONE per client and
+round (round r's download rides with round r+1's instruction):
 
   ServerApp (SuperLink side)                ClientApp (one per SuperNode, i.e. per client)
   query.hello   ---------------------------> build the model and this node's data; reply its
@@ -21,42 +20,27 @@ message per client and round (round r's download rides with round r+1's instruct
   train.local_round {r, stage, chosen,
                      down.<group> of r-1} --> fed.Client.take (round r-1's download, scored
                                              after_download), then fed.Client.local_round
-                                             (train if chosen, score after_local)
                 <--------------------------- reply both scores, losses and the upload (up.<group>)
   fed.Server.aggregate(uploads) -> round r's downloads, kept for the next message
-  train.finish  {down.<group> of the last} -> take it; reply the final state's SHA-256 (and
-                                             save the state in the node's out-dir, if any)
+  train.finish  {down.<group> of the last} -> take it; reply the final state's SHA-256
 
-What reaches the SuperLink from a client: its task adapter (psi_t in stage 1, h_0 in stage 2)
-and its LoRA factors every round it trains, plus numbers (scores, losses, seconds, digests).
-What never leaves the node: psi_s, psi_c, the router, the frozen experts and the data; the
-client's whole state lives in the node's Flower context (`context.state`) between messages.
-Each message group {name: tensor} is one Flower ArrayRecord, tensor by tensor under its
-parameter name, as raw bytes with its dtype (bf16 included, bit for bit).
+What reaches the SuperLink: a client's task adapter and LoRA every round it trains, and
+numbers. psi_s, psi_c, the router, the frozen experts and the data never leave the node; its
+state lives in the node's Flower context between messages. Each message group {name: tensor}
+is one ArrayRecord, tensor by tensor under its parameter name, as raw bytes with its dtype.
+A node's `partition-id` is its client's index k (the in-process order); its data is the
+config's, or its own through a node config `set="data.scenario=manifest data.manifest=..."`.
 
-Which client a node is: its node config `partition-id` is the client's index k in the
-federation (the order of the in-process run: data.load_clients). Its data is the config's
-(synthetic scenarios: every node makes the same world and takes client k), or its own: a node
-config `set="data.scenario=manifest data.manifest=/its/manifest.yaml"` (a manifest holding
-that one client). A node may set only data.* and the model's paths, device and dtype keys.
-
-A node is lost when it is gone, not when it is slow. Flower marks a node offline about a
-minute after its last heartbeat, and a machine too busy to send them looks exactly like a dead
-one; so a client whose node goes quiet mid-message (it leaves the online nodes, or Flower
-answers that its ClientApp stopped responding) is sent the same message again once its node is
-back, and lost only if it stays away `rejoin-timeout` seconds (or after `retries` resends). A
-ClientApp answers each message once (reply_once), so a resend never applies a round twice: the
-run ends as if the node had never been away. A lost client, or one whose ClientApp raised, is
-left out of that round, and of later ones while its node is offline, as fed.py leaves out a
-non-finite update; the round's log record names it under "lost" (and under "resent" those sent
-a message again). `timeout` is only an outer bound on one message's round trip. A node that
-missed the handover message catches up from the next stage-2 message, which carries every
-task's adapter. Flower runs do not checkpoint: the client states are on the nodes.
+A node is lost when it is gone, not when it is slow (docs/flower.md): a client whose node goes
+quiet mid-message is sent the same message again once the node is back online, and lost only
+if it stays away `rejoin-timeout` seconds or after `retries` resends; a ClientApp answers each
+message once (reply_once), so a resend never applies a round twice. A lost client is left out
+of that round, and of later ones while its node is offline; the log names it under "lost".
+Flower runs do not checkpoint: the client states are on the nodes.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -75,16 +59,12 @@ except ImportError as e:   # flwr is an optional extra
 
 import torch
 
-# the Flower app's folder: the project's root, whose pyproject.toml names this file's apps and
-# whose core modules it runs (on the path for `python tools/flower_app.py` too)
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+import fed as fed_mod
+import model as model_mod
+import train
+from tools import runs
 
-import fed as fed_mod  # noqa: E402
-import model as model_mod  # noqa: E402
-import train  # noqa: E402
-from tools import runs  # noqa: E402
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the app's folder: the project's root
 NODE_KEYS = ("data.", "model.llava", "model.vision", "model.llm", "model.projector", "model.cache_dir",
              "model.device", "model.dtype")   # what a node may set for itself
 
@@ -430,13 +410,9 @@ class GridNodes:
     """fed.py's `nodes` over a Flower Grid, in ONE message per client and round: round r's
     downloads (`carry`) ride with round r+1's training instruction, and the last round's with
     the final `finish` message; the replies to them (`took`) come back with it. Liveness is
-    Flower's, with patience: a node that Flower reports gone while it works on a message (it
-    leaves the SuperLink's online list, or the reply is one of RESEND_ERRORS) is sent the same
-    message again once it is back, and lost only if it stays away `rejoin_timeout` seconds,
-    or after `retries` resends; an error the ClientApp raised loses it at once. `timeout` is
-    an outer bound only. `tap(direction, k, content)` sees every message that leaves or
-    reaches the server (tests record it); `wire` counts serialised bytes, `resent` names the
-    clients sent a message again."""
+    Flower's, with patience (exchange); an error the ClientApp raised loses the client at once.
+    `tap(direction, k, content)` sees every message that leaves or reaches the server (tests
+    record it); `wire` counts serialised bytes, `resent` names the clients sent a message again."""
 
     def __init__(self, grid: Grid, node_of: dict[int, int], tasks, timeout: float, tap=None, poll: float = 1.0,
                  steps: dict[int, int] | None = None, step_timeout: float = 0.0, rejoin_timeout: float = 120.0,
@@ -453,15 +429,12 @@ class GridNodes:
     def exchange(self, contents: dict[int, RecordDict], message_type: str, steps: int = 0) -> dict[int, RecordDict]:
         """Send contents[k] to client k's node; -> {k: reply content} of every reply that came
         back without error. A node not online when the message goes out is not sent to.
-
-        Gone or only slow? A machine so busy that its heartbeats lapse for a minute looks to
-        Flower exactly like a dead one: the node leaves the online list and its message gets
-        an error reply. So a client whose node goes quiet mid-message waits (`away`) up to
-        `rejoin_timeout` seconds for the node to be online again, then gets the same message
-        again, at most `retries` times. That is safe: a ClientApp answers a message it has
-        already answered from its context (reply_once), so no round is applied twice, and the
-        run stays equal to the in-process one. The outer bound of one send is `timeout` +
-        `step_timeout` x the local steps asked for."""
+        Gone or only slow? A machine too busy to send heartbeats for a minute looks to Flower
+        like a dead one (it leaves the online list; its message gets one of RESEND_ERRORS). So
+        a client whose node goes quiet mid-message waits (`away`) up to `rejoin_timeout` s for
+        it to be online again, then gets the same message again, at most `retries` times: safe,
+        as a ClientApp answers a message it has answered from its context (reply_once). One
+        send's outer bound: `timeout` + `step_timeout` x the local steps asked for."""
         ex = Exchange(self, contents, message_type, self.timeout + self.step_timeout * steps)
         online = set(self.grid.get_node_ids())
         ex.send([k for k in contents if self.node_of.get(k) in online])
@@ -623,165 +596,3 @@ def make_server_app(settings: Settings | None = None, tap=None) -> ServerApp:
 # `flwr run` loads these two (pyproject.toml [tool.flwr.app.components])
 server_app = make_server_app()
 client_app = make_client_app()
-
-
-# -----------------------------------------------------------------------------
-# The Deployment Engine on one machine: a SuperLink and N SuperNodes on 127.0.0.1
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)   # unwinds through Localhost.__exit__, which stops the children
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flower_executable(name: str) -> str:
-    """A Flower command (flower-superlink, flower-supernode, flwr) from beside this Python, so a
-    virtual environment's Flower is found without activating it; else from PATH."""
-    import shutil
-    here = os.path.join(os.path.dirname(sys.executable), name)
-    found = here if os.access(here, os.X_OK) else shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} is neither beside {sys.executable} nor on PATH: "
-                                "pip install -r requirements-flower.txt")
-    return found
-
-
-# The environment of every Flower process started here (and of docs/flower.md's node commands):
-# no telemetry (an offline node waits up to 4 s a process for it), and a SuperExec that looks
-# for new work every 0.25 s instead of every 1 s. Measured with 3 idle SuperNodes on 2 cores:
-# 1, 5 and 9 CPU-seconds in 30 s at 1, 0.25 and 0.1 s, so smaller costs more than it saves.
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
-
-
-def _die_with_parent() -> None:
-    """In a child, before exec: SIGTERM it when the process that started it dies, even by
-    SIGKILL (Linux prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class Localhost:
-    """A SuperLink and `n` SuperNodes as separate processes on 127.0.0.1 (insecure, no TLS),
-    each in its own process group; `run` submits this folder with `flwr run`. They are
-    stopped on exit, on SIGTERM (which a `timeout` or a job scheduler sends: the handler turns
-    it into an exit) and, if this process is killed outright, by the kernel (each child is
-    told to die with its parent). What tests/test_flower.py and benchmarks/bench_flower.py
-    use; on real machines, start the same commands by hand (README: docs/flower.md)."""
-
-    def __init__(self, n: int, workdir: str, node_set: str = ""):
-        self.n, self.workdir, self.node_set = n, workdir, node_set
-        self.procs: list = []
-        self.env = dict(os.environ, FLWR_HOME=os.path.join(workdir, "flwr-home"), **FLOWER_ENV)
-        self.previous_sigterm = None
-
-    def start(self, args: list[str], log: str):
-        import subprocess
-        return subprocess.Popen([flower_executable(args[0]), *args[1:]], stdout=open(os.path.join(self.workdir, log), "w"),
-                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.workdir,
-                                preexec_fn=_die_with_parent)
-
-    def __enter__(self) -> "Localhost":
-        import signal
-        if threading_main():
-            self.previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        os.makedirs(self.env["FLWR_HOME"], exist_ok=True)
-        self.port = free_port()
-        with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as fh:
-            fh.write(f'[superlink]\ndefault = "localhost"\n\n[superlink.localhost]\n'
-                     f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        # a database file: the in-memory one is not safe under concurrent pushes (flwr 1.42)
-        self.superlink = self.start(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                                     "--database", os.path.join(self.workdir, "superlink.db")], "superlink.log")
-        self.nodes = [self.start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                  "--host", "127.0.0.1", "--port", str(free_port()),
-                                  "--node-config", f"partition-id={i} {self.node_set}".strip()], f"supernode{i}.log")
-                      for i in range(self.n)]
-        self.procs = [self.superlink, *self.nodes]
-        import socket
-        deadline = time.monotonic() + 120
-        while True:   # `flwr run` fails at once if the SuperLink is not listening yet
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline or self.superlink.poll() is not None:
-                    self.__exit__()
-                    raise RuntimeError(f"the SuperLink did not start: see {self.workdir}/superlink.log")
-                time.sleep(0.2)
-
-    def run(self, run_config: str, timeout: float):
-        """`flwr run . localhost --run-config ... --stream`, waited for (its output in flwr-run.log)."""
-        import subprocess
-        with open(os.path.join(self.workdir, "flwr-run.log"), "w") as log:
-            return subprocess.run([flower_executable("flwr"), "run", HERE, "localhost", "--run-config", run_config,
-                                   "--stream"],
-                                  stdout=log, stderr=subprocess.STDOUT, env=self.env, timeout=timeout, cwd=self.workdir)
-
-    def kill_node(self, i: int) -> None:
-        import signal
-        os.killpg(self.nodes[i].pid, signal.SIGKILL)   # the SuperNode and the ClientApp it runs
-        self.nodes[i].wait()
-
-    def pause_node(self, i: int, pause: bool = True) -> None:
-        """SIGSTOP (pause) or SIGCONT the SuperNode and its ClientApps: to Flower, a paused node
-        is a machine too busy to send its heartbeats."""
-        import signal
-        os.killpg(self.nodes[i].pid, signal.SIGSTOP if pause else signal.SIGCONT)
-
-    def __exit__(self, *exc) -> None:
-        import signal
-        if self.previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self.previous_sigterm)
-            self.previous_sigterm = None
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGCONT)   # a paused process would see SIGTERM only once continued
-                    os.killpg(p.pid, signal.SIGTERM)
-                    p.wait(timeout=10)
-                except (ProcessLookupError, OSError):
-                    pass
-                except Exception:   # did not stop in time
-                    os.killpg(p.pid, signal.SIGKILL)
-
-
-# -----------------------------------------------------------------------------
-# Simulation from the command line
-
-
-def simulate(settings: Settings, tap=None, cpus_per_client: float = 1.0) -> None:
-    """Run the federation under Flower's Simulation Engine: one virtual SuperNode per client."""
-    from flwr.simulation import run_simulation
-    run_simulation(make_server_app(settings, tap), make_client_app(settings), num_supernodes=settings.clients,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}})
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Pilot on Flower's Simulation Engine (one virtual SuperNode per client)")
-    ap.add_argument("--config", default="config.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    ap.add_argument("--clients", type=int, help="SuperNodes, one per client (default: the config's clients)")
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
-    cfg = train.load_config(args.config, args.set)
-    clients = args.clients or len(train.load_data(cfg))
-    simulate(Settings(config=os.path.abspath(args.config), overrides=args.set, clients=clients, overwrite=args.overwrite))
-
-
-if __name__ == "__main__":
-    main()
