@@ -552,12 +552,12 @@ def autocast(model: PilotLlava):
 
 
 def load_batches(enc: Encoder, samples, plan, dev: torch.device, prompts: bool = False,
-            skipped: list[str] | None = None):
+                 skipped: list[str] | None = None):
     """The planned batches, decoded ahead by data.num_workers workers, on `dev`. A picture
     that does not decode is a DataError naming it; with data.skip_bad_records its sample is
     left out and its message added to `skipped` once. Yields (batch or None, kept indices)."""
     for batch in data.batch_loader(enc, samples, plan, prompts, enc.num_workers, dev.type == "cuda",
-                                       enc.skip_bad_records):
+                                   enc.skip_bad_records):
         if "error" in batch:
             raise data.DataError(batch["error"])
         bad, kept = batch.pop("skipped"), batch.pop("kept")

@@ -211,12 +211,6 @@ def load_config(path: str, overrides: list[str]) -> Config:
 
 
 # -----------------------------------------------------------------------------
-# Results
-
-HEADLINE = "after_local"   # [choice] the score the README and results.json's "mean" report; see README
-
-
-# -----------------------------------------------------------------------------
 # The federation in one process: fed.py's protocol, every client on one shared model
 
 
@@ -306,7 +300,7 @@ class Federation(fed_mod.Coordinator):
 
 
 # -----------------------------------------------------------------------------
-# Main: the story of a run, each step a named function
+# Before any weight loads: where the base comes from, its shape, the data checked against it
 
 
 def embedded():
@@ -428,6 +422,12 @@ def check_encodable(clients: Sequence[data_mod.ClientData], enc: model_mod.Encod
     if not prompts:
         return []
     return ["prompts use words the tokenizer maps to <unk>: " + ", ".join(f"{w!r} x{n}" for w, n in prompts.most_common(20))]
+
+
+# -----------------------------------------------------------------------------
+# Main: the story of a run, each step a named function
+
+HEADLINE = "after_local"   # [choice] the score the README and results.json's "mean" report; see README
 
 
 def build_model(cfg: Config):
