@@ -324,6 +324,11 @@ def plan_batches(n: int, cfg: FedConfig, gen: torch.Generator) -> list[list[list
     return steps
 
 
+def steps_per_round(n: int, cfg: FedConfig) -> int:
+    """Optimiser steps in a local round over n samples: plan_batches' count."""
+    return cfg.local_epochs * math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
+
+
 def local_train(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Sequence[data_mod.Sample],
                 cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
                 prox_mu: float = 0.0, where: str = "", progress=None,
@@ -435,11 +440,6 @@ class Client:
                     "balance": 0.0, "router_z": 0.0}
         return {"difference": cfg.lambda_d_stage2, "balance": cfg.lambda_b, "router_z": cfg.lambda_z}
 
-    def steps_per_round(self) -> int:
-        """Optimiser steps in one of this client's local rounds (plan_batches' count)."""
-        cfg, n = self.cfg, len(self.data.train)
-        return cfg.local_epochs * math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
-
     def gate_ramp(self):
         """[choice] The CT-MoA gate's schedule: g = min(1, s / R) after the client's s-th
         stage-2 optimiser step, R = fed.stage2_ramp_steps (null: one round's steps, so the first
@@ -447,7 +447,7 @@ class Client:
         progress is kept in the gate itself (s = round(g R)), so it survives checkpoints,
         resumes and rounds the client sits out. -> after_step for local_train, or None (R = 0)."""
         R = self.cfg.stage2_ramp_steps
-        R = self.steps_per_round() if R is None else R
+        R = steps_per_round(len(self.data.train), self.cfg) if R is None else R
         if R == 0:
             return None
         gate = self.model.connector.gate

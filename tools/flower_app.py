@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shlex
 import sys
@@ -565,9 +564,8 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
         names = [m["name"] for m in meta]
         coord = fed_mod.Coordinator(cfg.fed, names, [m["task"] for m in meta], [int(m["n_train"]) for m in meta],
                                     cfg.seed, initial)
-        f = cfg.fed
-        steps = {k: f.local_epochs * math.ceil(math.ceil(int(m["n_train"]) / f.batch_size) / f.grad_accum)
-                 for k, m in enumerate(meta)}   # fed.plan_batches' count: the outer bound scales with it
+        steps = {k: fed_mod.steps_per_round(int(m["n_train"]), cfg.fed)
+                 for k, m in enumerate(meta)}   # the outer bound of a message scales with them
         gn = GridNodes(grid, node_of, coord.tasks, settings.timeout,
                        wire_recorder(run_dir, names, tap) if settings.record_wire else tap,
                        steps=steps, step_timeout=settings.step_timeout, rejoin_timeout=settings.rejoin_timeout,

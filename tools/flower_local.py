@@ -16,12 +16,12 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if HERE not in sys.path:   # run as a script: the core modules sit in the folder above
-    sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # run as a script: the core modules sit in the folder above
+    sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from tools.flower_app import Settings, make_client_app, make_server_app  # noqa: E402
+from tools.flower_app import HERE, Settings, make_client_app, make_server_app  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
