@@ -291,7 +291,8 @@ def load_llava_json(path: str, image_folder: str, skipped: list[str] | None = No
     return samples
 
 
-MANIFEST_KEYS = {"name", "task", "train", "test", "image_folder", "metric"}
+MANIFEST_KEYS = {"name", "task", "train", "test", "image_folder", "metric", "test_from"}
+OPTIONAL_KEYS = {"metric", "test_from"}   # test_from: where the test records came from (a note, not read)
 
 
 def read_yaml(path: str, what: str):
@@ -311,7 +312,8 @@ def read_yaml(path: str, what: str):
 
 
 def load_manifest(path: str, skip_bad_records: bool = False, progress: bool = False) -> list[ClientData]:
-    """A client manifest: YAML or JSON list of {name, task, train, test, image_folder[, metric]};
+    """A client manifest: YAML or JSON list of {name, task, train, test, image_folder[, metric,
+    test_from]} (test_from: where the test records came from, written by tools/pilot_data.py);
     relative paths are relative to the manifest; unknown keys are errors. With
     skip_bad_records, each client's `skipped` lists the records left out and why."""
     entries = read_yaml(path, "manifest")
@@ -320,7 +322,7 @@ def load_manifest(path: str, skip_bad_records: bool = False, progress: bool = Fa
     root = os.path.dirname(os.path.abspath(path))
     clients = []
     for i, e in enumerate(entries):
-        need = MANIFEST_KEYS - {"metric"}
+        need = MANIFEST_KEYS - OPTIONAL_KEYS
         if not isinstance(e, dict) or need - set(e):
             raise DataError(f"{path}: client {i} needs keys {sorted(need)}, has {sorted(e) if isinstance(e, dict) else e!r}")
         if set(e) - MANIFEST_KEYS:

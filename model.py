@@ -30,6 +30,9 @@ width, C LLM width, V vocabulary.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -135,10 +138,20 @@ class PilotLlava(nn.Module):
                  *, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> list[list[int]]:
         """Batched greedy decoding with KV cache from LEFT-padded prompts; each sequence stops
         at EOS (not returned) or after max_new_tokens."""
+        from transformers import GenerationConfig
         emb, _ = self.embed(input_ids, pixel_values)                      # (B, L, C)
-        out = self.lm.generate(inputs_embeds=emb, attention_mask=attention_mask, do_sample=False,
-                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                               pad_token_id=pad_token_id, use_cache=True)  # (B, <= max_new)
+        # The project's decoding, whole. transformers fills every value a passed GenerationConfig
+        # leaves unset from the model's own, which a checkpoint's generation_config.json sets
+        # (Vicuna's: max_length 4096, which warns on every call, temperature 0.9, top_p 0.6; one
+        # could set a repetition_penalty, which would change greedy answers), so for this call
+        # the model's own is this one.
+        decoding = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)
+        checkpoints, self.lm.generation_config = self.lm.generation_config, decoding
+        try:
+            out = self.lm.generate(inputs_embeds=emb, attention_mask=attention_mask)   # (B, <= max_new)
+        finally:
+            self.lm.generation_config = checkpoints
         seqs = []
         for row in out.tolist():
             seqs.append(row[:row.index(eos_token_id)] if eos_token_id in row else row)
@@ -206,11 +219,87 @@ def _patches(vision_config) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read as it is, or a package its files need: one line naming
+    the checkpoint and what to do."""
+
+
+# Vicuna (and every Llama-2 repo of its time) ships a SentencePiece tokenizer.model and no
+# tokenizer.json; transformers 5 converts it on load, reading its settings through
+# sentencepiece's generated protobuf module. sentencepiece 0.2.3's module needs protobuf >= 7,
+# which Flower (protobuf < 7) forbids, and transformers then reports a missing `tiktoken`.
+SENTENCEPIECE_PIP = "pip install 'sentencepiece>=0.2.0,<0.2.3' 'protobuf>=3.20'"
+
+
+def sentencepiece_problem() -> str | None:
+    """Why transformers could not convert a SentencePiece tokenizer.model here, or None."""
+    try:
+        import sentencepiece
+    except ImportError:
+        return "the sentencepiece package is not installed"
+    try:
+        import google.protobuf
+    except ImportError:
+        return "the protobuf package is not installed"
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401  (what the conversion reads)
+    except Exception as e:   # protobuf's VersionError: generated for a newer protobuf than this one
+        return (f"sentencepiece {sentencepiece.__version__}'s protobuf module does not load with protobuf "
+                f"{google.protobuf.__version__} ({str(e).splitlines()[0][:120]})")
+    return None
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer.from_pretrained(path), with the one failure Llama-family repos meet said in
+    one line: a tokenizer.model without tokenizer.json and no working sentencepiece + protobuf
+    (checked before loading where the folder is local; transformers' own message names tiktoken)."""
+    from transformers import AutoTokenizer
+    local_sp = os.path.isfile(os.path.join(path, "tokenizer.model")) and not os.path.isfile(
+        os.path.join(path, "tokenizer.json"))
+    problem = sentencepiece_problem() if local_sp else None
+    if problem is None:
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:   # a hub id, converted on load: the same cause, found after the fact
+            problem = sentencepiece_problem()
+            if problem is None or not re.search(r"tiktoken|sentencepiece|protobuf|Protobuf", f"{type(e).__name__} {e}"):
+                raise
+    raise CheckpointError(f"{path}: its tokenizer is a SentencePiece tokenizer.model, which transformers converts "
+                          f"on load, and {problem}; run: {SENTENCEPIECE_PIP}")
+
+
+# The weights a class does not use that a hub checkpoint holds (CLIPVisionModel from a whole
+# CLIPModel repo: the text tower), named in transformers' load report: expected, not printed.
+UNUSED = {"CLIPVisionModel": re.compile(r"^(text_model\.|text_projection|visual_projection|logit_scale)")}
+
+
+def from_pretrained(cls, path: str, dtype: torch.dtype, device: str):
+    """cls.from_pretrained(path) with transformers' load report read here rather than printed: a
+    weight the checkpoint lacks (it would be left at random) is a CheckpointError naming it; the
+    weights it holds that cls does not use are listed in one line unless expected (UNUSED)."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # the report's table and 4.x-era config notes
+    try:
+        module, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weights of {cls.__name__} are not in the checkpoint "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    unused = [k for k in info.get("unexpected_keys", []) if not UNUSED.get(cls.__name__, re.compile("^$")).match(k)]
+    if unused:
+        print(f"{path}: {len(unused)} weights not used by {cls.__name__} ({', '.join(sorted(unused)[:3])})",
+              file=sys.stderr)
+    return module.to(device)
+
+
 def load_llava(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Base:
     """Path (a): a transformers LLaVA checkpoint directory or hub id."""
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-    return base_from_llava(llava, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), path)
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+    llava = from_pretrained(LlavaForConditionalGeneration, path, dtype, device)
+    return base_from_llava(llava, load_tokenizer(path), AutoImageProcessor.from_pretrained(path), path)
 
 
 def base_from_llava(llava, tokenizer, image_processor, name: str = "llava") -> Base:
@@ -262,8 +351,7 @@ def load_projector_file(path: str) -> dict[str, torch.Tensor]:
 def pair_tokenizer(llm_path: str):
     """Path (b)'s tokenizer: the LM's, with an `<image>` token added if it lacks one and a pad
     token (unk, else eos) if it has none."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(llm_path)
+    tok = load_tokenizer(llm_path)
     if "<image>" not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if tok.pad_token is None:
@@ -277,8 +365,8 @@ def load_pair(vision_path: str, llm_path: str, projector_path: str | None = None
     An `<image>` token is added to the tokenizer if it lacks one; its id may exceed the
     LM's vocabulary, which PilotLlava.embed handles without resizing the embeddings."""
     from transformers import AutoImageProcessor, AutoModelForCausalLM, CLIPVisionModel
-    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype).to(device)
-    lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype).to(device)
+    vision = from_pretrained(CLIPVisionModel, vision_path, dtype, device)
+    lm = from_pretrained(AutoModelForCausalLM, llm_path, dtype, device)
     tok = pair_tokenizer(llm_path)
     projector = load_projector_file(projector_path) if projector_path else None
     return Base(vision, lm, tok, AutoImageProcessor.from_pretrained(vision_path),
@@ -286,9 +374,9 @@ def load_pair(vision_path: str, llm_path: str, projector_path: str | None = None
 
 
 def _llava_text_side(cfg: ModelConfig):
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
     config = AutoConfig.from_pretrained(cfg.llava)
-    return AutoTokenizer.from_pretrained(cfg.llava), config.image_token_id, _patches(config.vision_config)
+    return load_tokenizer(cfg.llava), config.image_token_id, _patches(config.vision_config)
 
 
 def _pair_text_side(cfg: ModelConfig):

@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import math
 import operator
+import os
 import re
 import sys
 import time
@@ -316,10 +317,19 @@ def base_loader(m: model_mod.ModelConfig) -> model_mod.Loader:
 
 
 def dry_run(cfg: Config) -> str:
-    """A readable size report of the configured run, no weights loaded (tools/sizing.py)."""
+    """A readable size report of the configured run, no weights loaded (tools/sizing.py): sizes,
+    traffic and the memory plan, then the run's work in steps and answers when its data can be
+    read (a manifest that does not exist yet is said, not an error: the plan comes first)."""
     from tools import sizing   # machinery beside the core: loaded only for --dry-run
     n_tasks = 3 if cfg.data.scenario == "manifest" else len(embedded().SCENARIOS[cfg.data.scenario])
-    return sizing.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
+    report = sizing.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
+    if cfg.data.scenario == "manifest" and not os.path.exists(cfg.data.manifest):
+        return report + f"\n\nwork: data.manifest {cfg.data.manifest} does not exist yet; run --dry-run again once it does"
+    if cfg.data.scenario == "manifest":
+        clients = data_mod.load_clients(cfg.data)
+    else:
+        clients = embedded().synthetic_clients(cfg.data.scenario, cfg.data, cfg.seed)
+    return report + "\n" + sizing.work_report_text(cfg.fed, cfg.data.max_new_tokens, clients)
 
 
 def llava_15_7b_config():
@@ -560,7 +570,7 @@ def cli(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (ConfigError, data_mod.DataError, RunError) as e:
+    except (ConfigError, data_mod.DataError, RunError, model_mod.CheckpointError) as e:
         if "--debug" in argv:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -36,11 +36,12 @@ def _gqa(tmp_path, n=8):
 
 
 def _ocrvqa(tmp_path, n=4):
-    """OCR-VQA's dataset.json: {book id: {imageURL, questions, answers, title, authorName, genre, split}}."""
+    """OCR-VQA's dataset.json: {book id: {imageURL, questions, answers, title, authorName, genre, split}};
+    even books in its training split (1), odd ones in its test split (3)."""
     books = {f"{1000 + i}": {"imageURL": f"http://ecx.images-amazon.com/images/I/{i}.jpg",
                              "questions": ["Who wrote this book?", "What is the title of this book?"],
                              "answers": [f"Author {i}", f"Title {i}"], "title": f"Title {i}", "authorName": f"Author {i}",
-                             "genre": "Travel", "split": 1} for i in range(n)}
+                             "genre": "Travel", "split": 3 if i % 2 else 1} for i in range(n)}
     (tmp_path / "dataset.json").write_text(json.dumps(books))
     _images(tmp_path / "ocr_images", [f"{1000 + i}.jpg" for i in range(n)], size=(30, 50))
     return str(tmp_path / "dataset.json"), str(tmp_path / "ocr_images")
@@ -131,8 +132,8 @@ def test_a_missing_dataset_file_or_a_short_task_is_one_line(tmp_path):
                           "--gqa", gqa, "--gqa-images", gqa_images, "--clients-per-task", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "error: task gqa: 3 records with their images, but --clients-per-task x (--train-per-client + "
-        "--test-per-client) = 2400"]
+        "error: task gqa: 3 records on 3 pictures with their images, but --clients-per-task x (--train-per-client + "
+        "--test-per-client) asks 2400 of them, each picture's records in one split only"]
     with pytest.raises(pilot_data.PrepareError, match=r"nope.json: OCR-VQA dataset.json not found"):
         pilot_data.ocrvqa_records(str(tmp_path / "nope.json"))
 
@@ -146,3 +147,78 @@ def test_config_paper_dry_run_runs_offline_before_any_data_exists(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "pilot stage 2" in out.stdout
+
+
+# -----------------------------------------------------------------------------
+# Held-out test splits (SPEC 5e): cut by picture, from the dataset's own evaluation split
+
+
+def _gqa_many(tmp_path, name, images, per_image, prefix="n"):
+    """A GQA questions file asking `per_image` questions of each of `images` pictures."""
+    qs = {f"{prefix}{i}-{j}": {"imageId": f"{prefix}{i}", "question": f"Question {j} about {i}?", "answer": f"a{j}"}
+          for i in range(images) for j in range(per_image)}
+    (tmp_path / name).write_text(json.dumps(qs))
+    _images(tmp_path / "gqa_images", [f"{prefix}{i}.jpg" for i in range(images)])
+    return str(tmp_path / name), str(tmp_path / "gqa_images")
+
+
+def _pictures(out, client, split):
+    return {r["image"] for r in json.load(open(out / f"{client}_{split}.json"))}
+
+
+def test_no_test_picture_is_a_training_picture_of_any_client(tmp_path):
+    gqa, images = _gqa_many(tmp_path, "train_balanced_questions.json", images=40, per_image=3)
+    out = tmp_path / "o"
+    args = ["--tasks", "gqa", "--gqa", gqa, "--gqa-images", images, "--clients-per-task", "3",
+            "--train-per-client", "5", "--test-per-client", "4"]
+    manifest = yaml.safe_load(open(pilot_data.main(["--out", str(out), *args])))
+    names = [e["name"] for e in manifest]
+    train = set().union(*(_pictures(out, c, "train") for c in names))
+    test = set().union(*(_pictures(out, c, "test") for c in names))
+    assert not train & test                                  # held out across all clients, not only within one
+    for a in names:                                          # and no picture in two clients' test splits
+        for b in names:
+            assert a == b or not _pictures(out, a, "test") & _pictures(out, b, "test")
+    assert all(len(json.load(open(out / f"{c}_{s}.json"))) == n for c in names for s, n in (("train", 5), ("test", 4)))
+    # several questions of one picture stay together: 4 test records come from 2 pictures
+    assert all(len(_pictures(out, c, "test")) == 2 for c in names)
+    assert manifest[0]["test_from"] == f"{gqa} (by picture)"
+    again = tmp_path / "again"
+    pilot_data.main(["--out", str(again), *args])
+    assert all(_pictures(again, c, s) == _pictures(out, c, s) for c in names for s in ("train", "test"))
+
+
+def test_ocrvqas_own_split_and_gqas_testdev_give_the_test_records(tmp_path):
+    ocr, ocr_images = _ocrvqa(tmp_path, 8)                   # even books split 1, odd books split 3
+    gqa, gqa_images = _gqa_many(tmp_path, "train_balanced_questions.json", images=6, per_image=2)
+    testdev, _ = _gqa_many(tmp_path, "testdev_balanced_questions.json", images=4, per_image=3, prefix="t")
+    out = tmp_path / "o"
+    manifest = yaml.safe_load(open(pilot_data.main([
+        "--out", str(out), "--tasks", "ocrvqa", "gqa", "--ocrvqa", ocr, "--ocrvqa-images", ocr_images, "--gqa", gqa,
+        "--gqa-test", testdev, "--gqa-images", gqa_images, "--clients-per-task", "2", "--train-per-client", "2",
+        "--test-per-client", "1"])))
+    books = json.load(open(ocr))
+    for c in ("ocrvqa0", "ocrvqa1"):
+        assert {books[p.split(".")[0]]["split"] for p in _pictures(out, c, "test")} == {3}
+        assert {books[p.split(".")[0]]["split"] for p in _pictures(out, c, "train")} == {1}
+    for c in ("gqa0", "gqa1"):
+        assert all(p.startswith("t") for p in _pictures(out, c, "test"))
+        assert not any(p.startswith("t") for p in _pictures(out, c, "train"))
+    assert {e["name"]: e["test_from"] for e in manifest} == {
+        "ocrvqa0": f"{ocr} (split 3)", "ocrvqa1": f"{ocr} (split 3)", "gqa0": testdev, "gqa1": testdev}
+
+
+def test_cocos_val_pictures_in_their_own_folder_are_the_test_split(tmp_path):
+    coco, train_images = _coco(tmp_path, 4)
+    images = [{"id": 90 + i, "file_name": f"{90 + i:012d}.jpg"} for i in range(2)]
+    anns = [{"image_id": 90 + i, "id": 900 + 5 * i + j, "caption": f"A dog {j}."} for i in range(2) for j in range(5)]
+    (tmp_path / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    _images(tmp_path / "val2017", [im["file_name"] for im in images])
+    manifest = pilot_data.main(["--out", str(tmp_path / "o"), "--tasks", "coco_caption", "--coco-captions", coco,
+                                "--coco-images", train_images, "--coco-test-captions", str(tmp_path / "captions_val2017.json"),
+                                "--coco-test-images", str(tmp_path / "val2017"), "--clients-per-task", "2",
+                                "--train-per-client", "1", "--test-per-client", "1"])
+    clients = data.load_manifest(manifest)                   # one image_folder above both folders
+    assert {os.path.dirname(s.image) for c in clients for s in c.test} == {str(tmp_path / "val2017")}
+    assert {os.path.dirname(s.image) for c in clients for s in c.train} == {str(tmp_path / "train2017")}
+    assert all(os.path.isfile(s.image) and len(s.refs) == 5 for c in clients for s in c.test)

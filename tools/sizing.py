@@ -1,7 +1,8 @@
 """tools/sizing.py -- `python train.py --dry-run`: a run's sizes without its weights.
 
-Parameter counts by group, the bytes a client sends and receives per round, and a plan of peak
-GPU memory for one local step, per stage, all built on the meta device from the configured
+Parameter counts by group, the bytes a client sends and receives per round, a plan of peak
+GPU memory for one local step, per stage, and (where the data can be read) the work of the run
+in optimiser steps and generated answers, round by round, all built on the meta device from the configured
 checkpoint's config (no weights, no download; LLaVA-1.5-7B's built-in shape where the config is
 not available offline). benchmarks/bench_memory_plan.py checks the plan against measured steps
 (docs/cost.md). The core never imports this file; train.py hands `--dry-run` to it.
@@ -89,3 +90,32 @@ def size_report_text(cfg: model.ModelConfig, method: str, num_tasks: int, batch_
 def _lora_on_meta(lm: nn.Module, cfg: model.ModelConfig) -> dict[str, torch.Tensor]:
     pilot.add_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_targets)
     return pilot.lora_state_dict(lm)
+
+
+def work_report_text(fed_cfg: fed.FedConfig, max_new_tokens: int, clients) -> str:
+    """The work of the whole run, from the clients' record counts (no picture is read): optimiser
+    steps of local training and answers generated in scoring, per round and in all, so that a
+    user multiplies by their GPU's seconds per step and per answer (docs/real-run.md). Scoring
+    is every client, every round, at both points (after_local, after_download), on
+    fed.eval_max_samples of its test (and validation) split; at the end each client answers the
+    other tasks' test subsets and, when rounds scored a subset, its whole test split once more."""
+    K = len(clients)
+    taking_part = max(1, round(fed_cfg.client_fraction * K))
+    rounds = fed_cfg.stage1_rounds + fed_cfg.stage2_rounds
+    cap = lambda n: n if fed_cfg.eval_max_samples is None else min(n, fed_cfg.eval_max_samples)  # noqa: E731
+    steps = sorted(fed.steps_per_round(len(c.train), fed_cfg) for c in clients)
+    per_round_steps = sum(steps[-taking_part:])                      # an upper bound when sampling
+    answers = sum(2 * (cap(len(c.test)) + cap(len(c.val))) for c in clients)
+    final = sum(cap(len(o.test)) for c in clients for o in clients if o.task != c.task)
+    if fed_cfg.eval_max_samples is not None:
+        final += sum(len(c.test) for c in clients)
+    n_train = sum(len(c.train) for c in clients)
+    lines = [f"\nwork ({K} clients, {n_train:,} training records; {taking_part} take part in a round)",
+             f"  local training per round: {per_round_steps:,} optimiser steps of {fed_cfg.batch_size} x "
+             f"{fed_cfg.grad_accum} samples (a client: {steps[0]:,}-{steps[-1]:,})" + (" at most" if taking_part < K else ""),
+             f"  scoring per round: {answers:,} answers of at most {max_new_tokens} tokens "
+             f"({answers * max_new_tokens:,} generated tokens at most)",
+             f"  whole run, {rounds} rounds: {rounds * per_round_steps:,} optimiser steps, "
+             f"{rounds * answers + final:,} answers ({final:,} of them in the final scoring), "
+             f"{(rounds * answers + final) * max_new_tokens:,} generated tokens at most"]
+    return "\n".join(lines)
