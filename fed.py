@@ -218,6 +218,10 @@ class Server:
         self.method, self.tasks, self.n_samples = METHODS[method], list(tasks), list(n_samples)
         self.ata_top_m, self.ata_form, self.ata_tau = ata_top_m, ata_form, ata_tau
         self.task_adapters: dict[str, dict[str, torch.Tensor]] = {}
+        # Where a personalised LoRA is written as it is mixed, key by key: sink(name, like) -> a
+        # {name: tensor} to fill in `like`'s key order, with close() returning the message to send
+        # (tools/store.py writes it to a file). None: in memory.
+        self.sink = None
 
     def lora_mix(self, ids: list[int], loras: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, d) over the uploading clients `ids`, both (K', K'): the LoRA distances d and the
@@ -258,7 +262,12 @@ class Server:
                                                          [self.tasks[k] for k in ids]))
             # adaptive text aggregation: one personalised LoRA per uploading client
             W, d = self.lora_mix(ids, loras)
-            personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
+            if self.sink is None:
+                personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
+            else:   # the same mix, each key's K' rows written as they come: no K' LoRA states in memory
+                out = [self.sink(f"down_{k}.lora", loras[0]) for k in ids]
+                pilot.weighted_averages_into(loras, W, out)
+                personal = {k: o.close() for k, o in zip(ids, out)}
             shares = dict(zip(ids, mix_shares(W, [self.tasks[k] for k in ids])))
             distances = (list(ids), d.tolist())
         downloads = {}

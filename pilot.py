@@ -8,7 +8,8 @@ Xu; AAAI 2025; arXiv 2501.13985): the method itself, each piece small enough to 
   stage 2   route, balance_loss, router_z_loss, CTMoA (the cross-task Mixture-of-Adapters),
             Stage2Connector (psi_s + the gated CT-MoA), stage2_from_stage1                 (SPEC 4)
   baseline  PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox), prox_term
-  server    task_average, weighted_average(s); ata (the default ATA), ata_weights (every form) (SPEC 5)
+  server    task_average, weighted_average(s) (weighted_averages_into: the same, streamed key by key);
+            ata (the default ATA), ata_weights (every form)                                (SPEC 5)
 
 Every connector returns ConnectorOutput(tokens, aux), aux always holding the keys of AUX_KEYS
 (zeros where unused), so training code never branches on the connector; the losses are raw,
@@ -25,7 +26,7 @@ experts, K clients, r LoRA rank, D = N * C. Tests: `pytest tests/test_pilot.py t
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Mapping, MutableMapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -438,18 +439,29 @@ def weighted_average(states: Sequence[dict[str, torch.Tensor]], weights: torch.T
 
 def weighted_averages(states: Sequence[dict[str, torch.Tensor]], weights: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """K' states, row k = sum_j W[k, j] states[j], key by key, one key's K tensors stacked at a
-    time; W (K', K). ATA's personalised LoRA, one per client. Copy with: check_same_keys."""
+    time; W (K', K). ATA's personalised LoRA, one per client. Copy with: weighted_averages_into,
+    check_same_keys."""
+    out = [dict() for _ in range(torch.as_tensor(weights).shape[0])]
+    weighted_averages_into(states, weights, out)
+    return out
+
+
+def weighted_averages_into(states: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor,
+                           out: Sequence[MutableMapping[str, torch.Tensor]]) -> None:
+    """weighted_averages, streamed: row k of each key goes into out[k] as soon as that key is
+    mixed, in states[0]'s key order, so the K' results need not be held at once (`out` may be
+    files being written, and `states` files read one tensor at a time: the server's memory is
+    then about K + K' tensors of one key, not K + K' states). Copy with: check_same_keys."""
     check_same_keys(states)
     W = torch.as_tensor(weights, dtype=torch.float32)
-    if W.dim() != 2 or W.shape[1] != len(states):
-        raise ValueError(f"weights must be (K', {len(states)}), got shape {tuple(W.shape)}")
-    out = [dict() for _ in range(W.shape[0])]
+    if W.dim() != 2 or W.shape[1] != len(states) or W.shape[0] != len(out):
+        raise ValueError(f"weights must be ({len(out)}, {len(states)}), got shape {tuple(W.shape)}")
     for key in states[0]:
-        stacked = torch.stack([s[key].float() for s in states])             # (K, *shape)
+        tensors = [s[key] for s in states]
+        stacked = torch.stack([t.float() for t in tensors])                  # (K, *shape)
         mixed = torch.einsum("kj,j...->k...", W.to(stacked.device), stacked)   # (K', *shape)
         for k in range(W.shape[0]):
-            out[k][key] = mixed[k].to(states[0][key].dtype)
-    return out
+            out[k][key] = mixed[k].to(tensors[0].dtype)
 
 
 def task_average(states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],

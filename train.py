@@ -30,10 +30,13 @@ import math
 import operator
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import types
 import typing
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -215,11 +218,33 @@ def load_config(path: str, overrides: list[str]) -> Config:
 # The federation in one process: fed.py's protocol, every client on one shared model
 
 
+class States(typing.Sequence):
+    """The clients' states as a sequence, each read from (and written to) its file in the store
+    when indexed: `fedn.states[k]` loads client k's state, `fedn.states[k] = state` saves it."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store.names)
+
+    def __getitem__(self, k: int) -> dict:
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return self.store.load(k % len(self))
+
+    def __setitem__(self, k: int, state: dict) -> None:
+        self.store.save(k % len(self), state)
+
+
 class Federation(fed_mod.Coordinator):
-    """The whole federation in one process: K clients (their data and their state as CPU
-    tensors) on one shared model, and the coordinator that runs the rounds; it is its own
-    `nodes`. The state to checkpoint is `states`, `stage` and the server's `state()`;
-    everything random is derived from (seed, purpose, round, client).
+    """The whole federation in one process: K clients (their data, and their states in files:
+    tools/store.ClientStore, one state in memory at a time) on one shared model, and the
+    coordinator that runs the rounds; it is its own `nodes`. The round's uploads and the
+    personalised downloads are files too, which the server reads and writes key by key, so the
+    host memory of a round does not grow with K (docs/cost.md). The state to checkpoint is the
+    store's files, `stage` and the server's `state()`; everything random is derived from (seed,
+    purpose, round, client).
 
     [choice] When a client is scored (SPEC 5b): every round, every method, at two points:
     `after_local` (the state after its own local training of the round, as personalised-FL
@@ -227,34 +252,60 @@ class Federation(fed_mod.Coordinator):
     its test split and, when it has one, its validation split."""
 
     def __init__(self, cfg: fed_mod.FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
-                 clients: Sequence[data_mod.ClientData], enc: model_mod.Encoder, seed: int, max_new_tokens: int):
+                 clients: Sequence[data_mod.ClientData], enc: model_mod.Encoder, seed: int, max_new_tokens: int,
+                 state_dir: str | None = None):
+        from tools import store as store_mod
         self.clients, self.model, self.base, self.enc = list(clients), model, base, enc
         self.max_new_tokens = max_new_tokens
+        temporary = state_dir is None   # built without a run folder (tests, notebooks): a temp one
+        state_dir = tempfile.mkdtemp(prefix="pilot-states-") if temporary else state_dir
+        self.store = store_mod.ClientStore(state_dir, [d.name for d in self.clients])
+        if temporary:   # removed with the store (which fedn.states views share)
+            weakref.finalize(self.store, shutil.rmtree, state_dir, True)
         # [choice] every client starts from the same initial state (as if broadcast by the server)
-        self.states = [model_mod.client_state(model) for _ in self.clients]
-        self.initial_keys = frozenset(self.states[0])
+        initial = model_mod.client_state(model)
+        for k in range(len(self.clients)):
+            self.store.save(k, initial)
+        self.initial_keys = frozenset(initial)
         self.stage = 1
         super().__init__(cfg, [d.name for d in self.clients], [d.task for d in self.clients],
-                         [len(d.train) for d in self.clients], seed, fed_mod.adapter_tensors(self.states[0], fed_mod.OWN_ADAPTER))
+                         [len(d.train) for d in self.clients], seed, fed_mod.adapter_tensors(initial, fed_mod.OWN_ADAPTER))
+        self.server.sink = self.store.writer
         self.nodes = [fed_mod.Client(k, d, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
                       for k, d in enumerate(self.clients)]
+
+    @property
+    def states(self) -> States:
+        return States(self.store)
+
+    @states.setter
+    def states(self, states: Sequence[dict]) -> None:
+        for k, state in enumerate(states):
+            self.store.save(k, state)
 
     def run_round(self, r: int, progress=None) -> dict:
         return runs.round_record(self.names, *self.communication_round(r, self, progress))
 
-    # `nodes`, in process: call each client in turn, keep its state in self.states
+    # `nodes`, in process: call each client in turn, its state read from and written back to its file
 
     def local_round(self, r: int, stage: int, chosen: Sequence[int], progress=None) -> dict[int, dict]:
         replies = {}
         for k, node in enumerate(self.nodes):
-            self.states[k], replies[k] = node.local_round(self.states[k], r, stage, k in chosen, progress)
+            state, replies[k] = node.local_round(self.store.load(k), r, stage, k in chosen, progress)
+            self.store.save(k, state)
+            if replies[k]["upload"]:   # the upload as files the server reads one tensor at a time
+                replies[k]["upload"] = {g: self.store.message_file(f"up_{k}.{g}", t)
+                                        for g, t in replies[k]["upload"].items()}
+            del state
         return replies
 
     def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> dict[int, dict]:
         replies = {}
         for k, msg in downloads.items():
             if msg:
-                self.states[k], _, replies[k] = self.nodes[k].take(self.states[k], self.stage, msg, handover)
+                state, _, replies[k] = self.nodes[k].take(self.store.load(k), self.stage, msg, handover)
+                self.store.save(k, state)
+                del state
         if handover:
             self.set_stage(2)
         return replies
@@ -276,10 +327,10 @@ class Federation(fed_mod.Coordinator):
 
     def train_client(self, k: int, r: int, stage: int, progress=None) -> dict[str, float]:
         """Client k's local training of round r (its trained state is left in the shared model)."""
-        return self.nodes[k].train(self.states[k], r, stage, progress)
+        return self.nodes[k].train(self.store.load(k), r, stage, progress)
 
     def score(self, k: int, full: bool = False) -> dict[str, float]:
-        return self.nodes[k].score(self.states[k], self.stage, full)
+        return self.nodes[k].score(self.store.load(k), self.stage, full)
 
     def evaluate_cross(self) -> dict[str, dict[str, float]]:
         """Each client on every other task's test splits (what it learned from other tasks).
@@ -287,7 +338,7 @@ class Federation(fed_mod.Coordinator):
         out = {}
         for k, client in enumerate(self.clients):
             self.nodes[k].structure(self.stage)
-            model_mod.load_client_state(self.model, self.states[k])
+            model_mod.load_client_state(self.model, self.store.load(k))
             out[client.name] = {}
             for task in self.tasks:
                 if task == client.task:
@@ -322,14 +373,17 @@ def dry_run(cfg: Config) -> str:
     read (a manifest that does not exist yet is said, not an error: the plan comes first)."""
     from tools import sizing   # machinery beside the core: loaded only for --dry-run
     n_tasks = 3 if cfg.data.scenario == "manifest" else len(embedded().SCENARIOS[cfg.data.scenario])
-    report = sizing.size_report_text(cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
+    shape = (cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
+    report = sizing.size_report_text(*shape)
     if cfg.data.scenario == "manifest" and not os.path.exists(cfg.data.manifest):
-        return report + f"\n\nwork: data.manifest {cfg.data.manifest} does not exist yet; run --dry-run again once it does"
+        return report + (f"\n\nwork, client states: data.manifest {cfg.data.manifest} does not exist yet; run "
+                         "--dry-run again once it does")
     if cfg.data.scenario == "manifest":
         clients = data_mod.load_clients(cfg.data)
     else:
         clients = embedded().synthetic_clients(cfg.data.scenario, cfg.data, cfg.seed)
-    return report + "\n" + sizing.work_report_text(cfg.fed, cfg.data.max_new_tokens, clients)
+    return "\n".join([report, sizing.host_report_text(sizing.size_report(*shape), clients),
+                      sizing.work_report_text(cfg.fed, cfg.data.max_new_tokens, clients)])
 
 
 def llava_15_7b_config():
@@ -456,11 +510,12 @@ def build_model(cfg: Config):
     return model, base, enc
 
 
-def build(cfg: Config, clients=None) -> Federation:
-    """Data (checked first), then the base model, then the federation."""
+def build(cfg: Config, clients=None, state_dir: str | None = None) -> Federation:
+    """Data (checked first), then the base model, then the federation (its client states in
+    `state_dir`, <run_dir>/states in a run; None: a temporary folder)."""
     clients = load_data(cfg) if clients is None else clients
     model, base, enc = build_model(cfg)
-    return Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens)
+    return Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens, state_dir)
 
 
 def run_rounds(cfg: Config, fedn: Federation, start: int, records: list[dict]) -> list[dict]:
@@ -556,7 +611,7 @@ def main(argv=None) -> dict:
             if c.skipped:
                 print(f"client {c.name}: skipped {len(c.skipped)} bad records:\n  " + "\n  ".join(c.skipped),
                       file=sys.stderr)
-        fedn = build(cfg, clients)
+        fedn = build(cfg, clients, os.path.join(cfg.run_dir, "states"))
         start = runs.load_checkpoint(cfg.run_dir, fedn) if args.resume else 0
         records = run_rounds(cfg, fedn, start, runs.resume_log(cfg.run_dir, start))
         return finish(cfg, fedn, records)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead", "data", "base_load"]
+NAMES = ["ctmoa", "difference_loss", "ata", "memory", "step", "round_overhead", "data", "base_load", "clients"]
 
 
 def _run(name):
@@ -47,5 +47,8 @@ def test_benchmark_smoke(name, smoke_runs):
         assert 0 <= res["overhead_fraction"] < 1 and [r["stage"] for r in res["rows"]] == [1, 2]
     if name == "data":
         assert [row["records"] for row in res["rows"]] == [200] and res["rows"][0]["pictures_per_s_0_workers"] > 0
+    if name == "clients":   # the server's round at K = 3 from files and in memory, each in its own process
+        assert [(r["K"], r["mode"]) for r in res["rows"]] == [(3, "streamed"), (3, "memory")]
+        assert all(r["bytes_read_gb"] >= 0 and r["peak_rss_mb"] > 0 for r in res["rows"])
     if name == "base_load":
         assert len(res["runs"]) == 1 and res["safetensors_bytes"] > 0 and res["runs"][0]["load_s"] > 0

@@ -62,25 +62,32 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path, 
     assert _same(_final_states(kill_dir / "run"), _final_states(ref_dir / "run"))
 
 
+def _kill_when_logged(proc, run, rounds: int) -> None:
+    """SIGKILL the run once its log holds `rounds` rounds (the event: the process is then writing
+    that round's checkpoint, training the next round, or scoring at the end), and check that the
+    kill landed mid-run: the process died of it, before writing its results. A run that ends
+    before the event fails the test rather than passing without a kill."""
+    log, deadline = run / "log.jsonl", time.time() + 600            # an outer bound only
+    while not (log.exists() and log.read_text().count("\n") >= rounds):
+        assert proc.poll() is None, f"the run ended before round {rounds} was logged"
+        assert time.time() < deadline, f"round {rounds} was not logged within 600 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and not (run / "results.json").exists(), "the kill did not land mid-run"
+
+
 def _kill_three_times_then_resume(kill_cfg, kill_dir):
-    """SIGKILL the run three times: in round 2's local training, then at two other moments of
-    the resumed runs (start-up, training, aggregation or checkpoint writing, wherever they
-    land); then resume it to the end."""
-    log = kill_dir / "run" / "log.jsonl"
-    for i, delay in enumerate((0.5, 4.0, 6.5)):
+    """SIGKILL the run three times on events, each while it is running: once round 1 is logged
+    (its checkpoint being written, or round 2 training), then the resumed runs once rounds 2
+    and 3 are logged (round 3 training; the final scoring); then resume it to the end."""
+    for i in range(3):
         proc = subprocess.Popen(_cli(kill_cfg, *(["--resume"] if i else [])), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
-        if i == 0:
-            deadline = time.time() + 300
-            while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
-                time.sleep(0.05)
-        time.sleep(delay)
-        if proc.poll() is not None:
-            break                             # it finished before this kill: nothing left to kill
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if i == 0:   # later kills may land after the results were written, which is fine
-            assert not (kill_dir / "run" / "results.json").exists()
+        try:
+            _kill_when_logged(proc, kill_dir / "run", i + 1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     done = subprocess.run(_cli(kill_cfg, "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -161,7 +168,9 @@ def test_a_non_finite_update_is_left_out_of_aggregation(tiny_llava_dir, monkeypa
 
 def test_the_server_sees_only_uploads_and_answers_as_a_function_of_them():
     server = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1)
-    assert set(vars(server)) == {"method", "tasks", "n_samples", "ata_top_m", "ata_form", "ata_tau", "task_adapters"}
+    # what it holds: its settings, the global task adapters, and where it writes a personalised LoRA (no data)
+    assert set(vars(server)) == {"method", "tasks", "n_samples", "ata_top_m", "ata_form", "ata_tau", "task_adapters",
+                                 "sink"}
     uploads = {k: {"lora": {"lm.x.lora_A": torch.randn(4)},
                    "task_adapter": {"connector.psi_t.w": torch.randn(2)}} for k in range(3)}
     first = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1).aggregate(copy.deepcopy(uploads), True).downloads

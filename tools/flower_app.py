@@ -62,6 +62,7 @@ import fed as fed_mod
 import model as model_mod
 import train
 from tools import runs
+from tools.store import ClientStore
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the app's folder: the project's root
 NODE_KEYS = ("data.", "model.llava", "model.vision", "model.llm", "model.projector", "model.cache_dir",
@@ -415,8 +416,9 @@ class GridNodes:
 
     def __init__(self, grid: Grid, node_of: dict[int, int], tasks, timeout: float, tap=None, poll: float = 1.0,
                  steps: dict[int, int] | None = None, step_timeout: float = 0.0, rejoin_timeout: float = 120.0,
-                 retries: int = 3):
+                 retries: int = 3, store=None):
         self.grid, self.node_of, self.tasks, self.timeout, self.tap = grid, dict(node_of), list(tasks), timeout, tap
+        self.store = store                 # tools/store.ClientStore: uploads kept as files, as in process
         self.poll, self.steps, self.step_timeout = poll, dict(steps or {}), step_timeout
         self.rejoin_timeout, self.retries = rejoin_timeout, retries
         self.wire = {"up": 0, "down": 0}
@@ -461,10 +463,17 @@ class GridNodes:
         got = self.exchange(contents, "train.local_round", max((self.steps.get(k, 0) for k in chosen), default=0))
         self.collect_took(got)
         return {k: {"scores": dict(content["scores"]), "excluded": bool(content["reply"]["excluded"]),
-                    "upload": unpack(content, "up.") if content["reply"]["uploaded"] else None,
+                    "upload": self.keep(k, unpack(content, "up.")) if content["reply"]["uploaded"] else None,
                     "losses": dict(content["losses"]) if "losses" in content.metric_records else None,
                     "seconds_local": content["seconds"]["local"], "seconds_scoring": content["seconds"]["scoring"]}
                 for k, content in got.items()}
+
+    def keep(self, k: int, upload: dict) -> dict:
+        """Client k's upload as files in the store (read key by key by the server's aggregation,
+        which writes the personalised downloads there too), or as it came without a store."""
+        if self.store is None:
+            return upload
+        return {g: self.store.message_file(f"up_{k}.{g}", t) for g, t in upload.items()}
 
     def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> None:
         """Keep round r's downloads for the next message; their replies come with it (`took`)."""
@@ -564,12 +573,15 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
         names = [m["name"] for m in meta]
         coord = fed_mod.Coordinator(cfg.fed, names, [m["task"] for m in meta], [int(m["n_train"]) for m in meta],
                                     cfg.seed, initial)
+        # the round's uploads and personalised downloads in files, as the in-process engine keeps them
+        store = ClientStore(os.path.join(run_dir, "states"), names)
+        coord.server.sink = store.writer
         steps = {k: fed_mod.steps_per_round(int(m["n_train"]), cfg.fed)
                  for k, m in enumerate(meta)}   # the outer bound of a message scales with them
         gn = GridNodes(grid, node_of, coord.tasks, settings.timeout,
                        wire_recorder(run_dir, names, tap) if settings.record_wire else tap,
                        steps=steps, step_timeout=settings.step_timeout, rejoin_timeout=settings.rejoin_timeout,
-                       retries=settings.retries)
+                       retries=settings.retries, store=store)
         records, finals = run_rounds(coord, gn, run_dir)
         results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": train.HEADLINE,
                    **{p: {"own": records[-1][p], "mean": records[-1]["mean"][p]} for p in fed_mod.EVAL_POINTS},

@@ -29,11 +29,13 @@ from typing import Sequence
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data as data_mod
 import fed as fed_mod
 import train
+from tools.store import StateFile
 
 # -----------------------------------------------------------------------------
 # The run directory: one run owns it (a lock, and refusal to mix runs), and what defines a run
@@ -159,9 +161,10 @@ def save_checkpoint(run_dir: str, r: int, fedn: train.Federation, cfg: train.Con
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     files = []
-    for client, state in zip(fedn.clients, fedn.states):
-        files.append(os.path.join(tmp, f"client_{client.name}.safetensors"))
-        save_file({k: v.contiguous() for k, v in state.items()}, files[-1])
+    for k, client in enumerate(fedn.clients):
+        # the client's state file in the store (written and fsynced there), linked, not copied:
+        # a later save writes a new file, so the link keeps this round's bytes
+        link_or_copy(fedn.store.path(k), os.path.join(tmp, f"client_{client.name}.safetensors"))
     files.append(os.path.join(tmp, "server.safetensors"))
     save_file({k: v.contiguous() for k, v in fedn.server.state().items()}, files[-1])
     meta = {"round": r, "stage": fedn.stage, "seed": cfg.seed,
@@ -182,6 +185,14 @@ def save_checkpoint(run_dir: str, r: int, fedn: train.Federation, cfg: train.Con
         os.close(dir_fd)
     for old in _rounds(root)[:-2]:
         shutil.rmtree(os.path.join(root, old))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no second copy of the bytes); a copy where the file system has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -210,11 +221,14 @@ def _read_round(path: str, fedn: train.Federation) -> tuple[dict, dict, list]:
         name = os.path.join(path, "server.safetensors")
         server = _load_copy(name)
         states, want = [], fedn.state_keys(meta["stage"])
-        for client in fedn.clients:
+        for client in fedn.clients:   # checked by their headers here, read one at a time later
             name = os.path.join(path, f"client_{client.name}.safetensors")
-            states.append(_load_copy(name))
+            states.append(StateFile(name))
             if set(states[-1]) != want:
                 raise ValueError(f"its keys are not those of a stage-{meta['stage']} client state of this run")
+            with safe_open(name, framework="pt") as f:   # every tensor's bytes are there
+                for key in states[-1]:
+                    f.get_slice(key)
     except Exception as e:  # truncated, corrupted or incomplete: json, safetensors and OS errors alike
         raise ValueError(f"checkpoint file {name} is unreadable ({type(e).__name__}: {e})") from None
     return meta, server, states
@@ -240,7 +254,10 @@ def load_checkpoint(run_dir: str, fedn: train.Federation) -> int:
                            "was no stage-2 handover; a run cannot add stage-2 rounds after that (start a new run)")
         fedn.set_stage(meta["stage"])
         fedn.server.load_state(server)
-        fedn.states = states
+        for k, state in enumerate(states):   # the round's files become the store's again
+            tmp = fedn.store.path(k) + ".tmp"
+            link_or_copy(state.path, tmp)
+            os.replace(tmp, fedn.store.path(k))
         return r
     if rounds:
         raise train.RunError(f"no checkpoint in {root} is readable; nothing was changed (start over with --overwrite)")
@@ -327,7 +344,9 @@ def message_bytes(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for group, tensors in msg.items():
         name = group.split(".")[0]
-        out[name] = out.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors.values())
+        size = getattr(tensors, "nbytes", None)   # a message file (tools/store.StateFile): from its header
+        out[name] = out.get(name, 0) + (size if size is not None else
+                                        sum(t.numel() * t.element_size() for t in tensors.values()))
     return out
 
 

@@ -92,6 +92,23 @@ def _lora_on_meta(lm: nn.Module, cfg: model.ModelConfig) -> dict[str, torch.Tens
     return pilot.lora_state_dict(lm)
 
 
+def host_report_text(rep: dict, clients) -> str:
+    """Host memory and disk of the client states (fp32, as the run keeps them): each client's
+    state is a file in <run_dir>/states and one is in memory at a time; a round's uploads and
+    personalised downloads are files too (tools/store.py), and each checkpoint links the states
+    (no second copy; the last two rounds are kept, so up to two older sets of files)."""
+    K = len(clients)
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    lines = [f"\nclient states ({K} clients, fp32; in <run_dir>/states, one in host memory at a time)"]
+    for name, st in rep["stages"].items():
+        state = st["memory_bytes"]["client_weights_fp32"]
+        messages = st["bytes_up_per_round"] + 4 * st["parameters"]["lora"]   # upload + personalised LoRA
+        lines.append(f"  {name}: {gb(state)} a client in memory; on disk {gb(K * state)} of states, "
+                     f"{gb(K * messages)} of a round's messages, up to {gb(3 * K * state + K * messages)} with "
+                     "the two checkpoints kept")
+    return "\n".join(lines)
+
+
 def work_report_text(fed_cfg: fed.FedConfig, max_new_tokens: int, clients) -> str:
     """The work of the whole run, from the clients' record counts (no picture is read): optimiser
     steps of local training and answers generated in scoring, per round and in all, so that a
