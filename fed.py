@@ -218,10 +218,12 @@ class Server:
         self.method, self.tasks, self.n_samples = METHODS[method], list(tasks), list(n_samples)
         self.ata_top_m, self.ata_form, self.ata_tau = ata_top_m, ata_form, ata_tau
         self.task_adapters: dict[str, dict[str, torch.Tensor]] = {}
-        # Where a personalised LoRA is written as it is mixed, key by key: sink(name, like) -> a
-        # {name: tensor} to fill in `like`'s key order, with close() returning the message to send
-        # (tools/store.py writes it to a file). None: in memory.
-        self.sink = None
+        # Where the sums over clients are computed: None, in memory (pilot.gram_matrix,
+        # pilot.weighted_averages); or an object with gram(states) -> (K, K) and mix(states, W,
+        # names) -> the K' states (names: a message per row, the personalised LoRA; None: the
+        # task adapters): tools/store.ClientStore, which reads and writes files key by key in
+        # row blocks, so the server's memory does not grow with K.
+        self.store = None
 
     def lora_mix(self, ids: list[int], loras: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, d) over the uploading clients `ids`, both (K', K'): the LoRA distances d and the
@@ -229,7 +231,7 @@ class Server:
         (pilot_fedavg_lora), or the task oracle, FedAvg within each task (pilot_task_oracle;
         the server knows every client's task, as task_average needs)."""
         n = torch.tensor([float(self.n_samples[k]) for k in ids])               # (K',)
-        d = pilot.pairwise_distances(loras)                                       # (K', K')
+        d = pilot.pairwise_distances(loras, None if self.store is None else self.store.gram(loras))   # (K', K')
         if self.method.lora == "fedavg":
             return (n / n.sum()).expand(len(ids), len(ids)), d
         if self.method.lora == "task":
@@ -258,16 +260,15 @@ class Server:
         personal, shares, distances = {}, None, None
         if ids:
             # task-aware visual aggregation: global psi_t per task (tasks with no upload keep theirs)
+            average = None if self.store is None else (lambda states, w: self.store.mix(states, w[None])[0])
             self.task_adapters.update(pilot.task_average([uploads[k]["task_adapter"] for k in ids], n,
-                                                         [self.tasks[k] for k in ids]))
+                                                         [self.tasks[k] for k in ids], average))
             # adaptive text aggregation: one personalised LoRA per uploading client
             W, d = self.lora_mix(ids, loras)
-            if self.sink is None:
+            if self.store is None:
                 personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
-            else:   # the same mix, each key's K' rows written as they come: no K' LoRA states in memory
-                out = [self.sink(f"down_{k}.lora", loras[0]) for k in ids]
-                pilot.weighted_averages_into(loras, W, out)
-                personal = {k: o.close() for k, o in zip(ids, out)}
+            else:   # the same sums, written as they come: no K' LoRA states in memory
+                personal = dict(zip(ids, self.store.mix(loras, W, [f"down_{k}.lora" for k in ids])))
             shares = dict(zip(ids, mix_shares(W, [self.tasks[k] for k in ids])))
             distances = (list(ids), d.tolist())
         downloads = {}

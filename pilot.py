@@ -465,24 +465,25 @@ def weighted_averages_into(states: Sequence[Mapping[str, torch.Tensor]], weights
 
 
 def task_average(states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
-                 tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+                 tasks: Sequence[str], average=None) -> dict[str, dict[str, torch.Tensor]]:
     """Task-aware visual aggregation: each task's global adapter is the sample-weighted mean of its clients' psi_t;
-    tasks never mix. -> {task: state}. Copy with: weighted_average, weighted_averages, check_same_keys."""
+    tasks never mix. -> {task: state}. `average(states, w)`: how one weighted mean is computed
+    (None: weighted_average; a server reading files passes its streamed form).
+    Copy with: weighted_average, weighted_averages, weighted_averages_into, check_same_keys."""
     if not len(states) == len(n_samples) == len(tasks):
         raise ValueError("states, n_samples and tasks must have one entry per client")
     out = {}
     for task in sorted(set(tasks)):
         idx = [k for k, t in enumerate(tasks) if t == task]
         n = torch.tensor([float(n_samples[k]) for k in idx])
-        out[task] = weighted_average([states[k] for k in idx], n / n.sum())
+        out[task] = (average or weighted_average)([states[k] for k in idx], n / n.sum())
     return out
 
 
 @torch.no_grad()
-def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """(K, K) Euclidean distances between clients, each client's tensors as one vector: one Gram
-    matrix accumulated key by key (||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b), never K full copies;
-    float64, as the subtraction cancels when clients are close. Copy with: nothing else."""
+def gram_matrix(states: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """(K, K) inner products <a_i, a_j> of the clients' states, each as one vector, accumulated
+    key by key in states[0]'s order (one key's K tensors at a time); float64. Copy with: nothing else."""
     if any(set(s) != set(states[0]) for s in states):
         raise KeyError("distances are by parameter name: every state must hold the same names")
     K = len(states)
@@ -490,6 +491,16 @@ def pairwise_distances(states: Sequence[dict[str, torch.Tensor]]) -> torch.Tenso
     for key in states[0]:
         x = torch.stack([s[key].reshape(-1) for s in states]).double()    # (K, P_key)
         gram += (x @ x.t()).cpu()                                          # (K, K)
+    return gram
+
+
+@torch.no_grad()
+def pairwise_distances(states: Sequence[Mapping[str, torch.Tensor]], gram: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, K) Euclidean distances between clients, each client's tensors as one vector, from one Gram
+    matrix (||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b), never K full copies; float64, as the
+    subtraction cancels when clients are close. `gram`: gram_matrix(states), if already
+    accumulated (a server reading files does it in blocks). Copy with: gram_matrix."""
+    gram = gram_matrix(states) if gram is None else gram
     sq = gram.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)               # (K, K)
     d2.fill_diagonal_(0)
@@ -539,7 +550,7 @@ def ata(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int]
         tau: float = 0.25) -> torch.Tensor:
     """Adaptive text aggregation (ATA, SPEC section 5), the default form: the (K, K) mixing matrix W, rows
     summing to 1, of ata_spread over the LoRA distances (pairwise_distances); N_k the top_m nearest others
-    (None: all); tau: fed.ata_tau's default. Apply with weighted_averages. Copy with: ata_spread, pairwise_distances."""
+    (None: all); tau: fed.ata_tau's default. Apply with weighted_averages. Copy with: ata_spread, pairwise_distances, gram_matrix."""
     K = len(lora_states)
     m = K - 1 if top_m is None else min(top_m, K - 1)
     n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
@@ -592,7 +603,7 @@ def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Seque
     distances d (pairwise_distances, or `d` if computed); N_k the top_m nearest others, where
     None or more than K - 1 (client sampling varies K) means all. `form` (ATA_FORMS) and its
     `tau` (None: its default). [choice] The paper gives no normalisation. Default alone: `ata`.
-    Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others, pairwise_distances."""
+    Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others, pairwise_distances, gram_matrix."""
     if form not in ATA_FORMS:
         raise ValueError(f"ATA form must be one of {tuple(ATA_FORMS)}, got {form!r}")
     if top_m is not None and top_m < 0:

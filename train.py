@@ -270,7 +270,7 @@ class Federation(fed_mod.Coordinator):
         self.stage = 1
         super().__init__(cfg, [d.name for d in self.clients], [d.task for d in self.clients],
                          [len(d.train) for d in self.clients], seed, fed_mod.adapter_tensors(initial, fed_mod.OWN_ADAPTER))
-        self.server.sink = self.store.writer
+        self.server.store = self.store
         self.nodes = [fed_mod.Client(k, d, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
                       for k, d in enumerate(self.clients)]
 

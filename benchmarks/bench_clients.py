@@ -100,7 +100,7 @@ def server_round(folder: str, K: int, stage: int, mode: str) -> dict:
     if mode == "memory":        # today's engine: every upload in memory, K downloads built in memory
         ups = {k: {g: dict(f.load()) for g, f in up.items()} for k, up in ups.items()}
     else:
-        server.sink = cs.writer
+        server.store = cs
     agg = server.aggregate(ups, all_tasks=True)
     ckpt = os.path.join(folder, "ckpt")
     os.makedirs(ckpt, exist_ok=True)

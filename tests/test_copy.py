@@ -22,7 +22,7 @@ PUBLIC = ["LoRALinear", "add_lora", "is_lora", "lora_state_dict", "set_dropout_g
           "reset_linear", "Adapter", "ConnectorOutput", "PlainConnector", "prox_term", "difference_loss",
           "TaskClientConnector", "route", "balance_loss", "router_z_loss", "CTMoA", "Stage2Connector", "expert_tasks",
           "expert_slot", "stage2_from_stage1", "check_same_keys", "weighted_average", "weighted_averages",
-          "task_average", "pairwise_distances", "nearest_others", "ata_spread", "ata", "ata_kernel", "ata_top_m",
+          "weighted_averages_into", "task_average", "gram_matrix", "pairwise_distances", "nearest_others", "ata_spread", "ata", "ata_kernel", "ata_top_m",
           "ata_weights"]
 
 
@@ -157,7 +157,7 @@ def test_server_math_copies_out_whole():
         ns = copied("ata_weights")
         assert torch.equal(ns["ata_weights"](states, n, 2, form), pilot.ata_weights(states, n, 2, form))
     W = pilot.ata_weights(states, n)
-    assert len(_closure("ata")) == 3                      # the default ATA: itself and two helpers
+    assert len(_closure("ata")) == 4                      # the default ATA: itself and three helpers
     assert torch.equal(copied("ata")["ata"](states, n, 2), pilot.ata_weights(states, n, 2, "spread", 0.25))
     assert torch.equal(pilot.ata(states, n), W)
     assert _same(copied("weighted_averages")["weighted_averages"](states, W), pilot.weighted_averages(states, W))

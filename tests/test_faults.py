@@ -170,7 +170,7 @@ def test_the_server_sees_only_uploads_and_answers_as_a_function_of_them():
     server = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1)
     # what it holds: its settings, the global task adapters, and where it writes a personalised LoRA (no data)
     assert set(vars(server)) == {"method", "tasks", "n_samples", "ata_top_m", "ata_form", "ata_tau", "task_adapters",
-                                 "sink"}
+                                 "store"}
     uploads = {k: {"lora": {"lm.x.lora_A": torch.randn(4)},
                    "task_adapter": {"connector.psi_t.w": torch.randn(2)}} for k in range(3)}
     first = fed.Server("pilot", ["a", "b", "b"], [1, 2, 3], 1).aggregate(copy.deepcopy(uploads), True).downloads

@@ -62,7 +62,40 @@ def test_streamed_aggregation_equals_the_in_memory_one_bit_for_bit(tmp_path):
         assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_the_server_with_a_sink_sends_what_it_sends_from_memory(tmp_path):
+@pytest.mark.parametrize("max_bytes", [8, 40, 2 ** 26])
+def test_mixing_in_row_blocks_is_the_same_to_the_bit(tmp_path, max_bytes):
+    """store.mix cuts each key into blocks of rows (one row at a time at max_bytes 8, a few at 40,
+    whole tensors at 64 MiB): every element is the same K-term sum."""
+    states = [_state(k) | {"connector.gate": torch.tensor(0.25 * k), "b": torch.randn(6)} for k in range(5)]
+    files = []
+    for k, s in enumerate(states):
+        store.save_state(str(tmp_path / f"{k}.safetensors"), s)
+        files.append(store.StateFile(str(tmp_path / f"{k}.safetensors")))
+    W = torch.softmax(torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    want = pilot.weighted_averages(states, W)
+    writers = [store.StateWriter(str(tmp_path / f"w{k}.safetensors"), store.spec_of(files[0])) for k in range(3)]
+    store.mix(files, W, writers, max_bytes=max_bytes)
+    dicts = [dict() for _ in range(3)]
+    store.mix(states, W, dicts, max_bytes=max_bytes)
+    for got_file, got_dict, w in zip([o.close() for o in writers], dicts, want):
+        assert all(torch.equal(got_file[k], w[k]) and torch.equal(got_dict[k], w[k]) for k in w)
+
+
+def test_the_gram_matrix_in_blocks_is_pilots_to_the_bit_or_within_float64_rounding(tmp_path):
+    states = [_state(k) for k in range(4)]
+    files = []
+    for k, s in enumerate(states):
+        store.save_state(str(tmp_path / f"{k}.safetensors"), s)
+        files.append(store.StateFile(str(tmp_path / f"{k}.safetensors")))
+    cs = store.ClientStore(str(tmp_path / "cs"), ["a"])
+    want = pilot.gram_matrix(states)
+    assert torch.equal(cs.gram(files), want)                          # every key in one block: the same sums
+    torch.testing.assert_close(cs.gram(files, max_bytes=64), want, rtol=1e-12, atol=1e-12)   # a row at a time
+    torch.testing.assert_close(pilot.pairwise_distances(files, cs.gram(files, max_bytes=64)),
+                               pilot.pairwise_distances(states), rtol=1e-10, atol=1e-10)
+
+
+def test_the_server_with_a_store_sends_what_it_sends_from_memory(tmp_path):
     n, tasks = [3, 1, 2, 4], ["a", "a", "b", "b"]
     g = torch.Generator().manual_seed(0)
     uploads = {k: {"lora": _state(k), "task_adapter": {"linear_1.weight": torch.randn(3, 2, generator=g)}}
@@ -71,7 +104,7 @@ def test_the_server_with_a_sink_sends_what_it_sends_from_memory(tmp_path):
     cs = store.ClientStore(str(tmp_path), ["c0", "c1", "c2", "c3"])
     files = {k: {gr: cs.message_file(f"up_{k}.{gr}", t) for gr, t in up.items()} for k, up in uploads.items()}
     server = fed.Server("pilot", tasks, n, None)
-    server.sink = cs.writer
+    server.store = cs
     streamed = server.aggregate(files, True)
     assert streamed.lora_weights == memory.lora_weights and streamed.distances == memory.distances
     for k in range(4):

@@ -575,7 +575,7 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
                                     cfg.seed, initial)
         # the round's uploads and personalised downloads in files, as the in-process engine keeps them
         store = ClientStore(os.path.join(run_dir, "states"), names)
-        coord.server.sink = store.writer
+        coord.server.store = store
         steps = {k: fed_mod.steps_per_round(int(m["n_train"]), cfg.fed)
                  for k, m in enumerate(meta)}   # the outer bound of a message scales with them
         gn = GridNodes(grid, node_of, coord.tasks, settings.timeout,

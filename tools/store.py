@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import pilot
+
 ORDER = "pilot.key_order"     # the safetensors metadata entry holding the keys in written order
 
 # safetensors' dtype names (its format's spec), for the header StateWriter writes itself
@@ -109,13 +111,22 @@ class StateWriter:
         self.fh.write(struct.pack("<Q", len(raw)) + raw)
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.append(key, value, whole=True)
+
+    def append(self, key: str, rows: torch.Tensor, whole: bool = False) -> None:
+        """The next rows (along the first dimension) of `key`, in order; the key is complete once
+        all its rows came. whole: `rows` is the whole tensor."""
         if self.next >= len(self.order) or key != self.order[self.next]:
             raise KeyError(f"{self.path}: {key!r} written out of order (expected {self.order[self.next:][:1]})")
         dt, shape = self.spec[key]
-        if value.dtype != dt or tuple(value.shape) != shape:
-            raise ValueError(f"{self.path}: {key} is {value.dtype} {tuple(value.shape)}, declared {dt} {shape}")
-        self.fh.write(value.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        self.next += 1
+        done = getattr(self, "_rows", 0)
+        want = shape if whole or not shape else (rows.shape[0],) + shape[1:]
+        if rows.dtype != dt or tuple(rows.shape) != want or (shape and done + (want[0] if want else 0) > shape[0]):
+            raise ValueError(f"{self.path}: {key} is {rows.dtype} {tuple(rows.shape)}, declared {dt} {shape}")
+        self.fh.write(rows.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._rows = done + (want[0] if shape else 1)
+        if self._rows == (shape[0] if shape else 1):
+            self.next, self._rows = self.next + 1, 0
 
     def close(self) -> StateFile:
         if self.next != len(self.order):
@@ -124,6 +135,66 @@ class StateWriter:
         self.fh.close()
         fsync_rename(self.tmp, self.path)
         return StateFile(self.path)
+
+
+class Rows(Mapping):
+    """Rows a:b of one tensor of a state, as a one-key state (read from a file: only those rows)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], key: str, a: int, b: int):
+        self.state, self.key, self.a, self.b = state, key, a, b
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key != self.key:
+            raise KeyError(key)
+        if isinstance(self.state, StateFile):
+            if not self.state.spec[key][1]:   # a scalar (the CT-MoA gate): read whole
+                return self.state[key]
+            with safe_open(self.state.path, framework="pt") as f:
+                return f.get_slice(key)[self.a:self.b].clone()
+        t = self.state[key]
+        return t[self.a:self.b] if t.dim() else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([self.key])
+
+    def __len__(self) -> int:
+        return 1
+
+
+class _Into(dict):
+    """Where pilot.weighted_averages_into puts one row block: appended to a file being written,
+    or copied into a tensor allocated whole."""
+
+    def __init__(self, target, a: int):
+        super().__init__()
+        self.target, self.a = target, a
+
+    def __setitem__(self, key: str, rows: torch.Tensor) -> None:
+        if isinstance(self.target, StateWriter):
+            self.target.append(key, rows)
+        elif rows.dim():
+            self.target[key][self.a:self.a + rows.shape[0]] = rows
+        else:
+            self.target[key] = rows
+
+
+def mix(states: list[Mapping[str, torch.Tensor]], W: torch.Tensor, outs: list, max_bytes: int = 2 ** 26) -> None:
+    """pilot.weighted_averages_into, one key at a time in blocks of rows (its first dimension)
+    small enough that the K tensors of a block take at most max_bytes: the memory of a mix no
+    longer grows with K (a 4096 x 4096 adapter weight is 64 MiB a client). Each output element
+    is the same K-term sum as the whole tensor's, so the result is the same to the bit (tested).
+    outs[k]: a StateWriter, or a dict to fill (its tensors allocated here)."""
+    spec = spec_of(states[0])
+    for out in outs:
+        if not isinstance(out, StateWriter):
+            out.update({k: torch.empty(shape, dtype=dt) for k, (dt, shape) in spec.items()})
+    for key, (dt, shape) in spec.items():
+        rows = shape[0] if shape else 1
+        row_bytes = max(1, torch.Size(shape[1:]).numel()) * 4 if shape else 4
+        step = max(1, max_bytes // (len(states) * row_bytes))
+        for a in range(0, rows, step):   # the one formula, pilot's, applied to each block
+            b = min(rows, a + step)
+            pilot.weighted_averages_into([Rows(s, key, a, b) for s in states], W, [_Into(o, a) for o in outs])
 
 
 def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -173,6 +244,32 @@ class ClientStore:
         path = os.path.join(self.messages, f"{name}.safetensors")
         save_state(path, tensors)
         return StateFile(path)
+
+    def gram(self, states: list, max_bytes: int = 2 ** 26) -> torch.Tensor:
+        """fed.Server's Gram matrix of `states` (files or dicts): pilot.gram_matrix one key at a
+        time in blocks of rows whose K float64 copies take at most max_bytes. A key that fits
+        one block adds what pilot.gram_matrix adds, to the bit; a larger one (none in the tiny
+        runs; LoRA's largest at 7B is 0.7M values) the same sum in another order, within
+        float64 rounding."""
+        K, gram = len(states), torch.zeros(len(states), len(states), dtype=torch.float64)
+        for key, (dt, shape) in spec_of(states[0]).items():
+            rows = shape[0] if shape else 1
+            step = max(1, max_bytes // (K * 8 * max(1, torch.Size(shape[1:]).numel())))
+            for a in range(0, rows, step):
+                gram += pilot.gram_matrix([Rows(s, key, a, min(rows, a + step)) for s in states])
+        return gram
+
+    def mix(self, states: list, W: torch.Tensor, names: list[str] | None = None) -> list:
+        """fed.Server's W-weighted sums of `states` (files or dicts) computed block by block
+        (mix); row k written to the message file names[k] when names are given (a personalised
+        LoRA per client), else returned as dicts (the task adapters, T of them)."""
+        if names is None:
+            outs = [dict() for _ in range(W.shape[0])]
+            mix(states, W, outs)
+            return outs
+        outs = [self.writer(name, states[0]) for name in names]
+        mix(states, W, outs)
+        return [o.close() for o in outs]
 
     def writer(self, name: str, like: Mapping[str, torch.Tensor]) -> StateWriter:
         """A message file to fill key by key, with `like`'s names, dtypes, shapes and order
