@@ -3,9 +3,9 @@ one per promise the README and SPEC make (what travels, what is scored, which lo
 each applied to a fresh copy of the code; the tests named beside it run there, and the mutant
 is caught when they fail. The unchanged copy must pass the same tests first.
 
-    python benchmarks/mutants.py                 # every mutant (about 10 minutes on 2 cores)
+    python benchmarks/mutants.py                 # every mutant (about 12 minutes on 2 cores)
     python benchmarks/mutants.py --only psi_s_uploaded --keep   # one, keeping its copy to look at
-    python benchmarks/mutants.py --out docs/mutants.md          # the table, as docs/mutants.md has it
+    python benchmarks/mutants.py --out /tmp/table.md           # the table, as docs/mutants.md has it
 
 Prints one JSON line (the rows) at the end; exit code 1 if any mutant survives.
 """
@@ -36,7 +36,7 @@ MUTANTS = [
     ("no_difference_weight", "stage 1 weighs the difference loss by lambda_d (SPEC 3)", "fed.py",
      'return {"difference": cfg.lambda_d if METHODS[cfg.method].difference else 0.0,',
      'return {"difference": 0.0,', [PROMISES, "tests/test_fed.py"]),
-    ("fedprox_without_prox", "fedprox adds (mu/2)||w - w_global||^2 (SPEC 6)", "fed.py",
+    ("fedprox_without_prox", "fedprox adds mu/2 times the squared distance to the global weights (SPEC 6)", "fed.py",
      "generator(self.seed, \"data\", r, self.k), cfg.prox_mu if METHODS[cfg.method].prox else 0.0,",
      "generator(self.seed, \"data\", r, self.k), 0.0,", [PROMISES, "tests/test_fed.py"]),
     ("scores_ignore_the_cap", "rounds score fed.eval_max_samples of a split (SPEC 5b)", "fed.py",
