@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -290,8 +290,8 @@ def from_pretrained(cls, path: str, dtype: torch.dtype, device: str):
                               f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     unused = [k for k in info.get("unexpected_keys", []) if not UNUSED.get(cls.__name__, re.compile("^$")).match(k)]
     if unused:
-        print(f"{path}: {len(unused)} weights not used by {cls.__name__} ({', '.join(sorted(unused)[:3])})",
-              file=sys.stderr)
+        warnings.warn(f"{path}: {len(unused)} weights not used by {cls.__name__} ({', '.join(sorted(unused)[:3])})",
+                      stacklevel=2)
     return module.to(device)
 
 

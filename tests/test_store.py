@@ -21,6 +21,13 @@ def _state(seed: int, dtype=torch.float32) -> dict:
             "lm.c.lora_A": torch.randn(2, 7, generator=g).to(dtype)}
 
 
+def _files(tmp_path, states: list) -> list:
+    """Each state saved as a file and read back lazily."""
+    for k, s in enumerate(states):
+        store.save_state(str(tmp_path / f"{k}.safetensors"), s)
+    return [store.StateFile(str(tmp_path / f"{k}.safetensors")) for k in range(len(states))]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_file_written_key_by_key_is_safetensors_own_and_keeps_the_order(tmp_path, dtype):
     state = _state(0, dtype)
@@ -49,10 +56,7 @@ def test_a_writer_refuses_keys_out_of_order_and_an_incomplete_file(tmp_path):
 
 def test_streamed_aggregation_equals_the_in_memory_one_bit_for_bit(tmp_path):
     states = [_state(k) for k in range(5)]
-    files = []
-    for k, s in enumerate(states):
-        store.save_state(str(tmp_path / f"{k}.safetensors"), s)
-        files.append(store.StateFile(str(tmp_path / f"{k}.safetensors")))
+    files = _files(tmp_path, states)
     assert torch.equal(pilot.pairwise_distances(files), pilot.pairwise_distances(states))
     W = pilot.ata(states, [1, 2, 3, 4, 5])
     out = [store.StateWriter(str(tmp_path / f"out{k}.safetensors"), store.spec_of(files[0])) for k in range(5)]
@@ -67,10 +71,7 @@ def test_mixing_in_row_blocks_is_the_same_to_the_bit(tmp_path, max_bytes):
     """store.mix cuts each key into blocks of rows (one row at a time at max_bytes 8, a few at 40,
     whole tensors at 64 MiB): every element is the same K-term sum."""
     states = [_state(k) | {"connector.gate": torch.tensor(0.25 * k), "b": torch.randn(6)} for k in range(5)]
-    files = []
-    for k, s in enumerate(states):
-        store.save_state(str(tmp_path / f"{k}.safetensors"), s)
-        files.append(store.StateFile(str(tmp_path / f"{k}.safetensors")))
+    files = _files(tmp_path, states)
     W = torch.softmax(torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), dim=1)
     want = pilot.weighted_averages(states, W)
     writers = [store.StateWriter(str(tmp_path / f"w{k}.safetensors"), store.spec_of(files[0])) for k in range(3)]
@@ -83,10 +84,7 @@ def test_mixing_in_row_blocks_is_the_same_to_the_bit(tmp_path, max_bytes):
 
 def test_the_gram_matrix_in_blocks_is_pilots_to_the_bit_or_within_float64_rounding(tmp_path):
     states = [_state(k) for k in range(4)]
-    files = []
-    for k, s in enumerate(states):
-        store.save_state(str(tmp_path / f"{k}.safetensors"), s)
-        files.append(store.StateFile(str(tmp_path / f"{k}.safetensors")))
+    files = _files(tmp_path, states)
     cs = store.ClientStore(str(tmp_path / "cs"), ["a"])
     want = pilot.gram_matrix(states)
     assert torch.equal(cs.gram(files), want)                          # every key in one block: the same sums

@@ -282,7 +282,9 @@ class Task:
 
 
 def gather(args) -> tuple[dict[str, Task], list[str]]:
-    """The records of every requested task, and the missing images."""
+    """The records of every requested task, and the missing images. One function: one branch
+    per dataset, each naming its files, its metric and where its test records come from, read
+    side by side."""
     missing: list[str] = []
     tasks = {}
     present = lambda recs, folder: keep_present(recs, folder, missing)   # noqa: E731

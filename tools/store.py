@@ -98,6 +98,7 @@ class StateWriter:
 
     def __init__(self, path: str, spec: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]):
         self.path, self.tmp, self.order, self.next = path, path + ".tmp", list(spec), 0
+        self._rows = 0   # rows of the current key written so far
         self.spec = {k: (dt, tuple(shape)) for k, (dt, shape) in spec.items()}
         header, offset = {}, 0
         for k, (dt, shape) in self.spec.items():
@@ -119,7 +120,7 @@ class StateWriter:
         if self.next >= len(self.order) or key != self.order[self.next]:
             raise KeyError(f"{self.path}: {key!r} written out of order (expected {self.order[self.next:][:1]})")
         dt, shape = self.spec[key]
-        done = getattr(self, "_rows", 0)
+        done = self._rows
         want = shape if whole or not shape else (rows.shape[0],) + shape[1:]
         if rows.dtype != dt or tuple(rows.shape) != want or (shape and done + (want[0] if want else 0) > shape[0]):
             raise ValueError(f"{self.path}: {key} is {rows.dtype} {tuple(rows.shape)}, declared {dt} {shape}")
