@@ -238,7 +238,7 @@ class Server:
             same = torch.tensor([[self.tasks[j] == self.tasks[k] for j in ids] for k in ids])   # (K', K')
             W = same * n
             return W / W.sum(dim=1, keepdim=True), d
-        return pilot.ata_weights(loras, n.tolist(), self.ata_top_m, self.ata_form, self.ata_tau, d=d), d
+        return pilot.ata(d, n.tolist(), self.ata_form, self.ata_top_m, self.ata_tau), d
 
     def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], all_tasks: bool) -> Aggregate:
         """uploads {client: message} -> downloads {client: message}, for EVERY client: the

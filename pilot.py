@@ -9,7 +9,7 @@ Xu; AAAI 2025; arXiv 2501.13985): the method itself, each piece small enough to 
             Stage2Connector (psi_s + the gated CT-MoA), stage2_from_stage1                 (SPEC 4)
   baseline  PlainConnector (the LLaVA-1.5 projector, for local/fedavg/fedprox), prox_term
   server    task_average, weighted_average(s) (weighted_averages_into: the same, streamed key by key);
-            ata (the default ATA), ata_weights (every form)                                (SPEC 5)
+            pairwise_distances, ata (ATA's mixing matrix from the distances, any form)      (SPEC 5)
 
 Every connector returns ConnectorOutput(tokens, aux), aux always holding the keys of AUX_KEYS
 (zeros where unused), so training code never branches on the connector; the losses are raw,
@@ -508,11 +508,22 @@ def pairwise_distances(states: Sequence[Mapping[str, torch.Tensor]], gram: torch
 
 
 def nearest_others(d: torch.Tensor, k: int, top_m: int) -> torch.Tensor:
-    """The top_m nearest other clients of client k (ties broken by client index). Copy with: nothing else."""
+    """N_k: the top_m nearest other clients of client k (ties broken by client index). Copy with: nothing else."""
     K = d.shape[0]
     others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
     order = torch.sort(d[k, others], stable=True).indices
     return others[order[:top_m]]                                            # (M,)
+
+
+def nearest_distance(d: torch.Tensor) -> torch.Tensor:
+    """(K,) o_k = min_{j != k} d_kj, each client's distance to its nearest other. Copy with: nothing else."""
+    K = d.shape[0]
+    return (d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype))).min(dim=1).values
+
+
+# The forms of ATA: each maps the (K, K) distances d, the (K,) sample counts n (float64) and the
+# number m of neighbours to the (K, K) float64 mixing matrix W, rows summing to 1. `ata` below
+# is the one entry point: it checks the settings, resolves m and tau and picks the form by name.
 
 
 def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> torch.Tensor:
@@ -527,46 +538,32 @@ def ata_spread(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 0.25) -> t
         s_kk = n_k,   s_kj = n_j * exp(-z_kj / tau) for j in N_k,   W_kj = s_kj / sum_j s_kj
     Equal distances give FedAvg (n_j / sum n); s = 0 with some d_kj > b_k gives those weight 0.
     d (K, K), n (K,) counts, m neighbours (N_k: the m nearest others, ties by index) -> (K, K) float64.
-    Copy with: nothing else."""
+    Copy with: nearest_others, nearest_distance."""
     K = d.shape[0]
     W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
     if K == 1:
         return W / W.sum(dim=1, keepdim=True)
-    nearest = (d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype))).min(dim=1).values   # (K,) o_k
+    nearest = nearest_distance(d)                                            # (K,) o_k
     offset = torch.minimum(nearest, nearest.median())                       # (K,) b_k
     off_diag = ~torch.eye(K, dtype=torch.bool)
     spread = (d - nearest[:, None])[off_diag].median()                      # () s
     excess = (d - offset[:, None]).clamp_min(0)                             # (K, K) d_kj - b_k
     z = excess / spread if spread > 0 else torch.where(excess > 0, float("inf"), 0.0).to(d.dtype)
     for k in range(K):
-        others = torch.tensor([j for j in range(K) if j != k], dtype=torch.long)
-        nbrs = others[torch.sort(d[k, others], stable=True).indices[:m]]     # (M,) N_k
+        nbrs = nearest_others(d, k, m)                                       # (M,) N_k
         W[k, nbrs] = n[nbrs].to(d.dtype) * torch.exp(-z[k, nbrs] / tau)
     return W / W.sum(dim=1, keepdim=True)
-
-
-@torch.no_grad()
-def ata(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int], top_m: int | None = None,
-        tau: float = 0.25) -> torch.Tensor:
-    """Adaptive text aggregation (ATA, SPEC section 5), the default form: the (K, K) mixing matrix W, rows
-    summing to 1, of ata_spread over the LoRA distances (pairwise_distances); N_k the top_m nearest others
-    (None: all); tau: fed.ata_tau's default. Apply with weighted_averages. Copy with: ata_spread, pairwise_distances, gram_matrix."""
-    K = len(lora_states)
-    m = K - 1 if top_m is None else min(top_m, K - 1)
-    n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
-    return ata_spread(pairwise_distances(lora_states), n, m, tau).float()
 
 
 def ata_kernel(d: torch.Tensor, n: torch.Tensor, m: int, tau: float = 1.0) -> torch.Tensor:
     """ATA weights, form "kernel" (the earlier default, an option), scale-free:
         d_ref = median_k min_{j != k} d_kj,   s_kk = n_k,   s_kj = n_j exp(-d_kj / (tau d_ref)) (j in N_k)
     W_kj = s_kj / sum_j s_kj; its self-weight is set by K, not the data (docs/choices.md). -> (K, K) float64.
-    Copy with: nearest_others."""
+    Copy with: nearest_others, nearest_distance."""
     K = d.shape[0]
     ratio = torch.zeros_like(d)                                              # (K, K)
     if K > 1:
-        nearest = (d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype))).min(dim=1).values   # (K,)
-        ratio = torch.where(d == 0, ratio, d / nearest.median())            # inf where d_ref = 0 < d
+        ratio = torch.where(d == 0, ratio, d / nearest_distance(d).median())  # inf where d_ref = 0 < d
     W = torch.diag(n.to(d.dtype))                                            # (K, K) self terms
     for k in range(K):
         nbrs = nearest_others(d, k, m)                                       # (M,)
@@ -596,22 +593,22 @@ ATA_FORMS = {"spread": ata_spread, "kernel": ata_kernel, "top_m": ata_top_m}   #
 
 
 @torch.no_grad()
-def ata_weights(lora_states: Sequence[dict[str, torch.Tensor]], n_samples: Sequence[int],
-                top_m: int | None = None, form: str = "spread", tau: float | None = None,
-                d: torch.Tensor | None = None) -> torch.Tensor:
-    """ATA of LoRA in any form (SPEC section 5): the (K, K) matrix W, rows summing to 1, from the
-    distances d (pairwise_distances, or `d` if computed); N_k the top_m nearest others, where
-    None or more than K - 1 (client sampling varies K) means all. `form` (ATA_FORMS) and its
-    `tau` (None: its default). [choice] The paper gives no normalisation. Default alone: `ata`.
-    Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others, pairwise_distances, gram_matrix."""
+def ata(d: torch.Tensor, n_samples: Sequence[float], form: str = "spread", top_m: int | None = None,
+        tau: float | None = None) -> torch.Tensor:
+    """Adaptive text aggregation (ATA, SPEC section 5): the (K, K) mixing matrix W (float32), rows
+    summing to 1, from the clients' LoRA distances d (K, K) (pairwise_distances) and their sample
+    counts, by the form named `form` (ATA_FORMS) with its `tau` (None: the form's default). N_k
+    is the top_m nearest others, where None or more than K - 1 (client sampling varies K) means
+    all. d comes from pairwise_distances; apply W with weighted_averages. [choice] The paper
+    gives no normalisation. Copy with: ATA_FORMS, ata_spread, ata_kernel, ata_top_m, nearest_others, nearest_distance."""
     if form not in ATA_FORMS:
         raise ValueError(f"ATA form must be one of {tuple(ATA_FORMS)}, got {form!r}")
     if top_m is not None and top_m < 0:
         raise ValueError(f"ata_top_m must be >= 0 or None, got {top_m}")
     if tau is not None and not tau > 0:
         raise ValueError(f"ata_tau must be > 0 or None, got {tau}")
-    K = len(lora_states)
+    K = d.shape[0]
     m = K - 1 if top_m is None else min(top_m, K - 1)
     n = torch.tensor([float(x) for x in n_samples], dtype=torch.float64)   # (K,)
-    d = pairwise_distances(lora_states) if d is None else d.to(torch.float64)
+    d = d.to(torch.float64)
     return (ATA_FORMS[form](d, n, m) if tau is None else ATA_FORMS[form](d, n, m, tau)).float()

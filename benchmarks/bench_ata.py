@@ -1,4 +1,4 @@
-"""ATA aggregation (pilot.ata_weights + pilot.weighted_averages): time and peak extra memory for
+"""ATA aggregation (pilot.pairwise_distances + pilot.ata + pilot.weighted_averages): time and peak extra memory for
 K clients with P LoRA parameters each. Each (K, P) runs in a fresh process so its peak RSS is
 its own (on CUDA: peak GPU memory, timed after an untimed warm-up call). Expect time ~ K^2 P
 and extra memory ~ K P (the K personalised outputs themselves) plus one key's stacked copy,
@@ -27,12 +27,12 @@ def one(K: int, P: int, device: str) -> dict:
     cuda = device.startswith("cuda")
     if cuda:   # the first CUDA calls load kernels and cuBLAS: once, on a small copy, untimed
         small = [{k: v[:8] for k, v in st.items()} for st in states]
-        pilot.weighted_averages(small, pilot.ata_weights(small, n, top_m=min(2, K - 1)))
+        pilot.weighted_averages(small, pilot.ata(pilot.pairwise_distances(small), n, top_m=min(2, K - 1)))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() / 2 ** 20 if cuda else rss_mb()
     t = time.perf_counter()
-    W = pilot.ata_weights(states, n, top_m=min(2, K - 1))
+    W = pilot.ata(pilot.pairwise_distances(states), n, top_m=min(2, K - 1))
     out = pilot.weighted_averages(states, W)
     if cuda:
         torch.cuda.synchronize()

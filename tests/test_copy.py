@@ -22,8 +22,8 @@ PUBLIC = ["LoRALinear", "add_lora", "is_lora", "lora_state_dict", "set_dropout_g
           "reset_linear", "Adapter", "ConnectorOutput", "PlainConnector", "prox_term", "difference_loss",
           "TaskClientConnector", "route", "balance_loss", "router_z_loss", "CTMoA", "Stage2Connector", "expert_tasks",
           "expert_slot", "stage2_from_stage1", "check_same_keys", "weighted_average", "weighted_averages",
-          "weighted_averages_into", "task_average", "gram_matrix", "pairwise_distances", "nearest_others", "ata_spread", "ata", "ata_kernel", "ata_top_m",
-          "ata_weights"]
+          "weighted_averages_into", "task_average", "gram_matrix", "pairwise_distances", "nearest_others",
+          "nearest_distance", "ata_spread", "ata_kernel", "ata_top_m", "ata"]
 
 
 def _definition(name: str) -> str:
@@ -153,13 +153,13 @@ def test_difference_loss_and_stage2_from_stage1_copy_out_whole():
 def test_server_math_copies_out_whole():
     states = [{"x": torch.randn(3, 2, generator=_g(i)), "y": torch.randn(4, generator=_g(10 + i))} for i in range(4)]
     n = [3, 1, 2, 2]
+    d = pilot.pairwise_distances(states)
+    assert torch.equal(copied("pairwise_distances")["pairwise_distances"](states), d)
     for form in pilot.ATA_FORMS:
-        ns = copied("ata_weights")
-        assert torch.equal(ns["ata_weights"](states, n, 2, form), pilot.ata_weights(states, n, 2, form))
-    W = pilot.ata_weights(states, n)
-    assert len(_closure("ata")) == 4                      # the default ATA: itself and three helpers
-    assert torch.equal(copied("ata")["ata"](states, n, 2), pilot.ata_weights(states, n, 2, "spread", 0.25))
-    assert torch.equal(pilot.ata(states, n), W)
+        ns = copied("ata")
+        assert torch.equal(ns["ata"](d, n, form, 2), pilot.ata(d, n, form, 2))
+    W = pilot.ata(d, n)
+    assert torch.equal(W, pilot.ata(d, n, "spread", None, 0.25))   # the default form and its default tau
     assert _same(copied("weighted_averages")["weighted_averages"](states, W), pilot.weighted_averages(states, W))
     assert _same(copied("task_average")["task_average"](states, n, ["a", "b", "a", "b"]),
                  pilot.task_average(states, n, ["a", "b", "a", "b"]))

@@ -9,12 +9,17 @@ import torch.nn as nn
 
 import pilot
 from pilot import (AUX_KEYS, LoRALinear, PlainConnector, Stage2Connector, TaskClientConnector, add_lora,
-                   ata_weights, stage2_from_stage1, difference_loss, expert_tasks, lora_state_dict,
+                   stage2_from_stage1, difference_loss, expert_tasks, lora_state_dict,
                    merge_lora, task_average, weighted_average)
 
 
 def _g(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def ata_of(states, n, top_m=None, form="spread", tau=None):
+    """ATA's W for LoRA states, as the server computes it: pilot.ata over pilot.pairwise_distances."""
+    return pilot.ata(pilot.pairwise_distances(states), n, form, top_m, tau)
 
 
 # -----------------------------------------------------------------------------
@@ -435,14 +440,14 @@ def test_ata_reduces_to_fedavg_when_all_distances_are_equal():
     K = 4
     states = _states(torch.eye(K, 5) * 3.0)          # every pairwise distance is 3 * sqrt(2)
     n = [1, 2, 3, 4]
-    W = ata_weights(states, n, top_m=K - 1, form="top_m")
+    W = ata_of(states, n, top_m=K - 1, form="top_m")
     fedavg = torch.tensor(n, dtype=torch.float32) / sum(n)
     torch.testing.assert_close(W, fedavg.expand(K, K))
 
 
 def test_ata_puts_more_weight_on_nearer_clients_and_only_top_m():
     v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4, [10.0] + [0.0] * 4])
-    W = ata_weights(_states(v), [1, 1, 1, 1], top_m=2, form="top_m")
+    W = ata_of(_states(v), [1, 1, 1, 1], top_m=2, form="top_m")
     torch.testing.assert_close(W.sum(1), torch.ones(4))
     assert W[0, 1] > W[0, 2] > 0 and W[0, 3] == 0      # client 0: neighbours 1 (d=1), 2 (d=3)
     # by hand: a_01 = (1/1)/(1/1 + 1/3) = 0.75; W_00 = 1/3, W_01 = 2/3 * 0.75, W_02 = 2/3 * 0.25
@@ -454,9 +459,9 @@ def test_ata_is_invariant_to_scaling_all_lora_tensors():
     v = torch.randn(5, 5)
     n = [3, 1, 4, 1, 5]
     for form in pilot.ATA_FORMS:
-        W = ata_weights(_states(v), n, top_m=2, form=form)
-        torch.testing.assert_close(ata_weights(_states(v * 1000.0), n, top_m=2, form=form), W)
-        torch.testing.assert_close(ata_weights(_states(v * 1e-3), n, top_m=2, form=form), W)
+        W = ata_of(_states(v), n, top_m=2, form=form)
+        torch.testing.assert_close(ata_of(_states(v * 1000.0), n, top_m=2, form=form), W)
+        torch.testing.assert_close(ata_of(_states(v * 1e-3), n, top_m=2, form=form), W)
 
 
 def test_ata_matches_a_direct_computation_with_cdist():
@@ -474,13 +479,13 @@ def test_ata_matches_a_direct_computation_with_cdist():
         W[k, k] = n[k] / (n[k] + n_nbr)
         for j in nbrs:
             W[k, j] = n_nbr * score[j] / total / (n[k] + n_nbr)
-    torch.testing.assert_close(ata_weights(_states(v.float()), n.tolist(), top_m=M, form="top_m"), W.float(),
+    torch.testing.assert_close(ata_of(_states(v.float()), n.tolist(), top_m=M, form="top_m"), W.float(),
                                rtol=1e-5, atol=1e-6)
 
 
 def test_ata_top_m_zero_keeps_each_client_local():
     for form in pilot.ATA_FORMS:
-        W = ata_weights(_states(torch.randn(3, 5)), [1, 2, 3], top_m=0, form=form)
+        W = ata_of(_states(torch.randn(3, 5)), [1, 2, 3], top_m=0, form=form)
         assert torch.equal(W, torch.eye(3))
 
 
@@ -491,7 +496,7 @@ def test_spread_ata_by_hand():
     # 12 deviations d_kj - o_k are 0,0,0,0,1,1,2,2,2,2,3,3, lower median s = 1
     v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4, [4.0] + [0.0] * 4])
     n = [1.0, 2.0, 1.0, 1.0]
-    W = ata_weights(_states(v), n, form="spread", tau=0.5)
+    W = ata_of(_states(v), n, form="spread", tau=0.5)
     e = math.exp
     s0 = torch.tensor([1.0, 2 * e(0), 1 * e(-2 / 0.5), 1 * e(-3 / 0.5)])   # z_01 = 0, z_02 = 2, z_03 = 3
     torch.testing.assert_close(W[0], (s0 / s0.sum()).float())
@@ -519,9 +524,9 @@ def test_spread_ata_keeps_a_clients_weight_on_its_own_task_as_k_grows(K):
     mates, others = d[0, [j for j in range(K) if j and tasks[j] == 0]], d[0, [j for j in range(K) if tasks[j] != 0]]
     assert 1.15 < others.mean() / mates.mean() < 1.25                         # ~20% over a large common offset
     own = lambda W: torch.tensor([sum(W[k, j] for j in range(K) if tasks[j] == tasks[k]) for k in range(K)])
-    spread = own(ata_weights(states, [8] * K, form="spread"))
+    spread = own(ata_of(states, [8] * K, form="spread"))
     assert spread.min() > 0.9, spread                                          # at every K
-    kernel = own(ata_weights(states, [8] * K, form="kernel"))
+    kernel = own(ata_of(states, [8] * K, form="kernel"))
     assert kernel.max() < 0.55                                                 # the earlier form: set by K, not d
 
 
@@ -529,11 +534,11 @@ def test_spread_ata_gives_fedavg_for_equal_distances_and_is_scale_free():
     n = [1, 2, 3, 4]
     equal = _states(torch.eye(4, 5) * 3.0)                                     # every distance 3 sqrt(2)
     fedavg = (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(4, 4)
-    torch.testing.assert_close(ata_weights(equal, n, form="spread"), fedavg)
-    torch.testing.assert_close(ata_weights(_states(torch.ones(4, 5)), n, form="spread"), fedavg)   # identical
+    torch.testing.assert_close(ata_of(equal, n, form="spread"), fedavg)
+    torch.testing.assert_close(ata_of(_states(torch.ones(4, 5)), n, form="spread"), fedavg)   # identical
     v = torch.randn(6, 5, generator=_g(2))
-    W = ata_weights(_states(v), n + [2, 2], form="spread")
-    torch.testing.assert_close(ata_weights(_states(v * 1e4), n + [2, 2], form="spread"), W)
+    W = ata_of(_states(v), n + [2, 2], form="spread")
+    torch.testing.assert_close(ata_of(_states(v * 1e4), n + [2, 2], form="spread"), W)
 
 
 @pytest.mark.parametrize("form", ["spread", "kernel"])
@@ -543,7 +548,7 @@ def test_ata_self_weight_rises_as_the_neighbours_move_away(form):
     for far in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0):
         v = base.clone()
         v[0, 2] = far                                  # client 0 moves away from all the others
-        W = ata_weights(_states(v), [1] * 5, form=form)
+        W = ata_of(_states(v), [1] * 5, form=form)
         torch.testing.assert_close(W.sum(1), torch.ones(5))
         selfw.append(W[0, 0].item())
     assert selfw[0] < 0.5 and selfw[-1] > 0.99, selfw  # a far outlier keeps its own LoRA
@@ -557,7 +562,7 @@ def test_kernel_ata_by_hand():
     # clients on a line at 0, 1, 3: nearest distances 1, 1, 2 -> d_ref = median = 1
     v = torch.tensor([[0.0] * 5, [1.0] + [0.0] * 4, [3.0] + [0.0] * 4])
     n = [1.0, 2.0, 1.0]
-    W = ata_weights(_states(v), n, form="kernel")       # top_m None: every other client
+    W = ata_of(_states(v), n, form="kernel")       # top_m None: every other client
     e = math.exp
     s0 = torch.tensor([1.0, 2 * e(-1), 1 * e(-3)])     # s_kj = n_j exp(-d_kj / d_ref), s_kk = n_k
     torch.testing.assert_close(W[0], (s0 / s0.sum()).float())
@@ -569,18 +574,18 @@ def test_kernel_ata_by_hand():
 def test_kernel_ata_gives_fedavg_for_identical_clients_and_is_scale_free():
     n = [3, 1, 2, 6]
     same = _states(torch.ones(4, 5))
-    torch.testing.assert_close(ata_weights(same, n, form="kernel"),
+    torch.testing.assert_close(ata_of(same, n, form="kernel"),
                                (torch.tensor(n, dtype=torch.float32) / sum(n)).expand(4, 4))
     v = torch.randn(4, 5, generator=_g(2))
-    W = ata_weights(_states(v), n, top_m=2, form="kernel")
+    W = ata_of(_states(v), n, top_m=2, form="kernel")
     assert ((W > 0).sum(1) == 3).all()                 # itself and its 2 nearest
-    torch.testing.assert_close(ata_weights(_states(v * 1e4), n, top_m=2, form="kernel"), W)
+    torch.testing.assert_close(ata_of(_states(v * 1e4), n, top_m=2, form="kernel"), W)
 
 
 def test_top_m_beyond_the_other_clients_means_all_of_them():
     v = torch.randn(3, 5, generator=_g(1))
     for form in pilot.ATA_FORMS:
-        torch.testing.assert_close(ata_weights(_states(v), [1, 2, 3], top_m=10, form=form),
-                                   ata_weights(_states(v), [1, 2, 3], top_m=None, form=form))
+        torch.testing.assert_close(ata_of(_states(v), [1, 2, 3], top_m=10, form=form),
+                                   ata_of(_states(v), [1, 2, 3], top_m=None, form=form))
     with pytest.raises(ValueError, match="ata_top_m"):
-        ata_weights(_states(v), [1, 2, 3], top_m=-1)
+        ata_of(_states(v), [1, 2, 3], top_m=-1)

@@ -58,7 +58,7 @@ def test_streamed_aggregation_equals_the_in_memory_one_bit_for_bit(tmp_path):
     states = [_state(k) for k in range(5)]
     files = _files(tmp_path, states)
     assert torch.equal(pilot.pairwise_distances(files), pilot.pairwise_distances(states))
-    W = pilot.ata(states, [1, 2, 3, 4, 5])
+    W = pilot.ata(pilot.pairwise_distances(states), [1, 2, 3, 4, 5])
     out = [store.StateWriter(str(tmp_path / f"out{k}.safetensors"), store.spec_of(files[0])) for k in range(5)]
     pilot.weighted_averages_into(files, W, out)
     streamed = [o.close() for o in out]
