@@ -1,4 +1,4 @@
-"""data.py -- the data of a federated multimodal instruction-tuning run: records, batches, scores.
+"""data.py -- the data of a federated multimodal instruction-tuning run: records, inputs, batches, scores.
 
   records   LLaVA conversation JSON (id, image, conversations of human/gpt turns, `<image>` in the
             first human turn; text-only records without `image`, as LLaVA-1.5's own data mix holds
@@ -8,13 +8,16 @@
             reported), never a silent drop; image paths must stay inside their image folder.
             Loading keeps records, not pixels: each image's header is checked and its file name
             kept; `picture` decodes it when its batch is built.
-  batches   Batches / batch_loader: the planned batches, encoded by model.Encoder (LLaVA-1.5's
-            own tokenisation and picture padding) in the DataLoader's workers.
+  inputs    Encoder: a record as LLaVA-1.5's training code tokenises it (conv_vicuna_v1,
+            preprocess_multimodal, preprocess_v1, tokenizer_image_token: SPEC 5c) and its picture
+            padded to a square (expand2square) before the image processor.
+  batches   Batches / load_batches: the planned batches, encoded in the DataLoader's workers and
+            delivered as Batch (inputs, kept indices, skipped records).
   scores    METRICS, corpus-level, each record with one or more references: exact, f1, vqa
             (EvalAI's VQA accuracy), gqa, cider (CIDEr-D) (SPEC 5d).
 
 `Sample` is the one form every source takes; the synthetic worlds of the default run
-(tools/embedded.py) build Samples in memory. Shape legend: B batch, L text length.
+(tools/embedded.py) build Samples in memory. This file imports no other file of the project. Shape legend: B batch, L text length.
 """
 
 from __future__ import annotations
@@ -25,14 +28,11 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
-
-if TYPE_CHECKING:   # model.py imports this file; the type hints alone name its Encoder
-    from model import Encoder
 
 IMAGE = "<image>"
 IGNORE = -100
@@ -107,7 +107,18 @@ class ClientData:
 
 
 class DataError(ValueError):
-    """A bad data file or record; the message names the file and the record."""
+    """A bad data file or record; the message names the file and the record (exit code 2)."""
+
+
+# The run's other two kinds of failure, defined here, at the bottom of the imports, so that
+# every file that meets one (train.py, tools/) raises the same class without importing train.py.
+
+class ConfigError(ValueError):
+    """A bad config value, file or command line, naming the key or flag: exit code 2."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, an unreadable run directory): exit code 1."""
 
 
 def _record_error(path: str, index: int, rec, why: str) -> DataError:
@@ -366,17 +377,187 @@ def load_clients(cfg: DataConfig, progress: bool = False) -> list[ClientData]:
 
 
 # -----------------------------------------------------------------------------
-# Batches: samples become model inputs (model.Encoder) in the loader's workers
+# The model's inputs: tokens and pictures exactly as LLaVA-1.5 trains on them (SPEC 5c)
+
+
+def image_first(human: str) -> str:
+    """LLaVA's preprocess_multimodal: the turn's `<image>` taken out and put at its front,
+    followed by a newline ("Who wrote this book?\n<image>" -> "<image>\nWho wrote this book?")."""
+    return (IMAGE + "\n" + human.replace(IMAGE, "").strip()).strip()
+
+
+def expand2square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA's expand2square (llava/mm_utils.py): the picture centred on a square of its longer
+    side, the rest in `fill` (the processor's mean colour x 255, truncated to int, as LLaVA does).
+    A square picture is returned as it is."""
+    w, h = image.size
+    if w == h:
+        return image
+    out = Image.new(image.mode, (max(w, h),) * 2, fill)
+    out.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return out
+
+
+@dataclass
+class Encoder:
+    """Turns Samples into model inputs as LLaVA-1.5's training code does (SPEC 5c; haotian-liu/
+    LLaVA conv_vicuna_v1, preprocess_multimodal, preprocess_v1, tokenizer_image_token):
+
+        {system} USER: <image>\n{h1} ASSISTANT: {g1}</s>USER: {h2} ASSISTANT: {g2}</s>
+
+    The text is split at `<image>`; each chunk is tokenised with the tokenizer's special tokens
+    (its BOS), the BOS is kept on the first chunk only, and `n_image_tokens` copies of
+    `image_token_id` go between the chunks (the connector's tokens replace them in model.py).
+    With a Llama tokenizer this leaves "▁" before the image and "▁" "<0x0A>" after it, as in
+    LLaVA-1.5's own inputs. Labels: every token of each answer and its `</s>` (the tokens whose
+    characters lie in " {g}</s>"), IGNORE elsewhere; computed from the fast tokenizer's offsets
+    rather than LLaVA's length arithmetic, which gives the same labels (tests/test_llava_format.py)
+    without its "tokenization mismatch" cases. A text-only Sample (image None) is one chunk.
+    [choice] With an empty system prompt the text starts at "USER:" (LLaVA would start it with
+    the separator, " USER:").
+    Pictures are padded to a square in the processor's mean colour first (image_aspect_ratio
+    "pad", LLaVA-1.5's `--image_aspect_ratio pad`) unless the processor pads itself (llava-hf's
+    LlavaImageProcessor with do_pad); "crop" leaves them to the processor's centre crop. They
+    are decoded in collate (data.picture), so in a DataLoader worker."""
+    tokenizer: object
+    image_processor: object
+    image_token_id: int
+    n_image_tokens: int
+    system_prompt: str = ""
+    max_length: int = 2048
+    max_image_side: int = 1024
+    num_workers: int = 0             # how batches are loaded (data.num_workers, data.skip_bad_records):
+    skip_bad_records: bool = False   # the loaders of fed.py read them here, beside the encoding
+    image_aspect_ratio: str = "pad"
+
+    def text(self, s: Sample, prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """conv_vicuna_v1's get_prompt of the Sample, and the character span of every answer
+        (" {g}</s>", the space after "ASSISTANT:" included). prompt=True: the first turn up to
+        "ASSISTANT:", for generation (LLaVA's eval appends an empty assistant message)."""
+        text, spans = (self.system_prompt + " " if self.system_prompt else ""), []
+        for human, gpt in s.turns:
+            text += f"USER: {image_first(human) if IMAGE in human else human} ASSISTANT:"
+            if prompt:
+                break
+            answer = f" {gpt}{self.tokenizer.eos_token}"
+            spans.append((len(text), len(text) + len(answer)))
+            text += answer
+        if (s.image is None) != (IMAGE not in text) or text.count(IMAGE) > 1:
+            raise DataError(f"{s.source or s.id}: a sample with{'out' if s.image is None else ''} an image holds "
+                            f"{text.count(IMAGE)} {IMAGE} placeholders")
+        return text, spans
+
+    def _splice(self, chunks: list[list[int]], image: int, drop: int) -> list[int]:
+        """tokenizer_image_token: the chunks joined by n_image_tokens copies of `image`, the
+        first `drop` ids of every later chunk dropped (LLaVA drops one, the BOS, when the first
+        chunk starts with the BOS)."""
+        ids = list(chunks[0])
+        for c in chunks[1:]:
+            ids += [image] * self.n_image_tokens + c[drop:]
+        return ids
+
+    def encode(self, s: Sample, check: bool = True, prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Sample -> (input_ids, labels); prompt=True: the generation prompt, labels all IGNORE."""
+        text, spans = self.text(s, prompt)
+        chunks = text.split(IMAGE)
+        enc = self.tokenizer(chunks, return_offsets_mapping=True)
+        labels, start = [], 0   # start: where the chunk begins in `text`
+        for chunk, ids, offsets in zip(chunks, enc.input_ids, enc.offset_mapping):
+            labels.append([i if b > a and any(lo <= start + a and start + b <= hi for lo, hi in spans) else IGNORE
+                           for i, (a, b) in zip(ids, offsets)])
+            start += len(chunk) + len(IMAGE)
+        drop = int(enc.input_ids[0][:1] == [self.tokenizer.bos_token_id])
+        ids = self._splice(enc.input_ids, self.image_token_id, drop)
+        if check and len(ids) > self.max_length:
+            raise DataError(f"{s.source or s.id}: {len(ids)} tokens > data.max_length {self.max_length}")
+        return ids, self._splice(labels, IGNORE, drop)
+
+    def lengths(self, samples: Sequence[Sample], chunk: int = 4096, progress: bool = False) -> list[int]:
+        """len(encode(s)[0]) of every sample, with the chunks tokenised `chunk` at a time (a fast
+        tokenizer batches them in Rust: tens of thousands of records a second)."""
+        texts, owner = [], []
+        for i, s in enumerate(samples):
+            parts = self.text(s)[0].split(IMAGE)
+            texts += parts
+            owner += [i] * len(parts)
+        sizes, bos = [], []    # per chunk: its token count, whether it starts with the BOS
+        bar = tqdm(total=len(texts), desc="tokenising", unit="text", disable=None if progress else True, leave=False)
+        for lo in range(0, len(texts), chunk):
+            for t in self.tokenizer(texts[lo:lo + chunk]).input_ids:
+                sizes.append(len(t))
+                bos.append(t[:1] == [self.tokenizer.bos_token_id])
+            bar.update(min(chunk, len(texts) - lo))
+        bar.close()
+        n, drop = [0] * len(samples), [0] * len(samples)
+        for j, i in enumerate(owner):
+            if j and owner[j - 1] == i:   # a later chunk of sample i: the image tokens, its BOS dropped
+                n[i] += self.n_image_tokens + sizes[j] - drop[i]
+            else:
+                n[i], drop[i] = sizes[j], int(bos[j])
+        return n
+
+    def encode_prompt(self, s: Sample) -> list[int]:
+        """The first turn's prompt, up to `ASSISTANT:`, for generation."""
+        return self.encode(s, check=False, prompt=True)[0]
+
+    def pixels(self, pictures: Sequence[Image.Image | None]) -> torch.Tensor | None:
+        """pixel_values (n, 3, H, W) of the pictures that are not None (text-only samples have
+        none), padded to squares first (image_aspect_ratio pad); None when there are none."""
+        images = [p for p in pictures if p is not None]
+        if not images:
+            return None
+        if self.image_aspect_ratio == "pad" and not getattr(self.image_processor, "do_pad", False):
+            fill = tuple(int(x * 255) for x in self.image_processor.image_mean)
+            images = [expand2square(p, fill) for p in images]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]   # (n, 3, H, W)
+
+    def _pad(self, seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
+        L = max(len(s) for s in seqs)
+        return torch.tensor([[value] * (L - len(s)) + s if left else s + [value] * (L - len(s)) for s in seqs])
+
+    def _with_pixels(self, batch: dict, samples: Sequence[Sample], pictures) -> dict:
+        if pictures is None:
+            pictures = [picture(s, self.max_image_side) for s in samples]
+        pixel_values = self.pixels(pictures)
+        return batch if pixel_values is None else batch | {"pixel_values": pixel_values}
+
+    def collate(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
+        """Training batch, right-padded: input_ids, attention_mask, labels (B, L); pixel_values
+        (n, 3, H, W) of the n samples that have a picture, in batch order (absent when n = 0)."""
+        enc = [self.encode(s) for s in samples]
+        ids = self._pad([e[0] for e in enc], self.tokenizer.pad_token_id, left=False)    # (B, L)
+        mask = self._pad([[1] * len(e[0]) for e in enc], 0, left=False)                 # (B, L)
+        labels = self._pad([e[1] for e in enc], IGNORE, left=False)                      # (B, L)
+        return self._with_pixels(dict(input_ids=ids, attention_mask=mask, labels=labels), samples, pictures)
+
+    def collate_prompts(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
+        """Generation batch, left-padded prompts: input_ids, attention_mask (B, L); pixel_values."""
+        prompts = [self.encode_prompt(s) for s in samples]
+        ids = self._pad(prompts, self.tokenizer.pad_token_id, left=True)                 # (B, L)
+        mask = self._pad([[1] * len(p) for p in prompts], 0, left=True)                  # (B, L)
+        return self._with_pixels(dict(input_ids=ids, attention_mask=mask), samples, pictures)
+
+
+# -----------------------------------------------------------------------------
+# Batches: samples become model inputs (Encoder) in the loader's workers
+
+
+class Batch(NamedTuple):
+    """One planned batch as the loader delivers it: the model's inputs (Encoder.collate or
+    collate_prompts; None when no sample of it is left), the plan's indices it holds, and what
+    was skipped. A picture that does not decode is `error` without data.skip_bad_records (it
+    travels as data: a worker's raise would arrive wrapped in its traceback), or named in
+    `skipped` with it."""
+    inputs: dict[str, torch.Tensor] | None
+    kept: list[int]
+    skipped: list[str]
+    error: str | None = None
 
 
 class Batches(torch.utils.data.Dataset):
     """Planned batches of samples as a map-style dataset for torch's DataLoader: item i is
-    batch i (the encoder's collate, or collate_prompts for generation), built in a worker
-    process when num_workers > 0, so pictures decode while the model works on the previous
-    batch. Every batch also carries "kept" (the plan's indices it holds) and "skipped": with
-    skip_bad a sample whose file does not decode is left out and named there (a batch left
-    with no sample is those two lists alone); without it the batch is {"error": message}, which
-    the reader raises as a DataError (model.load_batches), one line whichever process decoded it."""
+    batch i (a Batch), built in a worker process when num_workers > 0, so pictures decode while
+    the model works on the previous batch."""
 
     def __init__(self, enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequence[int]],
                  prompts: bool = False, skip_bad: bool = False):
@@ -385,19 +566,18 @@ class Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Batch:
         kept, pictures, skipped = [], [], []
         for j in self.plan[i]:
             try:
                 pictures.append(picture(self.samples[j], self.enc.max_image_side))
                 kept.append(j)
             except DataError as e:
-                if not self.skip_bad:   # travels as data: a worker's raise would arrive wrapped in its traceback
-                    return {"error": str(e), "skipped": [], "kept": []}
+                if not self.skip_bad:
+                    return Batch(None, [], [], str(e))
                 skipped.append(str(e))
         collate = self.enc.collate_prompts if self.prompts else self.enc.collate
-        batch = collate([self.samples[j] for j in kept], pictures) if kept else {}
-        return batch | {"skipped": skipped, "kept": kept}
+        return Batch(collate([self.samples[j] for j in kept], pictures) if kept else None, kept, skipped)
 
 
 def batch_loader(enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequence[int]], prompts: bool = False,
@@ -409,6 +589,20 @@ def batch_loader(enc: Encoder, samples: Sequence[Sample], plan: Sequence[Sequenc
     return torch.utils.data.DataLoader(Batches(enc, samples, plan, prompts, skip_bad), batch_size=None,
                                        shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
                                        prefetch_factor=2 if num_workers else None)
+
+
+def load_batches(enc: Encoder, samples: Sequence[Sample], plan, dev: torch.device, prompts: bool = False,
+                 skipped: list[str] | None = None):
+    """The planned batches, decoded ahead by data.num_workers workers, on `dev`. A picture
+    that does not decode is a DataError naming it; with data.skip_bad_records its sample is
+    left out and its message added to `skipped` once. Yields (inputs or None, kept indices)."""
+    for batch in batch_loader(enc, samples, plan, prompts, enc.num_workers, dev.type == "cuda", enc.skip_bad_records):
+        if batch.error is not None:
+            raise DataError(batch.error)
+        if skipped is not None:
+            skipped.extend(m for m in batch.skipped if m not in skipped)
+        inputs = batch.inputs
+        yield (None if inputs is None else {k: v.to(dev, non_blocking=True) for k, v in inputs.items()}), batch.kept
 
 
 # -----------------------------------------------------------------------------

@@ -9,11 +9,14 @@ task adapters it needs; the client takes them (apply_download) and is scored `af
 Stage 1 (`stage1_rounds`) uses the TaskClientConnector; stage 2 the CT-MoA, which each client
 builds from its stage-1 connector and the T task adapters of the last stage-1 round's message.
 
-Client is one client's side of a round, Coordinator the server's; they meet in two calls a round
-(`nodes`, below): train.Federation runs them in one process, tools/flower_app.py on Flower.
-Methods (`fed.method`): pilot and the baselines and ablations of SPEC section 6, each a row of
-METHODS saying what it changes. Every random draw comes from a generator seeded by (seed,
-purpose, round, client) (derive_seed), so a run is a function of its seed and resumes exactly.
+Client is one client's side of a round, Coordinator the server's; the Coordinator is handed an
+Engine that carries its two calls a round to the clients and back (tools/engine.InProcess in
+one process, tools/flower_app.GridNodes on Flower), and both engines answer with the same typed
+replies (Reply, Taken), from which tools/runs.py makes the log's record. Methods
+(`fed.method`): pilot and the baselines and ablations of SPEC section 6, each a row of METHODS
+saying what it changes. Every random draw comes from a generator seeded by (seed, purpose,
+round, client) (derive_seed), so a run is a function of its seed and resumes exactly. This file
+imports pilot, model and data, nothing above them.
 
 Shape legend: K clients, T tasks, B batch.
 """
@@ -25,7 +28,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -142,6 +145,8 @@ def lora_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # -----------------------------------------------------------------------------
 # Messages: exactly what travels, {group: {name: tensor}}
 
+Message = dict[str, dict[str, torch.Tensor]]   # groups: "lora", "projector", "task_adapter.<task>"
+
 
 def make_upload(method: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """A client's message to the server (SPEC section 5). Pilot's methods: its task adapter psi_t
@@ -193,11 +198,18 @@ def apply_download(state: dict[str, torch.Tensor], msg: dict[str, dict[str, torc
 # Server
 
 
+class LoraMix(NamedTuple):
+    """How a round's personalised LoRA were mixed: the uploaders `ids` (K'), the (K', K')
+    mixing matrix W and the LoRA distances d it came from (what the log shows of ATA)."""
+    ids: list[int]
+    W: torch.Tensor
+    d: torch.Tensor
+
+
 class Aggregate(NamedTuple):
-    """What one round's aggregation gives: the downloads, and what the log shows of it."""
-    downloads: dict[int, dict[str, dict[str, torch.Tensor]]]   # {client: message}, for every client
-    lora_weights: dict[int, dict[str, float]] | None           # Pilot: how each uploader's LoRA was mixed
-    distances: tuple[list[int], list[list[float]]] | None      # Pilot: (uploaders, their K' x K' distances)
+    """What one round's aggregation gives: the downloads, and (Pilot's methods) how LoRA was mixed."""
+    downloads: dict[int, Message]   # {client: message}
+    mix: LoraMix | None
 
 
 def mix_shares(W: torch.Tensor, tasks: Sequence[str]) -> list[dict[str, float]]:
@@ -210,8 +222,9 @@ def mix_shares(W: torch.Tensor, tasks: Sequence[str]) -> list[dict[str, float]]:
 
 
 class Server:
-    """Holds the global task adapters; aggregates uploads into per-client downloads.
-    Tensor arithmetic over the messages: it never sees data or anything else."""
+    """Holds the global task adapters; aggregates uploads into per-client downloads by the
+    method's rule (Method.shares: `nothing`, `model` for FedAvg, `pilot`). Tensor arithmetic
+    over the messages: it never sees data or anything else."""
 
     def __init__(self, method: str, tasks: Sequence[str], n_samples: Sequence[int], ata_top_m: int | None,
                  ata_form: str = "spread", ata_tau: float | None = None):
@@ -224,6 +237,57 @@ class Server:
         # task adapters): tools/store.ClientStore, which reads and writes files key by key in
         # row blocks, so the server's memory does not grow with K.
         self.store = None
+
+    def aggregate(self, uploads: dict[int, Message], all_tasks: bool) -> Aggregate:
+        """uploads {client: message} -> the downloads, by the method's rule. `all_tasks`: send
+        every task's adapter (the handover round, the last of stage 1, and every stage-2 round)."""
+        rule = {"nothing": self.keep_local, "model": self.fedavg, "pilot": self.pilot}[self.method.shares]
+        return rule(uploads, all_tasks)
+
+    def keep_local(self, uploads: dict[int, Message], all_tasks: bool) -> Aggregate:
+        """local: nothing travels, each uploader gets an empty message."""
+        return Aggregate({k: {} for k in sorted(uploads)}, None)
+
+    def fedavg(self, uploads: dict[int, Message], all_tasks: bool) -> Aggregate:
+        """fedavg/fedprox: the sample-weighted mean of the projector and of LoRA, sent to every
+        client (one not sampled this round would fetch it when next sampled)."""
+        ids = sorted(uploads)
+        if not ids:
+            return Aggregate({}, None)
+        n = [self.n_samples[k] for k in ids]
+        w = torch.tensor(n, dtype=torch.float32) / sum(n)
+        glob = {"lora": pilot.weighted_average([uploads[k]["lora"] for k in ids], w),
+                "projector": pilot.weighted_average([uploads[k]["projector"] for k in ids], w)}
+        return Aggregate({k: glob for k in range(len(self.tasks))}, None)
+
+    def pilot(self, uploads: dict[int, Message], all_tasks: bool) -> Aggregate:
+        """Pilot (SPEC section 5): task-aware visual aggregation (global psi_t per task, by
+        pilot.task_average; tasks with no upload keep theirs) and adaptive text aggregation (one
+        personalised LoRA per uploading client, by lora_mix). The task adapters go to EVERY
+        client, as one not sampled would fetch them when next sampled; a personalised LoRA only
+        to the client that uploaded one. [choice] stage 1 sends a client its own task's adapter;
+        `all_tasks` sends all T."""
+        ids = sorted(uploads)
+        personal, mix = {}, None
+        if ids:
+            n = [self.n_samples[k] for k in ids]
+            average = None if self.store is None else (lambda states, w: self.store.mix(states, w[None])[0])
+            self.task_adapters.update(pilot.task_average([uploads[k]["task_adapter"] for k in ids], n,
+                                                         [self.tasks[k] for k in ids], average))
+            loras = [uploads[k]["lora"] for k in ids]
+            W, d = self.lora_mix(ids, loras)
+            if self.store is None:
+                personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
+            else:   # the same sums, written as they come: no K' LoRA states in memory
+                personal = dict(zip(ids, self.store.mix(loras, W, [f"down_{k}.lora" for k in ids])))
+            mix = LoraMix(ids, W, d)
+        downloads = {}
+        for k in range(len(self.tasks)):
+            wanted = sorted(self.task_adapters) if all_tasks else [self.tasks[k]]
+            downloads[k] = {f"task_adapter.{t}": self.task_adapters[t] for t in wanted}
+            if k in personal:
+                downloads[k]["lora"] = personal[k]
+        return Aggregate(downloads, mix)
 
     def lora_mix(self, ids: list[int], loras: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, d) over the uploading clients `ids`, both (K', K'): the LoRA distances d and the
@@ -239,45 +303,6 @@ class Server:
             W = same * n
             return W / W.sum(dim=1, keepdim=True), d
         return pilot.ata(d, n.tolist(), self.ata_form, self.ata_top_m, self.ata_tau), d
-
-    def aggregate(self, uploads: dict[int, dict[str, dict[str, torch.Tensor]]], all_tasks: bool) -> Aggregate:
-        """uploads {client: message} -> downloads {client: message}, for EVERY client: the
-        shared parts (fedavg's model, the task adapters) go to all, as a client not sampled
-        this round would fetch them when next sampled; a personalised LoRA goes only to the
-        clients that uploaded one. [choice] stage 1 sends a client its own task's adapter;
-        `all_tasks` (the handover round, the last of stage 1, and every stage-2 round) sends all T."""
-        everyone = range(len(self.tasks))
-        ids = sorted(uploads)
-        if self.method.shares == "nothing" or (not ids and self.method.shares == "model"):
-            return Aggregate({k: {} for k in ids}, None, None)
-        n = [self.n_samples[k] for k in ids]
-        loras = [uploads[k]["lora"] for k in ids]
-        if self.method.shares == "model":
-            w = torch.tensor(n, dtype=torch.float32) / sum(n)
-            glob = {"lora": pilot.weighted_average(loras, w),
-                    "projector": pilot.weighted_average([uploads[k]["projector"] for k in ids], w)}
-            return Aggregate({k: glob for k in everyone}, None, None)
-        personal, shares, distances = {}, None, None
-        if ids:
-            # task-aware visual aggregation: global psi_t per task (tasks with no upload keep theirs)
-            average = None if self.store is None else (lambda states, w: self.store.mix(states, w[None])[0])
-            self.task_adapters.update(pilot.task_average([uploads[k]["task_adapter"] for k in ids], n,
-                                                         [self.tasks[k] for k in ids], average))
-            # adaptive text aggregation: one personalised LoRA per uploading client
-            W, d = self.lora_mix(ids, loras)
-            if self.store is None:
-                personal = dict(zip(ids, pilot.weighted_averages(loras, W)))
-            else:   # the same sums, written as they come: no K' LoRA states in memory
-                personal = dict(zip(ids, self.store.mix(loras, W, [f"down_{k}.lora" for k in ids])))
-            shares = dict(zip(ids, mix_shares(W, [self.tasks[k] for k in ids])))
-            distances = (list(ids), d.tolist())
-        downloads = {}
-        for k in everyone:
-            wanted = sorted(self.task_adapters) if all_tasks else [self.tasks[k]]
-            downloads[k] = {f"task_adapter.{t}": self.task_adapters[t] for t in wanted}
-            if k in personal:
-                downloads[k]["lora"] = personal[k]
-        return Aggregate(downloads, shares, distances)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{t}/{k}": v for t, s in self.task_adapters.items() for k, v in s.items()}
@@ -339,22 +364,33 @@ def steps_per_round(n: int, cfg: FedConfig) -> int:
     return cfg.local_epochs * math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
 
 
-def local_train(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Sequence[data_mod.Sample],
-                cfg: FedConfig, lr_lora: float, loss_weights: dict[str, float], gen: torch.Generator,
-                prox_mu: float = 0.0, where: str = "", progress=None,
-                skipped: list[str] | None = None, after_step=None) -> dict[str, float]:
-    """One client's local epochs on the shared model (its state already loaded). Returns the
-    mean of each loss term over the steps, and the number of steps. Batches come from a
-    DataLoader (data.batch_loader) in the plan's order, so workers change nothing but speed.
-    `after_step(s)`, if given, is called after optimiser step s (0-based): the gate ramp."""
+class LocalSettings(NamedTuple):
+    """How a client trains in one round: the config's schedule and sizes, and what its stage
+    and method set (Client.settings builds it)."""
+    cfg: FedConfig                           # epochs, batch size, accumulation, connector lr, warmup, decay, clip
+    lr_lora: float                           # the stage's LoRA learning rate
+    loss_weights: dict[str, float]           # lambda of each of pilot.AUX_KEYS
+    prox_mu: float = 0.0                     # FedProx's mu (0: no proximal term)
+    after_step: Callable[[int], None] | None = None   # called after optimiser step s (0-based): the gate ramp
+
+
+def local_train(model: model_mod.PilotLlava, enc: data_mod.Encoder, samples: Sequence[data_mod.Sample],
+                settings: LocalSettings, gen: torch.Generator, *, where: str = "", skipped: list[str] | None = None,
+                progress=None) -> dict[str, float]:
+    """One client's local epochs on the shared model (its state already loaded), drawing the
+    batch order from `gen`. Returns the mean of each loss term over the steps, and the number
+    of steps. Batches come from a DataLoader (data.load_batches) in the plan's order, so
+    workers change nothing but speed; a record skipped there is added to `skipped`; `where`
+    names the client and round in an error."""
+    cfg, prox_mu, after_step = settings.cfg, settings.prox_mu, settings.after_step
     model.train()
     plan = plan_batches(len(samples), cfg, gen)
-    opt, params = make_optimizer(model, cfg, lr_lora)
+    opt, params = make_optimizer(model, cfg, settings.lr_lora)
     sched = cosine_schedule(opt, len(plan), cfg.warmup_ratio)
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None   # w_global (fedprox)
     sums = dict.fromkeys(("loss", "ce", *pilot.AUX_KEYS, "prox"), 0.0)
     dev = next(model.lm.parameters()).device
-    batches = model_mod.load_batches(enc, samples, [m for step in plan for m in step], dev, skipped=skipped)
+    batches = data_mod.load_batches(enc, samples, [m for step in plan for m in step], dev, skipped=skipped)
     for step, micro in enumerate(plan):
         for _ in micro:
             batch, _ = next(batches)
@@ -362,7 +398,7 @@ def local_train(model: model_mod.PilotLlava, enc: model_mod.Encoder, samples: Se
                 continue
             with model_mod.autocast(model):
                 out = model(**batch)
-                loss = total_loss(out, loss_weights)
+                loss = total_loss(out, settings.loss_weights)
             terms = {"ce": out.ce, **out.aux}
             if anchor is not None:
                 terms["prox"] = pilot.prox_term(params, anchor, prox_mu)
@@ -396,35 +432,101 @@ def eval_subset(samples: Sequence[data_mod.Sample], n: int | None, seed: int, cl
 
 
 # -----------------------------------------------------------------------------
-# The protocol in two halves, a client's (Client) and the server's (Coordinator), meeting in two
-# calls a round, each a dict per client of plain messages:
-#   nodes.local_round(r, stage, chosen)    -> {k: reply}  every reachable client: train if
-#                                                          chosen, score ("after_local"), upload
-#   nodes.deliver(r, downloads, handover)  -> {k: reply}  each client takes its download and
-#                                                          is scored again ("after_download")
-# train.Federation is `nodes` in process (the K states in a list); tools/flower_app.GridNodes
-# carries the two calls in ONE message per client and round on Flower (round r's download rides
-# with round r+1's instruction). A missing reply is a client that did not take part.
+# What a round sends back: a client's replies, and the round so far
+#
+# The protocol's two halves, a client's (Client) and the server's (Coordinator), meet through
+# an Engine in two calls a round: local_round -> {k: Reply}, deliver -> then taken() -> {k: Taken}.
+# Both engines build these same types; the log's record (tools/runs.RoundRecord) is made from them.
 
 EVAL_POINTS = ("after_download", "after_local")
+HEADLINE = "after_local"   # [choice] the score the README and results.json's "mean" report; see README
+
+
+class Reply(NamedTuple):
+    """A client's reply to a round's instruction (Client.local_round)."""
+    scores: dict[str, float]         # {"test": ..., "val": ...}: its state after local training ("after_local")
+    losses: dict[str, float] | None  # mean loss terms over its steps, "steps" (and "gate" in stage 2); None: not chosen
+    upload: Message | None           # make_upload's message; None: nothing to aggregate
+    excluded: bool                   # it trained, but the result was not finite: its previous state is kept
+    seconds_local: float
+    seconds_scoring: float
+
+
+class Taken(NamedTuple):
+    """A client's reply to its download (Client.take): the state it is left with, scored ("after_download")."""
+    scores: dict[str, float]
+    seconds_scoring: float
+
+
+@dataclass
+class Opened:
+    """The first half of round r (Coordinator.train_and_aggregate): who was chosen, what came
+    back, and the downloads to deliver."""
+    round: int
+    stage: int
+    chosen: list[int]
+    handover: bool                   # the last stage-1 round: its downloads start stage 2
+    replies: dict[int, Reply]        # every client that replied
+    uploads: dict[int, Message]
+    agg: Aggregate
+
+
+# -----------------------------------------------------------------------------
+# The engine: how the protocol reaches its clients
+
+
+class Engine(Protocol):
+    """What carries the protocol's two calls a round to the clients and back; the Coordinator
+    is handed one. tools/engine.InProcess calls each Client in turn in this process (a state
+    file each); tools/flower_app.GridNodes sends ONE Flower message per client and round (round
+    r's download rides with round r+1's instruction). A client missing from a reply did not
+    take part."""
+
+    def local_round(self, r: int, stage: int, chosen: Sequence[int], progress=None) -> dict[int, Reply]:
+        """Every reachable client trains if chosen, is scored `after_local` and replies
+        (Client.local_round)."""
+
+    def deliver(self, r: int, downloads: dict[int, Message], handover: bool) -> None:
+        """Round r's downloads handed to their clients (Client.take)."""
+
+    def taken(self) -> dict[int, Taken]:
+        """The replies to the downloads last delivered, once they are back: in process at once,
+        on Flower with the next message (round r+1's local_round, or the final one)."""
+
+
+# -----------------------------------------------------------------------------
+# A client's side of a round
+
+
+@dataclass
+class Shared:
+    """What the clients of one process work on, built once (train.build_model): the model (one
+    instance; a client's state is swapped in and out), its base (shapes), the encoder of its
+    inputs and the longest answer to generate. The stage-1 connector module is kept to put
+    back for stage-1 work, as the model may hold a CT-MoA."""
+    model: model_mod.PilotLlava
+    base: model_mod.Base
+    enc: data_mod.Encoder
+    max_new_tokens: int
+    stage1_connector: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if self.stage1_connector is None:
+            self.stage1_connector = self.model.connector
+        if isinstance(self.stage1_connector, pilot.Stage2Connector):
+            raise ValueError("Shared needs the model's stage-1 connector (pass stage1_connector)")
 
 
 class Client:
-    """One client's side of a round, on the model it is given (shared by all clients in
+    """One client's side of a round, on the model it is given (Shared: one for all clients in
     process; the node's own on Flower). Storage-free: every call takes the client's state and
-    returns the new one, so the caller decides where the state lives (train.Federation.states in
-    process, the node's context on Flower). A reply to the server holds scores, losses and the
-    upload (make_upload), never the state."""
+    returns the new one, so the engine decides where the state lives (a file in process, the
+    node's context on Flower). Its replies hold scores, losses and the upload, never the state."""
 
-    def __init__(self, k: int, data: data_mod.ClientData, tasks: Sequence[str], cfg: FedConfig,
-                 model: model_mod.PilotLlava, base: model_mod.Base, enc: model_mod.Encoder, seed: int,
-                 max_new_tokens: int, stage1_connector=None):
-        self.k, self.data, self.tasks, self.cfg = k, data, list(tasks), cfg
-        self.model, self.base, self.enc, self.seed, self.max_new_tokens = model, base, enc, seed, max_new_tokens
-        # the stage-1 connector module to put back for stage-1 work (the model may hold a CT-MoA now)
-        self.stage1_connector = stage1_connector or model.connector
-        if isinstance(self.stage1_connector, pilot.Stage2Connector):
-            raise ValueError("Client needs the model's stage-1 connector (pass stage1_connector)")
+    def __init__(self, k: int, data: data_mod.ClientData, tasks: Sequence[str], cfg: FedConfig, seed: int,
+                 shared: Shared):
+        self.k, self.data, self.tasks, self.cfg, self.seed, self.shared = k, data, list(tasks), cfg, seed, shared
+        self.model, self.base, self.enc = shared.model, shared.base, shared.enc
 
     def ctmoa_shell(self) -> pilot.Stage2Connector:
         """A stage-2 connector of this run's shape built on the meta device: no value is drawn or
@@ -441,7 +543,7 @@ class Client:
         if stage == 2 and not is_moa:
             self.model.set_connector(self.ctmoa_shell().to_empty(device=next(self.model.lm.parameters()).device))
         elif stage == 1 and is_moa:
-            self.model.set_connector(self.stage1_connector)
+            self.model.set_connector(self.shared.stage1_connector)
 
     def loss_weights(self, stage: int) -> dict[str, float]:
         cfg = self.cfg
@@ -464,47 +566,50 @@ class Client:
         done = round(gate.item() * R)                  # stage-2 steps before this round
         return lambda step: gate.fill_(min(1.0, (done + step + 1) / R))
 
+    def settings(self, stage: int) -> LocalSettings:
+        """How this client trains in a round of `stage` (call after structure(stage): the ramp reads the gate)."""
+        cfg = self.cfg
+        return LocalSettings(cfg, cfg.lr_lora_stage1 if stage == 1 else cfg.lr_lora_stage2, self.loss_weights(stage),
+                             cfg.prox_mu if METHODS[cfg.method].prox else 0.0, self.gate_ramp() if stage == 2 else None)
+
     def train(self, state: dict[str, torch.Tensor], r: int, stage: int, progress=None) -> dict[str, float]:
         """Local training of round r from `state`; the trained state is left in the model. In
         stage 2 the losses carry the gate g the round ended with."""
-        cfg = self.cfg
         self.structure(stage)
         model_mod.load_client_state(self.model, state)
         dev = next(self.model.lm.parameters()).device
         pilot.set_dropout_generator(self.model, torch.Generator(dev).manual_seed(derive_seed(self.seed, "dropout", r, self.k)))
         try:
-            losses = local_train(self.model, self.enc, self.data.train, cfg,
-                                 cfg.lr_lora_stage1 if stage == 1 else cfg.lr_lora_stage2, self.loss_weights(stage),
-                                 generator(self.seed, "data", r, self.k), cfg.prox_mu if METHODS[cfg.method].prox else 0.0,
-                                 where=f"client {self.data.name} round {r}", progress=progress,
-                                 skipped=self.data.skipped, after_step=self.gate_ramp() if stage == 2 else None)
+            losses = local_train(self.model, self.enc, self.data.train, self.settings(stage),
+                                 generator(self.seed, "data", r, self.k), where=f"client {self.data.name} round {r}",
+                                 skipped=self.data.skipped, progress=progress)
         finally:
             pilot.set_dropout_generator(self.model, None)
         if stage == 2:
             losses["gate"] = self.model.connector.gate.item()
         return losses
 
-    def local_round(self, state: dict[str, torch.Tensor], r: int, stage: int, chosen: bool, progress=None):
+    def local_round(self, state: dict[str, torch.Tensor], r: int, stage: int, chosen: bool,
+                    progress=None) -> tuple[dict[str, torch.Tensor], Reply]:
         """-> (state, reply). A chosen client trains; a non-finite result is not kept and not
-        uploaded (reply["excluded"]). Every client is scored `after_local`."""
-        reply = {"losses": None, "upload": None, "excluded": False, "seconds_local": 0.0}
+        uploaded (reply.excluded). Every client is scored `after_local`."""
+        losses, upload, excluded, seconds_local = None, None, False, 0.0
         if chosen:
             t0 = time.perf_counter()
-            reply["losses"] = self.train(state, r, stage, progress)
-            reply["seconds_local"] = time.perf_counter() - t0
+            losses = self.train(state, r, stage, progress)
+            seconds_local = time.perf_counter() - t0
             new_state = model_mod.client_state(self.model)
             if all(torch.isfinite(v).all() for v in new_state.values()):
                 state = new_state
-                reply["upload"] = make_upload(self.cfg.method, new_state)
+                upload = make_upload(self.cfg.method, new_state)
             else:
-                reply["excluded"] = True   # keep the previous state; upload nothing
+                excluded = True   # keep the previous state; upload nothing
         t0 = time.perf_counter()
-        reply["scores"] = self.score(state, stage)
-        reply["seconds_scoring"] = time.perf_counter() - t0
-        return state, reply
+        scores = self.score(state, stage)
+        return state, Reply(scores, losses, upload, excluded, seconds_local, time.perf_counter() - t0)
 
-    def take(self, state: dict[str, torch.Tensor], stage: int, msg: dict[str, dict[str, torch.Tensor]],
-             handover: bool):
+    def take(self, state: dict[str, torch.Tensor], stage: int, msg: Message,
+             handover: bool) -> tuple[dict[str, torch.Tensor], int, Taken]:
         """-> (state, stage, reply): the server's message applied, then scored `after_download`.
         With the last stage-1 message the client first builds its stage-2 state from the task
         adapters in that message."""
@@ -513,7 +618,7 @@ class Client:
         state = apply_download(state, msg, self.data.task, self.tasks, stage)
         t0 = time.perf_counter()
         scores = self.score(state, stage)
-        return state, stage, {"scores": scores, "seconds_scoring": time.perf_counter() - t0}
+        return state, stage, Taken(scores, time.perf_counter() - t0)
 
     def stage2_state(self, state: dict[str, torch.Tensor], adapters: dict[str, dict[str, torch.Tensor]]):
         """The client's first stage-2 state, built from its stage-1 state and the T task
@@ -540,22 +645,26 @@ class Client:
             samples = getattr(d, split)
             if not full:
                 samples = eval_subset(samples, cfg.eval_max_samples, self.seed, d.name, split)
-            out[split] = model_mod.evaluate(self.model, self.enc, samples, d.metric, cfg.eval_batch_size, self.max_new_tokens,
-                                  progress=True, skipped=d.skipped)
+            out[split] = model_mod.evaluate(self.model, self.enc, samples, d.metric, cfg.eval_batch_size,
+                                            self.shared.max_new_tokens, progress=True, skipped=d.skipped)
         return out
+
+
+# -----------------------------------------------------------------------------
+# The server's side of a round
 
 
 class Coordinator:
     """The server's side: who takes part in a round, the stage schedule and the Server's
     aggregation. It knows each client only by name, task and training-set size (what a Flower
-    node says when it joins) and reaches clients only through `nodes`; a client whose reply does
-    not come back is left out of that round, as one with a non-finite update is."""
+    node says when it joins) and reaches clients only through the Engine it is handed; a client
+    whose reply does not come back is left out of that round, as one with a non-finite update is."""
 
     def __init__(self, cfg: FedConfig, names: Sequence[str], client_tasks: Sequence[str],
                  n_samples: Sequence[int], seed: int, initial_adapter: dict[str, torch.Tensor] | None):
         if cfg.method not in METHODS:
             raise ValueError(f"fed.method must be one of {tuple(METHODS)}, got {cfg.method!r}")
-        self.cfg, self.names, self.seed = cfg, list(names), seed
+        self.cfg, self.names, self.client_tasks, self.seed = cfg, list(names), list(client_tasks), seed
         self.tasks = sorted(set(client_tasks))
         self.method = METHODS[cfg.method]
         self.server = Server(cfg.method, client_tasks, n_samples, cfg.ata_top_m, cfg.ata_form, cfg.ata_tau)
@@ -578,25 +687,23 @@ class Coordinator:
         perm = torch.randperm(K, generator=generator(self.seed, "sample", r)).tolist()
         return sorted(perm[:m])
 
-    def train_and_aggregate(self, r: int, nodes, progress=None) -> dict:
+    def train_and_aggregate(self, r: int, engine: Engine, progress=None) -> Opened:
         """The first half of round r (1-based): every reachable client trains if chosen and is
-        scored `after_local`; the uploads are aggregated. -> the round so far, with the
-        downloads to deliver to the clients (nodes.deliver)."""
+        scored `after_local`; the uploads are aggregated into the downloads to deliver."""
         stage = self.stage_of(r)
         chosen = self.sample_clients(r)
         # the handover: the last stage-1 round sends every task's adapter, and each client
         # builds its stage-2 CT-MoA from them (Client.take)
         handover = stage == 1 and self.stage_of(r + 1) == 2 and r < self.total_rounds
-        replies = nodes.local_round(r, stage, chosen, progress)
-        uploads = {k: rep["upload"] for k, rep in replies.items() if rep["upload"] is not None}
+        replies = engine.local_round(r, stage, chosen, progress)
+        uploads = {k: rep.upload for k, rep in replies.items() if rep.upload is not None}
         agg = self.server.aggregate(uploads, all_tasks=stage == 2 or handover)
-        return {"round": r, "stage": stage, "chosen": chosen, "handover": handover, "replies": replies,
-                "uploads": uploads, "downloads": agg.downloads, "lora_weights": agg.lora_weights,
-                "distances": agg.distances}
+        return Opened(r, stage, chosen, handover, replies, uploads, agg)
 
-    def communication_round(self, r: int, nodes, progress=None) -> tuple[dict, dict[int, dict]]:
+    def communication_round(self, r: int, engine: Engine, progress=None) -> tuple[Opened, dict[int, Taken]]:
         """One whole round r: train_and_aggregate, then the downloads delivered and scored
-        `after_download`. -> (the round so far, the replies to the downloads: {k: {"scores",
-        "seconds_scoring"}}), which tools/runs.round_record writes as the round's log record."""
-        opened = self.train_and_aggregate(r, nodes, progress)
-        return opened, nodes.deliver(r, opened["downloads"], opened["handover"])
+        `after_download`. -> (the round's first half, the replies to its downloads), from which
+        tools/runs.round_record makes the round's log record."""
+        opened = self.train_and_aggregate(r, engine, progress)
+        engine.deliver(r, opened.agg.downloads, opened.handover)
+        return opened, engine.taken()

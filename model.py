@@ -13,13 +13,11 @@ Where the weights come from:
   model.llava "embedded", the default run's stand-in, is a tiny LLaVA that tools/embedded.py
   builds and pretrains once and then loads through exactly path (a).
 
-What it is fed (Encoder): the input_ids LLaVA-1.5's own preprocessing gives a record (SPEC 5c:
-conv_vicuna_v1, preprocess_multimodal, preprocess_v1, tokenizer_image_token), `<image>` expanded
-to N image tokens, labels on the answers only; pictures padded to a square in the processor's
-mean colour (image_aspect_ratio "pad", expand2square) before the processor.
+What it is fed: data.Encoder's inputs, the input_ids LLaVA-1.5's own preprocessing gives a
+record (SPEC 5c), with `<image>` expanded to N image tokens, labels on the answers only.
 
-Running it (autocast, load_batches, evaluate): a client's batches decoded ahead by the loader's
-workers, and its greedy answers scored by the record's metric (data.METRICS).
+Running it (autocast, evaluate): a client's batches (data.load_batches) decoded ahead by the
+loader's workers, and its greedy answers scored by the record's metric (data.METRICS).
 
 One model instance serves every client: a client's state (its connector and its LoRA) is a
 {name: tensor} dict swapped in and out with client_state / load_client_state.
@@ -39,12 +37,10 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-import pilot
 import data
-from data import IGNORE, IMAGE, DataError, Sample, picture
+import pilot
 
 # -----------------------------------------------------------------------------
 # Config (keys of the `model:` section of config.yaml)
@@ -130,7 +126,7 @@ class PilotLlava(nn.Module):
         logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask).logits   # (B, L, V)
         ce = logits.new_zeros((), dtype=torch.float32)
         if labels is not None:  # next-token CE on answer tokens only (labels IGNORE elsewhere)
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE)
         return Output(ce, aux, logits)
 
     @torch.no_grad()
@@ -426,6 +422,27 @@ def loader(cfg: ModelConfig) -> Loader:
     return LOADERS["pair"]
 
 
+def llava_15_7b_config():
+    """LLaVA-1.5-7B's shape (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14, projection_dim=768)
+    tc = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, image_seq_length=576)
+
+
+def meta_config(cfg: ModelConfig, source: Loader):
+    """The LlavaConfig a run would load from `source`, without weights or downloads: a local (or
+    already cached) checkpoint's config (the embedded recipe's), else LLaVA-1.5-7B's built-in shape."""
+    try:
+        return source.config(cfg)
+    except (OSError, ValueError):
+        if cfg.llava == "embedded":
+            raise
+        return llava_15_7b_config(), "built-in LLaVA-1.5-7B shape (checkpoint config not available offline)"
+
+
 def build_connector(kind: str, base: Base, released_init: bool = False,
                     generator: torch.Generator | None = None) -> nn.Module:
     """kind 'plain' (baselines) or 'stage1' (Pilot), psi_t / the projector initialised from
@@ -467,168 +484,6 @@ def build_model(base: Base, connector: nn.Module, cfg: ModelConfig,
         enable_checkpointing(base.lm)
     return PilotLlava(base.vision, base.lm, connector, base.image_token_id, base.feature_layer, base.drop_cls)
 # -----------------------------------------------------------------------------
-# The model's inputs: tokens and pictures exactly as LLaVA-1.5 trains on them (SPEC 5c)
-
-
-def image_first(human: str) -> str:
-    """LLaVA's preprocess_multimodal: the turn's `<image>` taken out and put at its front,
-    followed by a newline ("Who wrote this book?\n<image>" -> "<image>\nWho wrote this book?")."""
-    return (IMAGE + "\n" + human.replace(IMAGE, "").strip()).strip()
-
-
-def expand2square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
-    """LLaVA's expand2square (llava/mm_utils.py): the picture centred on a square of its longer
-    side, the rest in `fill` (the processor's mean colour x 255, truncated to int, as LLaVA does).
-    A square picture is returned as it is."""
-    w, h = image.size
-    if w == h:
-        return image
-    out = Image.new(image.mode, (max(w, h),) * 2, fill)
-    out.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-    return out
-
-
-@dataclass
-class Encoder:
-    """Turns Samples into model inputs as LLaVA-1.5's training code does (SPEC 5c; haotian-liu/
-    LLaVA conv_vicuna_v1, preprocess_multimodal, preprocess_v1, tokenizer_image_token):
-
-        {system} USER: <image>\n{h1} ASSISTANT: {g1}</s>USER: {h2} ASSISTANT: {g2}</s>
-
-    The text is split at `<image>`; each chunk is tokenised with the tokenizer's special tokens
-    (its BOS), the BOS is kept on the first chunk only, and `n_image_tokens` copies of
-    `image_token_id` go between the chunks (the connector's tokens replace them in model.py).
-    With a Llama tokenizer this leaves "▁" before the image and "▁" "<0x0A>" after it, as in
-    LLaVA-1.5's own inputs. Labels: every token of each answer and its `</s>` (the tokens whose
-    characters lie in " {g}</s>"), IGNORE elsewhere; computed from the fast tokenizer's offsets
-    rather than LLaVA's length arithmetic, which gives the same labels (tests/test_llava_format.py)
-    without its "tokenization mismatch" cases. A text-only Sample (image None) is one chunk.
-    [choice] With an empty system prompt the text starts at "USER:" (LLaVA would start it with
-    the separator, " USER:").
-    Pictures are padded to a square in the processor's mean colour first (image_aspect_ratio
-    "pad", LLaVA-1.5's `--image_aspect_ratio pad`) unless the processor pads itself (llava-hf's
-    LlavaImageProcessor with do_pad); "crop" leaves them to the processor's centre crop. They
-    are decoded in collate (data.picture), so in a DataLoader worker."""
-    tokenizer: object
-    image_processor: object
-    image_token_id: int
-    n_image_tokens: int
-    system_prompt: str = ""
-    max_length: int = 2048
-    max_image_side: int = 1024
-    num_workers: int = 0             # how batches are loaded (data.num_workers, data.skip_bad_records):
-    skip_bad_records: bool = False   # the loaders of fed.py read them here, beside the encoding
-    image_aspect_ratio: str = "pad"
-
-    def text(self, s: Sample, prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        """conv_vicuna_v1's get_prompt of the Sample, and the character span of every answer
-        (" {g}</s>", the space after "ASSISTANT:" included). prompt=True: the first turn up to
-        "ASSISTANT:", for generation (LLaVA's eval appends an empty assistant message)."""
-        text, spans = (self.system_prompt + " " if self.system_prompt else ""), []
-        for human, gpt in s.turns:
-            text += f"USER: {image_first(human) if IMAGE in human else human} ASSISTANT:"
-            if prompt:
-                break
-            answer = f" {gpt}{self.tokenizer.eos_token}"
-            spans.append((len(text), len(text) + len(answer)))
-            text += answer
-        if (s.image is None) != (IMAGE not in text) or text.count(IMAGE) > 1:
-            raise DataError(f"{s.source or s.id}: a sample with{'out' if s.image is None else ''} an image holds "
-                            f"{text.count(IMAGE)} {IMAGE} placeholders")
-        return text, spans
-
-    def _splice(self, chunks: list[list[int]], image: int, drop: int) -> list[int]:
-        """tokenizer_image_token: the chunks joined by n_image_tokens copies of `image`, the
-        first `drop` ids of every later chunk dropped (LLaVA drops one, the BOS, when the first
-        chunk starts with the BOS)."""
-        ids = list(chunks[0])
-        for c in chunks[1:]:
-            ids += [image] * self.n_image_tokens + c[drop:]
-        return ids
-
-    def encode(self, s: Sample, check: bool = True, prompt: bool = False) -> tuple[list[int], list[int]]:
-        """Sample -> (input_ids, labels); prompt=True: the generation prompt, labels all IGNORE."""
-        text, spans = self.text(s, prompt)
-        chunks = text.split(IMAGE)
-        enc = self.tokenizer(chunks, return_offsets_mapping=True)
-        labels, start = [], 0   # start: where the chunk begins in `text`
-        for chunk, ids, offsets in zip(chunks, enc.input_ids, enc.offset_mapping):
-            labels.append([i if b > a and any(lo <= start + a and start + b <= hi for lo, hi in spans) else IGNORE
-                           for i, (a, b) in zip(ids, offsets)])
-            start += len(chunk) + len(IMAGE)
-        drop = int(enc.input_ids[0][:1] == [self.tokenizer.bos_token_id])
-        ids = self._splice(enc.input_ids, self.image_token_id, drop)
-        if check and len(ids) > self.max_length:
-            raise DataError(f"{s.source or s.id}: {len(ids)} tokens > data.max_length {self.max_length}")
-        return ids, self._splice(labels, IGNORE, drop)
-
-    def lengths(self, samples: Sequence[Sample], chunk: int = 4096, progress: bool = False) -> list[int]:
-        """len(encode(s)[0]) of every sample, with the chunks tokenised `chunk` at a time (a fast
-        tokenizer batches them in Rust: tens of thousands of records a second)."""
-        texts, owner = [], []
-        for i, s in enumerate(samples):
-            parts = self.text(s)[0].split(IMAGE)
-            texts += parts
-            owner += [i] * len(parts)
-        sizes, bos = [], []    # per chunk: its token count, whether it starts with the BOS
-        bar = tqdm(total=len(texts), desc="tokenising", unit="text", disable=None if progress else True, leave=False)
-        for lo in range(0, len(texts), chunk):
-            for t in self.tokenizer(texts[lo:lo + chunk]).input_ids:
-                sizes.append(len(t))
-                bos.append(t[:1] == [self.tokenizer.bos_token_id])
-            bar.update(min(chunk, len(texts) - lo))
-        bar.close()
-        n, drop = [0] * len(samples), [0] * len(samples)
-        for j, i in enumerate(owner):
-            if j and owner[j - 1] == i:   # a later chunk of sample i: the image tokens, its BOS dropped
-                n[i] += self.n_image_tokens + sizes[j] - drop[i]
-            else:
-                n[i], drop[i] = sizes[j], int(bos[j])
-        return n
-
-    def encode_prompt(self, s: Sample) -> list[int]:
-        """The first turn's prompt, up to `ASSISTANT:`, for generation."""
-        return self.encode(s, check=False, prompt=True)[0]
-
-    def pixels(self, pictures: Sequence[Image.Image | None]) -> torch.Tensor | None:
-        """pixel_values (n, 3, H, W) of the pictures that are not None (text-only samples have
-        none), padded to squares first (image_aspect_ratio pad); None when there are none."""
-        images = [p for p in pictures if p is not None]
-        if not images:
-            return None
-        if self.image_aspect_ratio == "pad" and not getattr(self.image_processor, "do_pad", False):
-            fill = tuple(int(x * 255) for x in self.image_processor.image_mean)
-            images = [expand2square(p, fill) for p in images]
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]   # (n, 3, H, W)
-
-    def _pad(self, seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
-        L = max(len(s) for s in seqs)
-        return torch.tensor([[value] * (L - len(s)) + s if left else s + [value] * (L - len(s)) for s in seqs])
-
-    def _with_pixels(self, batch: dict, samples: Sequence[Sample], pictures) -> dict:
-        if pictures is None:
-            pictures = [picture(s, self.max_image_side) for s in samples]
-        pixel_values = self.pixels(pictures)
-        return batch if pixel_values is None else batch | {"pixel_values": pixel_values}
-
-    def collate(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
-        """Training batch, right-padded: input_ids, attention_mask, labels (B, L); pixel_values
-        (n, 3, H, W) of the n samples that have a picture, in batch order (absent when n = 0)."""
-        enc = [self.encode(s) for s in samples]
-        ids = self._pad([e[0] for e in enc], self.tokenizer.pad_token_id, left=False)    # (B, L)
-        mask = self._pad([[1] * len(e[0]) for e in enc], 0, left=False)                 # (B, L)
-        labels = self._pad([e[1] for e in enc], IGNORE, left=False)                      # (B, L)
-        return self._with_pixels(dict(input_ids=ids, attention_mask=mask, labels=labels), samples, pictures)
-
-    def collate_prompts(self, samples: Sequence[Sample], pictures=None) -> dict[str, torch.Tensor]:
-        """Generation batch, left-padded prompts: input_ids, attention_mask (B, L); pixel_values."""
-        prompts = [self.encode_prompt(s) for s in samples]
-        ids = self._pad(prompts, self.tokenizer.pad_token_id, left=True)                 # (B, L)
-        mask = self._pad([[1] * len(p) for p in prompts], 0, left=True)                  # (B, L)
-        return self._with_pixels(dict(input_ids=ids, attention_mask=mask), samples, pictures)
-
-
-# -----------------------------------------------------------------------------
 # Running the model on a client's batches: precision, the loader, greedy answers scored
 
 
@@ -639,23 +494,8 @@ def autocast(model: PilotLlava):
     return torch.autocast("cuda", dtype=p.dtype, enabled=enabled)
 
 
-def load_batches(enc: Encoder, samples, plan, dev: torch.device, prompts: bool = False,
-                 skipped: list[str] | None = None):
-    """The planned batches, decoded ahead by data.num_workers workers, on `dev`. A picture
-    that does not decode is a DataError naming it; with data.skip_bad_records its sample is
-    left out and its message added to `skipped` once. Yields (batch or None, kept indices)."""
-    for batch in data.batch_loader(enc, samples, plan, prompts, enc.num_workers, dev.type == "cuda",
-                                   enc.skip_bad_records):
-        if "error" in batch:
-            raise data.DataError(batch["error"])
-        bad, kept = batch.pop("skipped"), batch.pop("kept")
-        if skipped is not None:
-            skipped.extend(m for m in bad if m not in skipped)
-        yield ({k: v.to(dev, non_blocking=True) for k, v in batch.items()} if kept else None), kept
-
-
 @torch.no_grad()
-def evaluate(model: PilotLlava, enc: Encoder, samples: Sequence[data.Sample],
+def evaluate(model: PilotLlava, enc: data.Encoder, samples: Sequence[data.Sample],
              metric: str, batch_size: int, max_new_tokens: int, progress: bool = False,
              skipped: list[str] | None = None) -> float:
     """The metric (data.METRICS, corpus-level) of greedy answers to each record's first turn
@@ -668,7 +508,7 @@ def evaluate(model: PilotLlava, enc: Encoder, samples: Sequence[data.Sample],
     plan = [list(range(i, min(i + batch_size, len(samples)))) for i in range(0, len(samples), batch_size)]
     predictions, references = [], []
     bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=None if progress else True, leave=False)
-    for batch, kept in load_batches(enc, samples, plan, dev, prompts=True, skipped=skipped):
+    for batch, kept in data.load_batches(enc, samples, plan, dev, prompts=True, skipped=skipped):
         if batch is not None:
             with autocast(model):
                 seqs = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,

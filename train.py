@@ -8,17 +8,21 @@
 
 The story of main(): load and check the config; lock the run_dir; load the data and check it
 against the base's tokenizer (before any weight loads); on --resume, refuse a run that differs
-in what defines it; build the base model and the Federation (fed.py's protocol, every client on
-one shared model); run stage1_rounds + stage2_rounds rounds, scoring every client after its
-local training and after the server's download, logging and checkpointing every round; finally
-score every client on the other tasks' test splits and write results.md and results.json.
+in what defines it; build the base model and the Federation (fed.Coordinator, the protocol,
+handed tools/engine.InProcess, every client on one shared model); run stage1_rounds +
+stage2_rounds rounds (run_rounds: each one fed.Coordinator.communication_round), scoring every
+client after its local training and after the server's download, logging and checkpointing
+every round; finally score every client on the other tasks' test splits and write results.md
+and results.json.
 
-Hand-offs to tools/ (pilot, model, fed and data never import it): runs.py, the run folder, its
-identity, checkpoints, log and results; and only where a config or a flag asks for them,
-embedded.py (model.llava "embedded", the synthetic scenarios), sizing.py (--dry-run) and use.py
-(--ask, --score). The config is a tree of dataclasses whose field names are exactly the
-keys of config.yaml (unknown keys, wrong types: errors naming the key); `python train.py` (cli)
-turns every failure into one line, exit code 2 for config and data, 1 for a run that cannot go on.
+Hand-offs to tools/ (pilot, model, fed and data never import it, and no tool imports this
+file: each is handed what it needs): engine.py and store.py, the clients in this process and
+their state files; runs.py, the run folder, its identity, checkpoints, log and results; and
+only where a config or a flag asks for them, embedded.py (model.llava "embedded", the synthetic
+scenarios), sizing.py (--dry-run) and use.py (--ask, --score). The config is a tree of
+dataclasses whose field names are exactly the keys of config.yaml (unknown keys, wrong types:
+errors naming the key); `python train.py` (cli) turns every failure into one line, exit code 2
+for config and data, 1 for a run that cannot go on.
 """
 
 from __future__ import annotations
@@ -49,7 +53,10 @@ import data as data_mod
 import fed as fed_mod
 import model as model_mod
 import pilot
+from data import ConfigError, RunError
 from tools import runs
+from tools.engine import InProcess
+from tools.store import ClientStore
 
 # -----------------------------------------------------------------------------
 # Config
@@ -62,14 +69,6 @@ class Config:
     model: model_mod.ModelConfig = field(default_factory=model_mod.ModelConfig)
     data: data_mod.DataConfig = field(default_factory=data_mod.DataConfig)
     fed: fed_mod.FedConfig = field(default_factory=fed_mod.FedConfig)
-
-
-class ConfigError(ValueError):
-    """A bad config value, file or command line: exit code 2."""
-
-
-class RunError(RuntimeError):
-    """A run that cannot go on (a non-finite loss, an unreadable run directory): exit code 1."""
 
 
 def _check_type(value, tp, key: str):
@@ -169,7 +168,7 @@ def validate(cfg: Config) -> None:
         (m.device == "cpu" or m.device.startswith("cuda"), "model.device", "cpu or cuda[:N]"),
         (m.embedded_pretrain_steps >= 1, "model.embedded_pretrain_steps", ">= 1"),
         (d.scenario == "manifest" or d.scenario in embedded().SCENARIOS, "data.scenario",
-         f"one of {sorted(embedded().SCENARIOS) + ['manifest']}"),
+         lambda: f"one of {sorted(embedded().SCENARIOS) + ['manifest']}"),   # read only if it fails
         (d.manifest is None or d.scenario == "manifest", "data.manifest", "null unless data.scenario is 'manifest'"),
         (d.scenario != "manifest" or bool(d.manifest), "data.manifest", "a path when data.scenario is 'manifest'"),
         (d.clients_per_task >= 1, "data.clients_per_task", ">= 1 (a task needs clients)"),
@@ -186,7 +185,7 @@ def validate(cfg: Config) -> None:
     for ok, key, allowed in checks:
         if not ok:
             value = operator.attrgetter(key)(cfg)
-            raise ConfigError(f"{key} = {value!r}: must be {allowed}")
+            raise ConfigError(f"{key} = {value!r}: must be {allowed() if callable(allowed) else allowed}")
 
 
 def load_config(path: str, overrides: list[str]) -> Config:
@@ -215,140 +214,28 @@ def load_config(path: str, overrides: list[str]) -> Config:
 
 
 # -----------------------------------------------------------------------------
-# The federation in one process: fed.py's protocol, every client on one shared model
+# The federation in one process: fed.py's protocol handed the in-process engine
 
 
-class States(typing.Sequence):
-    """The clients' states as a sequence, each read from (and written to) its file in the store
-    when indexed: `fedn.states[k]` loads client k's state, `fedn.states[k] = state` saves it."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __len__(self) -> int:
-        return len(self.store.names)
-
-    def __getitem__(self, k: int) -> dict:
-        if not -len(self) <= k < len(self):
-            raise IndexError(k)
-        return self.store.load(k % len(self))
-
-    def __setitem__(self, k: int, state: dict) -> None:
-        self.store.save(k % len(self), state)
-
-
-class Federation(fed_mod.Coordinator):
-    """The whole federation in one process: K clients (their data, and their states in files:
-    tools/store.ClientStore, one state in memory at a time) on one shared model, and the
-    coordinator that runs the rounds; it is its own `nodes`. The round's uploads and the
-    personalised downloads are files too, which the server reads and writes key by key, so the
-    host memory of a round does not grow with K (docs/cost.md). The state to checkpoint is the
-    store's files, `stage` and the server's `state()`; everything random is derived from (seed,
-    purpose, round, client).
+@dataclass
+class Federation:
+    """The whole federation in one process: fed.py's Coordinator (the server's side of every
+    round) and the engine it is handed, tools/engine.InProcess (K clients on one shared model,
+    their states in files, <run_dir>/states, one in memory at a time). The state to checkpoint
+    is the engine's state files and stage, and the server's `state()`; everything random is
+    derived from (seed, purpose, round, client).
 
     [choice] When a client is scored (SPEC 5b): every round, every method, at two points:
     `after_local` (the state after its own local training of the round, as personalised-FL
     papers score it) and `after_download` (the state the server's reply leaves it with), on
     its test split and, when it has one, its validation split."""
+    coord: fed_mod.Coordinator
+    engine: InProcess
 
-    def __init__(self, cfg: fed_mod.FedConfig, model: model_mod.PilotLlava, base: model_mod.Base,
-                 clients: Sequence[data_mod.ClientData], enc: model_mod.Encoder, seed: int, max_new_tokens: int,
-                 state_dir: str | None = None):
-        from tools import store as store_mod
-        self.clients, self.model, self.base, self.enc = list(clients), model, base, enc
-        self.max_new_tokens = max_new_tokens
-        temporary = state_dir is None   # built without a run folder (tests, notebooks): a temp one
-        state_dir = tempfile.mkdtemp(prefix="pilot-states-") if temporary else state_dir
-        self.store = store_mod.ClientStore(state_dir, [d.name for d in self.clients])
-        if temporary:   # removed with the store (which fedn.states views share)
-            weakref.finalize(self.store, shutil.rmtree, state_dir, True)
-        # [choice] every client starts from the same initial state (as if broadcast by the server)
-        initial = model_mod.client_state(model)
-        for k in range(len(self.clients)):
-            self.store.save(k, initial)
-        self.initial_keys = frozenset(initial)
-        self.stage = 1
-        super().__init__(cfg, [d.name for d in self.clients], [d.task for d in self.clients],
-                         [len(d.train) for d in self.clients], seed, fed_mod.adapter_tensors(initial, fed_mod.OWN_ADAPTER))
-        self.server.store = self.store
-        self.nodes = [fed_mod.Client(k, d, self.tasks, cfg, model, base, enc, seed, max_new_tokens)
-                      for k, d in enumerate(self.clients)]
-
-    @property
-    def states(self) -> States:
-        return States(self.store)
-
-    @states.setter
-    def states(self, states: Sequence[dict]) -> None:
-        for k, state in enumerate(states):
-            self.store.save(k, state)
-
-    def run_round(self, r: int, progress=None) -> dict:
-        return runs.round_record(self.names, *self.communication_round(r, self, progress))
-
-    # `nodes`, in process: call each client in turn, its state read from and written back to its file
-
-    def local_round(self, r: int, stage: int, chosen: Sequence[int], progress=None) -> dict[int, dict]:
-        replies = {}
-        for k, node in enumerate(self.nodes):
-            state, replies[k] = node.local_round(self.store.load(k), r, stage, k in chosen, progress)
-            self.store.save(k, state)
-            if replies[k]["upload"]:   # the upload as files the server reads one tensor at a time
-                replies[k]["upload"] = {g: self.store.message_file(f"up_{k}.{g}", t)
-                                        for g, t in replies[k]["upload"].items()}
-            del state
-        return replies
-
-    def deliver(self, r: int, downloads: dict[int, dict], handover: bool) -> dict[int, dict]:
-        replies = {}
-        for k, msg in downloads.items():
-            if msg:
-                state, _, replies[k] = self.nodes[k].take(self.store.load(k), self.stage, msg, handover)
-                self.store.save(k, state)
-                del state
-        if handover:
-            self.set_stage(2)
-        return replies
-
-    # what train.py needs for checkpoints and results
-
-    def set_stage(self, stage: int) -> None:
-        """Give the shared model the connector structure of `stage`; used when stage 2 starts
-        and when resuming in stage 2."""
-        self.nodes[0].structure(stage)
-        self.stage = stage
-
-    def state_keys(self, stage: int) -> set[str]:
-        """The key set of a client state in `stage` (to check a checkpoint before loading it)."""
-        keys = set(self.initial_keys)
-        if stage == 2:
-            keys = {k for k in keys if pilot.is_lora(k)} | {f"connector.{n}" for n in self.nodes[0].ctmoa_shell().state_dict()}
-        return keys
-
-    def train_client(self, k: int, r: int, stage: int, progress=None) -> dict[str, float]:
-        """Client k's local training of round r (its trained state is left in the shared model)."""
-        return self.nodes[k].train(self.store.load(k), r, stage, progress)
-
-    def score(self, k: int, full: bool = False) -> dict[str, float]:
-        return self.nodes[k].score(self.store.load(k), self.stage, full)
-
-    def evaluate_cross(self) -> dict[str, dict[str, float]]:
-        """Each client on every other task's test splits (what it learned from other tasks).
-        Answers are judged against the other clients' phrasing, so this is a lower bound."""
-        out = {}
-        for k, client in enumerate(self.clients):
-            self.nodes[k].structure(self.stage)
-            model_mod.load_client_state(self.model, self.store.load(k))
-            out[client.name] = {}
-            for task in self.tasks:
-                if task == client.task:
-                    continue
-                others = [o for o in self.clients if o.task == task]
-                samples = [s for o in others for s in fed_mod.eval_subset(o.test, self.cfg.eval_max_samples, self.seed,
-                                                                   o.name, "test")]
-                out[client.name][task] = model_mod.evaluate(self.model, self.enc, samples, others[0].metric,
-                                                  self.cfg.eval_batch_size, self.max_new_tokens)
-        return out
+    def run_round(self, r: int, progress=None) -> runs.RoundRecord:
+        """Round r (fed.Coordinator.communication_round over the engine), as its log record."""
+        coord = self.coord
+        return runs.round_record(coord.names, coord.client_tasks, *coord.communication_round(r, self.engine, progress))
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +260,7 @@ def dry_run(cfg: Config) -> str:
     read (a manifest that does not exist yet is said, not an error: the plan comes first)."""
     from tools import sizing   # machinery beside the core: loaded only for --dry-run
     n_tasks = 3 if cfg.data.scenario == "manifest" else len(embedded().SCENARIOS[cfg.data.scenario])
-    shape = (cfg.model, cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
+    shape = (cfg.model, base_loader(cfg.model), cfg.fed.method, n_tasks, cfg.fed.batch_size, cfg.data.max_length)
     report = sizing.size_report_text(*shape)
     if cfg.data.scenario == "manifest" and not os.path.exists(cfg.data.manifest):
         return report + (f"\n\nwork, client states: data.manifest {cfg.data.manifest} does not exist yet; run "
@@ -386,32 +273,11 @@ def dry_run(cfg: Config) -> str:
                       sizing.work_report_text(cfg.fed, cfg.data.max_new_tokens, clients)])
 
 
-def llava_15_7b_config():
-    """LLaVA-1.5-7B's shape (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 + Vicuna-7B v1.5."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          image_size=336, patch_size=14, projection_dim=768)
-    tc = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, image_seq_length=576)
-
-
-def meta_config(cfg: model_mod.ModelConfig, source: model_mod.Loader):
-    """The LlavaConfig a run would load from `source`, without weights or downloads: a local (or
-    already cached) checkpoint's config (the embedded recipe's), else LLaVA-1.5-7B's built-in shape."""
-    try:
-        return source.config(cfg)
-    except (OSError, ValueError):
-        if cfg.llava == "embedded":
-            raise
-        return llava_15_7b_config(), "built-in LLaVA-1.5-7B shape (checkpoint config not available offline)"
-
-
 def missing_lora_targets(cfg: model_mod.ModelConfig, source: model_mod.Loader) -> list[str]:
     """The names in model.lora_targets that match no nn.Linear of the configured LM (built on
     the meta device from its config: no weights, no download)."""
     from transformers import AutoModelForCausalLM
-    config, _ = meta_config(cfg, source)
+    config, _ = model_mod.meta_config(cfg, source)
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config.text_config)
     found = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if type(m) is torch.nn.Linear}
@@ -433,7 +299,7 @@ def load_data(cfg: Config):
     if missing:
         raise ConfigError(f"model.lora_targets: {missing} match no linear layer of the language model")
     tok, image_token_id, n_image_tokens = source.text_side(cfg.model)
-    text_enc = model_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
+    text_enc = data_mod.Encoder(tok, None, image_token_id, n_image_tokens, cfg.data.system_prompt, cfg.data.max_length)
     for warning in check_encodable(clients, text_enc, cfg.data.skip_bad_records, progress=True):
         print(f"warning: {warning}", file=sys.stderr)
     return clients
@@ -452,7 +318,7 @@ def unknown_words(tokenizer, texts: Sequence[str]) -> Counter:
     return Counter({w: words[w] for w, i in zip(distinct, ids) if unk in i})
 
 
-def check_encodable(clients: Sequence[data_mod.ClientData], enc: model_mod.Encoder, skip_bad_records: bool = False,
+def check_encodable(clients: Sequence[data_mod.ClientData], enc: data_mod.Encoder, skip_bad_records: bool = False,
                     progress: bool = False) -> list[str]:
     """Before any model loads: every sample of every split fits data.max_length (else a
     DataError naming its file and record, or, with skip_bad_records, it is left out and
@@ -491,37 +357,45 @@ def check_encodable(clients: Sequence[data_mod.ClientData], enc: model_mod.Encod
 # -----------------------------------------------------------------------------
 # Main: the story of a run, each step a named function
 
-HEADLINE = "after_local"   # [choice] the score the README and results.json's "mean" report; see README
-
-
-def build_model(cfg: Config):
-    """-> (model, base, encoder): the base model with the method's connector and LoRA. The
-    initial connector and LoRA come from one generator derived from the seed, so every
-    client, in this process or on a Flower node, starts from the same state."""
+def build_model(cfg: Config) -> fed_mod.Shared:
+    """The base model with the method's connector and LoRA, and the encoder of its inputs: what
+    every client of this process works on. The initial connector and LoRA come from one
+    generator derived from the seed, so every client, in this process or on a Flower node,
+    starts from the same state."""
     base = base_loader(cfg.model).base(cfg.model)
     kind = fed_mod.METHODS[cfg.fed.method].connector
     init = fed_mod.generator(cfg.seed, "init")
     connector = model_mod.build_connector(kind, base, cfg.fed.released_init, init)
     model = model_mod.build_model(base, connector, cfg.model, init)
     d = cfg.data
-    enc = model_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
+    enc = data_mod.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens,
                            d.system_prompt, d.max_length, d.max_image_side, d.num_workers, d.skip_bad_records,
                            d.image_aspect_ratio)
-    return model, base, enc
+    return fed_mod.Shared(model, base, enc, d.max_new_tokens)
 
 
 def build(cfg: Config, clients=None, state_dir: str | None = None) -> Federation:
-    """Data (checked first), then the base model, then the federation (its client states in
-    `state_dir`, <run_dir>/states in a run; None: a temporary folder)."""
+    """Data (checked first), then the base model, then the federation: its client states in
+    `state_dir` (<run_dir>/states in a run; None: a temporary folder, removed with the store)."""
     clients = load_data(cfg) if clients is None else clients
-    model, base, enc = build_model(cfg)
-    return Federation(cfg.fed, model, base, clients, enc, cfg.seed, cfg.data.max_new_tokens, state_dir)
+    shared = build_model(cfg)
+    temporary = state_dir is None
+    state_dir = tempfile.mkdtemp(prefix="pilot-states-") if temporary else state_dir
+    store = ClientStore(state_dir, [c.name for c in clients])
+    if temporary:
+        weakref.finalize(store, shutil.rmtree, state_dir, True)
+    engine = InProcess(clients, cfg.fed, cfg.seed, shared, store)
+    coord = fed_mod.Coordinator(cfg.fed, [c.name for c in clients], [c.task for c in clients],
+                                [len(c.train) for c in clients], cfg.seed, engine.initial_adapter)
+    coord.server.store = store   # the server's sums over clients read and write the store's files
+    return Federation(coord, engine)
 
 
-def run_rounds(cfg: Config, fedn: Federation, start: int, records: list[dict]) -> list[dict]:
+def run_rounds(cfg: Config, fedn: Federation, start: int,
+               records: list[runs.RoundRecord]) -> list[runs.RoundRecord]:
     """Rounds start+1 .. total: train, score, log one JSON line, checkpoint."""
-    rounds = tqdm(range(start + 1, fedn.total_rounds + 1), desc="rounds", initial=start,
-                  total=fedn.total_rounds, disable=None)
+    total = fedn.coord.total_rounds
+    rounds = tqdm(range(start + 1, total + 1), desc="rounds", initial=start, total=total, disable=None)
     for r in rounds:
         t0 = time.perf_counter()
         with tqdm(desc=f"round {r} local steps", leave=False, disable=None) as steps:
@@ -530,28 +404,85 @@ def run_rounds(cfg: Config, fedn: Federation, start: int, records: list[dict]) -
             except FloatingPointError as e:   # the last good checkpoint stays as it is
                 raise RunError(f"stopped: {e}; the last complete round's checkpoint is in {cfg.run_dir}/ckpt") from None
         runs.log_round(cfg.run_dir, record, t0)
-        rounds.write(runs.round_line(record, fedn.total_rounds))
-        rounds.set_postfix(stage=record["stage"], mean=f"{record['mean'][HEADLINE]:.3f}")
+        rounds.write(runs.round_line(record, total))
+        rounds.set_postfix(stage=record.stage, mean=f"{record.mean[fed_mod.HEADLINE]:.3f}")
         records.append(record)
-        runs.save_checkpoint(cfg.run_dir, r, fedn, cfg)
+        save_checkpoint(cfg, fedn, r)
     return records
 
 
-def finish(cfg: Config, fedn: Federation, records: list[dict]) -> dict:
+def save_checkpoint(cfg: Config, fedn: Federation, r: int) -> None:
+    """Round r's checkpoint (tools/runs.py): the clients' state files, the server's task
+    adapters, the stage and the config."""
+    store = fedn.engine.store
+    runs.save_checkpoint(cfg.run_dir, r, fedn.engine.stage, {name: store.path(k) for k, name in enumerate(store.names)},
+                         fedn.coord.server.state(), dataclasses.asdict(cfg))
+
+
+def resume(cfg: Config, fedn: Federation) -> int:
+    """--resume: the newest readable checkpoint round restored into `fedn` (its client states
+    become the store's files again); -> that round, 0 if there is none."""
+    found = runs.load_checkpoint(cfg.run_dir, fedn.engine.store.names, fedn.engine.state_keys)
+    if found is None:
+        return 0
+    meta, server, files = found
+    r, coord = meta["round"], fedn.coord
+    if meta["stage"] == 1 and r < coord.total_rounds and coord.stage_of(r + 1) == 2:
+        # stage 2 starts from the adapters sent in the last stage-1 round; this run's last
+        # stage-1 round sent none, as it was then the run's last round
+        raise RunError(f"fed.stage2_rounds: round {r} ended stage 1 as the last round of the run, so there "
+                       "was no stage-2 handover; a run cannot add stage-2 rounds after that (start a new run)")
+    fedn.engine.set_stage(meta["stage"])
+    coord.server.load_state(server)
+    for k, state in enumerate(files):
+        fedn.engine.store.adopt(k, state.path)
+    return r
+
+
+def finish(cfg: Config, fedn: Federation, records: list[runs.RoundRecord]) -> dict:
     """The final scores (the last round's, each client on the other tasks' test splits, and on
     every test sample where rounds scored a subset), written as results.md and results.json."""
+    engine = fedn.engine
     if records:
-        last = {p: records[-1][p] for p in fed_mod.EVAL_POINTS}
+        last = {p: getattr(records[-1], p) for p in fed_mod.EVAL_POINTS}
     else:   # zero rounds left to run: score the states as they are
-        scores = {c.name: fedn.score(k)["test"] for k, c in enumerate(fedn.clients)}
+        scores = {c.name: engine.score(k)["test"] for k, c in enumerate(engine.clients)}
         last = {p: scores for p in fed_mod.EVAL_POINTS}
-    cross = fedn.evaluate_cross()
+    cross = engine.evaluate_cross()
     full = None
     if cfg.fed.eval_max_samples is not None:   # rounds scored a subset: the final states on every test sample
-        full = {c.name: fedn.score(k, full=True)["test"] for k, c in enumerate(fedn.clients)}
-    results, text = runs.write_results(cfg, fedn.clients, fedn.total_rounds, records, last, cross, full)
+        full = {c.name: engine.score(k, full=True)["test"] for k, c in enumerate(engine.clients)}
+    results, text = runs.write_results(cfg, engine.clients, fedn.coord.total_rounds, records, last, cross, full)
     print(text)
     return results
+
+
+def use_trained(cfg: Config, args: argparse.Namespace) -> dict:
+    """--ask / --score: one client of the run in run_dir, as its last complete checkpoint left
+    it, built by the same path as a resume (tools/use.py reads the checkpoint and the inputs;
+    every refusal comes before any weight loads)."""
+    from tools import use
+    name = args.ask or args.score
+    ckpt = use.trained_checkpoint(cfg.run_dir, name)
+    if args.ask and args.image is not None:
+        use.check_image(args.image)
+    samples = use.read_records(args.data, args.images) if args.score else None
+    run_cfg = from_dict(Config, ckpt.config)   # the run's own config; where it runs, this one's
+    run_cfg.model.device, run_cfg.model.dtype = cfg.model.device, cfg.model.dtype
+    shared = build_model(run_cfg)
+    shared.max_new_tokens = cfg.data.max_new_tokens
+    client = use.trained_client(ckpt, name, run_cfg.fed, run_cfg.seed, shared)
+    if args.ask:
+        answer = use.ask(client, args.image, args.prompt)
+        print(answer)
+        return {"answer": answer}
+    metric = args.metric or client.data.metric
+    score = model_mod.evaluate(client.model, client.enc, samples, metric, cfg.fed.eval_batch_size,
+                               cfg.data.max_new_tokens, progress=True)
+    result = {"client": name, "round": ckpt.round, "file": args.data, "records": len(samples), "metric": metric,
+              "score": score}
+    print(f"{metric} {score:.4f} on {len(samples)} records of {args.data} (client {name}, round {ckpt.round})")
+    return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -590,17 +521,8 @@ def main(argv=None) -> dict:
         report = dry_run(cfg)
         print(report)
         return {"dry_run": report}
-    if args.ask or args.score:   # using what a run trained: handed to tools/use.py
-        from tools import use
-    if args.ask:
-        answer = use.ask(cfg, args.ask, args.image, args.prompt)
-        print(answer)
-        return {"answer": answer}
-    if args.score:
-        result = use.score_file(cfg, args.score, args.data, args.images, args.metric)
-        print(f"{result['metric']} {result['score']:.4f} on {result['records']} records of {args.data} "
-              f"(client {args.score}, round {result['round']})")
-        return result
+    if args.ask or args.score:   # using what a run trained
+        return use_trained(cfg, args)
     torch.backends.cuda.matmul.allow_tf32 = True   # TF32 for what runs in fp32 on Ampere+ GPUs
     torch.backends.cudnn.allow_tf32 = True
     lock = runs.claim_run_dir(cfg.run_dir, args.resume, args.overwrite)
@@ -612,7 +534,7 @@ def main(argv=None) -> dict:
                 print(f"client {c.name}: skipped {len(c.skipped)} bad records:\n  " + "\n  ".join(c.skipped),
                       file=sys.stderr)
         fedn = build(cfg, clients, os.path.join(cfg.run_dir, "states"))
-        start = runs.load_checkpoint(cfg.run_dir, fedn) if args.resume else 0
+        start = resume(cfg, fedn) if args.resume else 0
         records = run_rounds(cfg, fedn, start, runs.resume_log(cfg.run_dir, start))
         return finish(cfg, fedn, records)
     finally:
@@ -641,6 +563,4 @@ def cli(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    # run as the module `train`, the one tools/ import, so that their ConfigError is this cli's
-    import train
-    train.cli()
+    cli()

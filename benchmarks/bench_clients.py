@@ -87,7 +87,7 @@ def server_round(folder: str, K: int, stage: int, mode: str) -> dict:
     import torch
 
     import fed
-    from tools import runs, store
+    from tools import store
     torch.set_num_threads(1)
     names = [f"c{k}" for k in range(K)]
     tasks = [f"t{k % TASKS}" for k in range(K)]
@@ -110,7 +110,7 @@ def server_round(folder: str, K: int, stage: int, mode: str) -> dict:
             store.save_state(os.path.join(ckpt, f"client_{names[k]}.safetensors"), s)
     else:                       # the store's files, linked
         for k in range(K):
-            runs.link_or_copy(cs.path(k), os.path.join(ckpt, f"client_{names[k]}.safetensors"))
+            store.link_or_copy(cs.path(k), os.path.join(ckpt, f"client_{names[k]}.safetensors"))
     store.save_state(os.path.join(ckpt, "server.safetensors"), server.state())
     seconds = time.perf_counter() - t0
     io1 = io_bytes()

@@ -68,14 +68,14 @@ def one(manifest: str, smoke: bool) -> dict:
 
         def set_postfix_str(self, *a, **k):
             pass
-    node = fedn.nodes[0]
+    node = fedn.engine.nodes[0]
     node.structure(1)
-    model_mod.load_client_state(fedn.model, fedn.states[0])
+    model_mod.load_client_state(fedn.engine.shared.model, fedn.engine.states[0])
     few = clients[0].train[:cfg.fed.batch_size]
-    fed.local_train(fedn.model, fedn.enc, few, cfg.fed, 1e-3, node.loss_weights(1), torch.Generator().manual_seed(0),
-                    progress=FirstStep())
+    fed.local_train(fedn.engine.shared.model, fedn.engine.shared.enc, few, fed.LocalSettings(cfg.fed, 1e-3, node.loss_weights(1)),
+                    torch.Generator().manual_seed(0), progress=FirstStep())
     first_step_s = FirstStep.at - t0
-    rate = {w: loader_rate(fedn.enc, clients[0].train, 64 if smoke else 512, w) for w in (0, 2)}
+    rate = {w: loader_rate(fedn.engine.shared.enc, clients[0].train, 64 if smoke else 512, w) for w in (0, 2)}
     records = sum(len(c.train) + len(c.val) + len(c.test) for c in clients)
     return {"records": records, "load_and_check_s": round(load_s, 2), "identity_s": round(identity_s, 3),
             "first_step_s": round(first_step_s, 2), "peak_rss_after_load_mb": round(rss_loaded, 1),

@@ -1,7 +1,7 @@
 """Seconds per round in process, under Flower's Simulation Engine and under its Deployment
 Engine on 127.0.0.1 (a SuperLink and one SuperNode per client as processes), the ratio
 Deployment / in process, and the bytes per round on the wire (Flower's serialised message
-contents) next to fed.message_bytes (the tensors alone). Needs requirements-flower.txt.
+contents) next to tools/runs.message_bytes (the tensors alone). Needs requirements-flower.txt.
 
     python benchmarks/bench_flower.py              # default config: 9 clients, 2 rounds (~10 min on 2 cores)
     python benchmarks/bench_flower.py --small      # tests/test_flower.py's 3-client config (~4 min)
@@ -58,9 +58,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         f = train.build(cfg)
         log = []
-        for r in range(1, f.total_rounds + 1):
+        for r in range(1, f.coord.total_rounds + 1):
             t0 = time.perf_counter()
-            log.append(f.run_round(r) | {"seconds": round(time.perf_counter() - t0, 3)})
+            log.append(f.run_round(r).to_json() | {"seconds": round(time.perf_counter() - t0, 3)})
         out["inprocess"] = per_round(log)
         if not args.skip_simulation:
             settings = flower_app.Settings(config=config, overrides=extra + [f"run_dir={tmp}/sim"], clients=K)

@@ -22,7 +22,7 @@ def one(K: int, device: str, smoke: bool) -> dict:
     f = train.build(cfg, clients=clients[:1] if K == 1 else clients)
     after_build = rss_mb()
     f.run_round(1)
-    state_mb = sum(v.numel() * v.element_size() for v in f.states[0].values()) / 2 ** 20
+    state_mb = sum(v.numel() * v.element_size() for v in f.engine.states[0].values()) / 2 ** 20
     return {"K": K, "rss_after_build_mb": round(after_build, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
             "client_state_mb": round(state_mb, 3)}
 

@@ -63,7 +63,7 @@ def one(size: str, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:   # size_report reads a checkpoint's config.json
         config.save_pretrained(tmp)
         cfg = model_mod.ModelConfig(llava=tmp, dtype=dtype, lora_r=64, lora_alpha=128.0)
-        report = sizing.size_report(cfg, "pilot", 3, BATCH, SEQ)
+        report = sizing.size_report(cfg, model_mod.loader(cfg), "pilot", 3, BATCH, SEQ)
     estimate = report["stages"]["pilot stage 1"]["memory_bytes"]
     before = rss_mb()
     # built in its dtype from the start: a float32 build converted afterwards would put a

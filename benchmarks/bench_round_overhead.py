@@ -11,7 +11,6 @@ import time
 from common import ROOT, emit, parser
 
 import train
-from tools import runs
 
 
 def main():
@@ -25,18 +24,19 @@ def main():
     f = train.build(cfg)
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
-        for r in range(1, f.total_rounds + 1):
+        for r in range(1, f.coord.total_rounds + 1):
             t = time.perf_counter()
             rec = f.run_round(r)
             t_round = time.perf_counter() - t
             t = time.perf_counter()
-            runs.save_checkpoint(run_dir, r, f, cfg)
+            cfg.run_dir = run_dir
+            train.save_checkpoint(cfg, f, r)
             t_ckpt = time.perf_counter() - t
-            total = t_round + t_ckpt - rec["seconds_scoring"]   # scoring is evaluation, reported apart
-            rows.append({"round": r, "stage": rec["stage"], "round_s": round(total, 3),
-                         "local_training_s": rec["seconds_local_training"], "checkpoint_s": round(t_ckpt, 4),
-                         "overhead_fraction": round(1 - rec["seconds_local_training"] / total, 4),
-                         "evaluation_s": rec["seconds_scoring"]})
+            total = t_round + t_ckpt - rec.seconds_scoring   # scoring is evaluation, reported apart
+            rows.append({"round": r, "stage": rec.stage, "round_s": round(total, 3),
+                         "local_training_s": rec.seconds_local_training, "checkpoint_s": round(t_ckpt, 4),
+                         "overhead_fraction": round(1 - rec.seconds_local_training / total, 4),
+                         "evaluation_s": rec.seconds_scoring})
     overall = 1 - sum(x["local_training_s"] for x in rows) / sum(x["round_s"] for x in rows)
     emit("round_overhead", device=args.device, rows=rows, overhead_fraction=round(overall, 4))
 

@@ -18,7 +18,6 @@ from common import best_time, dtype_for, emit, parser
 
 import model
 import pilot
-import train
 from tools import embedded
 
 SIZES = {
@@ -32,7 +31,7 @@ SIZES = {
 def random_base(shape: str, device: str) -> model.Base:
     from transformers import LlavaForConditionalGeneration
     if shape == "7b":
-        config = train.llava_15_7b_config()
+        config = model.llava_15_7b_config()
     else:
         config = embedded.tiny_llava_config(100, 4, 0, **SIZES[shape])
     with torch.device(device):   # built in place, in the final dtype: no fp32 copy of 7B

@@ -52,3 +52,17 @@ def test_benchmark_smoke(name, smoke_runs):
         assert all(r["bytes_read_gb"] >= 0 and r["peak_rss_mb"] > 0 for r in res["rows"])
     if name == "base_load":
         assert len(res["runs"]) == 1 and res["safetensors_bytes"] > 0 and res["runs"][0]["load_s"] > 0
+
+
+def test_every_mutant_breaks_a_line_the_code_holds_once():
+    # benchmarks/mutants.py edits one line of a copy of the code; a line that moved or changed
+    # would leave the mutant unapplied, so each must be found exactly once where it says
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import mutants
+    finally:
+        sys.path.pop(0)
+    for name, _, path, old, new, _ in mutants.MUTANTS:
+        text = open(os.path.join(ROOT, path)).read()
+        assert text.count(old) == 1, (name, path)
+        assert old != new and text.replace(old, new) != text

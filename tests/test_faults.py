@@ -145,25 +145,25 @@ def test_stage2_rounds_cannot_be_added_after_stage_1_ended_the_run(tmp_path, emb
 
 def test_a_non_finite_update_is_left_out_of_aggregation(tiny_llava_dir, monkeypatch):
     f = train.build(_cfg(tiny_llava_dir))
-    f.cfg.stage1_rounds = 2     # round 1 is then not the broadcast before stage 2
-    before = copy.deepcopy(f.states[0])
+    f.coord.cfg.stage1_rounds = 2     # round 1 is then not the broadcast before stage 2
+    before = copy.deepcopy(f.engine.states[0])
     real = fed.local_train
 
     def poisoned(model, enc, samples, *args, **kw):
         out = real(model, enc, samples, *args, **kw)
-        if samples is f.clients[0].train:
+        if samples is f.engine.clients[0].train:
             with torch.no_grad():
                 next(p for n, p in model.named_parameters() if n.endswith("lora_B")).fill_(float("inf"))
         return out
     monkeypatch.setattr(fed, "local_train", poisoned)
     rec = f.run_round(1)
-    assert rec["excluded"] == [f.clients[0].name]
-    assert rec["comm"][f.clients[0].name] == {"up": {}, "down": {"task_adapter": rec["comm"][f.clients[0].name]["down"]["task_adapter"]}}
+    assert rec.excluded == [f.engine.clients[0].name]
+    assert rec.comm[f.engine.clients[0].name] == {"up": {}, "down": {"task_adapter": rec.comm[f.engine.clients[0].name]["down"]["task_adapter"]}}
     # it uploaded nothing and got no LoRA back; only its task's global adapter (made from the others)
-    assert all(torch.equal(before[k], v) for k, v in f.states[0].items() if not k.startswith(fed.OWN_ADAPTER))
-    mate = next(k for k, c in enumerate(f.clients) if k and c.task == f.clients[0].task)
-    assert all(torch.equal(f.states[0][k], f.states[mate][k]) for k in f.states[0] if k.startswith(fed.OWN_ADAPTER))
-    assert all(torch.isfinite(v).all() for s in f.states for v in s.values())
+    assert all(torch.equal(before[k], v) for k, v in f.engine.states[0].items() if not k.startswith(fed.OWN_ADAPTER))
+    mate = next(k for k, c in enumerate(f.engine.clients) if k and c.task == f.engine.clients[0].task)
+    assert all(torch.equal(f.engine.states[0][k], f.engine.states[mate][k]) for k in f.engine.states[0] if k.startswith(fed.OWN_ADAPTER))
+    assert all(torch.isfinite(v).all() for s in f.engine.states for v in s.values())
 
 
 def test_the_server_sees_only_uploads_and_answers_as_a_function_of_them():

@@ -26,16 +26,16 @@ def _equal_states(a, b):
 
 
 def test_fedavg_with_one_client_equals_local_training(tiny_llava_dir):
-    runs = {}
+    ran = {}
     for method in ("fedavg", "local"):
         cfg = _cfg(tiny_llava_dir, method)
         cfg.data.clients_per_task = 1
         f = train.build(cfg, clients=train.load_data(cfg)[:1])
         for r in (1, 2):
             f.run_round(r)
-        runs[method] = f.states
-    assert _equal_states(runs["fedavg"], runs["local"])
-    assert not _equal_states(runs["fedavg"], [train.build(_cfg(tiny_llava_dir, "local")).states[0]])  # it trained
+        ran[method] = f.engine.states
+    assert _equal_states(ran["fedavg"], ran["local"])
+    assert not _equal_states(ran["fedavg"], [train.build(_cfg(tiny_llava_dir, "local")).engine.states[0]])  # it trained
 
 
 def _equidistant_uploads(K, with_adapter):
@@ -87,46 +87,46 @@ def test_uploads_never_carry_client_private_parts(tiny_llava_dir, method):
             f.run_round(r)
     finally:
         fed.make_upload = real
-    assert len(sent) == 2 * len(f.clients)
+    assert len(sent) == 2 * len(f.engine.clients)
     for msg in sent:
         for group in msg.values():
             assert not [k for k in group if any(w in k for w in FORBIDDEN)]
     if method == "local":
         assert all(msg == {} for msg in sent)
     if method.startswith("pilot") and method != "pilot_no_moa":
-        assert f.stage == 2 and any("connector.moa.router.weight" in s for s in f.states)
+        assert f.engine.stage == 2 and any("connector.moa.router.weight" in s for s in f.engine.states)
 
 
 def test_a_pilot_run_shares_task_adapters_within_tasks_and_personalises_lora(tiny_llava_dir):
     f = train.build(_cfg(tiny_llava_dir))
     rec = f.run_round(1)
     by_task = {}
-    for c, s in zip(f.clients, f.states):
+    for c, s in zip(f.engine.clients, f.engine.states):
         by_task.setdefault(c.task, []).append(s)
     adapter = "connector.moa.psi_t.linear_1.weight"   # h_0: the clients are in stage 2 after the handover
     for states in by_task.values():
         assert torch.equal(states[0][adapter], states[1][adapter])
     a, b = list(by_task.values())[:2]
     assert not torch.equal(a[0][adapter], b[0][adapter])
-    lora = [k for k in f.states[0] if k.endswith("lora_B")][0]
-    assert not torch.equal(f.states[0][lora], f.states[1][lora])            # ATA: one LoRA per client
+    lora = [k for k in f.engine.states[0] if k.endswith("lora_B")][0]
+    assert not torch.equal(f.engine.states[0][lora], f.engine.states[1][lora])            # ATA: one LoRA per client
     psi_s = "connector.psi_s.linear_2.weight"
-    assert not torch.equal(f.states[0][psi_s], f.states[1][psi_s])          # psi_s stays personal
-    for mix in rec["lora_weights"].values():                                 # the log says how LoRA was mixed
+    assert not torch.equal(f.engine.states[0][psi_s], f.engine.states[1][psi_s])          # psi_s stays personal
+    for mix in rec.lora_weights.values():                                 # the log says how LoRA was mixed
         assert mix["self"] > 0 and abs(sum(mix.values()) - 1) < 1e-3
     # communication, by hand: up = LoRA + psi_t, down = LoRA + every task's psi_t (last stage-1 round)
-    name = f.clients[0].name
-    n_lora = sum(v.numel() for k, v in f.states[0].items() if k.endswith(("lora_A", "lora_B")))
-    n_adapter = sum(v.numel() for k, v in f.states[0].items() if k.startswith("connector.moa.psi_t."))
-    assert rec["comm"][name]["up"] == {"lora": 4 * n_lora, "task_adapter": 4 * n_adapter}
-    assert rec["comm"][name]["down"] == {"lora": 4 * n_lora, "task_adapter": 4 * n_adapter * len(f.tasks)}
+    name = f.engine.clients[0].name
+    n_lora = sum(v.numel() for k, v in f.engine.states[0].items() if k.endswith(("lora_A", "lora_B")))
+    n_adapter = sum(v.numel() for k, v in f.engine.states[0].items() if k.startswith("connector.moa.psi_t."))
+    assert rec.comm[name]["up"] == {"lora": 4 * n_lora, "task_adapter": 4 * n_adapter}
+    assert rec.comm[name]["down"] == {"lora": 4 * n_lora, "task_adapter": 4 * n_adapter * len(f.coord.tasks)}
 
     f.run_round(2)   # stage 2: the CT-MoA's frozen experts hold the other tasks' global adapters
     k = 0
-    own = f.clients[k].task
-    order = pilot.expert_tasks(f.tasks, own)
-    j = next(i for i, c in enumerate(f.clients) if c.task == order[1])
-    assert torch.equal(f.states[k]["connector.moa.psi_t_other.0.linear_1.weight"], f.states[j][adapter])
+    own = f.engine.clients[k].task
+    order = pilot.expert_tasks(f.coord.tasks, own)
+    j = next(i for i, c in enumerate(f.engine.clients) if c.task == order[1])
+    assert torch.equal(f.engine.states[k]["connector.moa.psi_t_other.0.linear_1.weight"], f.engine.states[j][adapter])
 
 
 def test_same_seed_same_run_other_seed_other_run(tiny_llava_dir):
@@ -135,7 +135,7 @@ def test_same_seed_same_run_other_seed_other_run(tiny_llava_dir):
         cfg.seed = seed
         f = train.build(cfg)
         recs = [f.run_round(r) for r in (1, 2)]
-        return f.states, [rec["clients"] for rec in recs]
+        return f.engine.states, [rec.clients for rec in recs]
     s0, c0 = run(0)
     s0b, c0b = run(0)
     s1, _ = run(1)
@@ -147,8 +147,8 @@ def test_same_seed_same_run_other_seed_other_run(tiny_llava_dir):
 def test_non_finite_loss_names_client_round_and_step(tiny_llava_dir):
     f = train.build(_cfg(tiny_llava_dir))
     with torch.no_grad():
-        f.states[0] = {k: (v * float("nan") if "psi_t.linear_1.weight" in k else v) for k, v in f.states[0].items()}
-    with pytest.raises(FloatingPointError, match=f"client {f.clients[0].name} round 1 step 0"):
+        f.engine.states[0] = {k: (v * float("nan") if "psi_t.linear_1.weight" in k else v) for k, v in f.engine.states[0].items()}
+    with pytest.raises(FloatingPointError, match=f"client {f.engine.clients[0].name} round 1 step 0"):
         f.run_round(1)
 
 
@@ -159,17 +159,18 @@ def test_the_gate_ramps_to_the_papers_mixture_and_each_round_logs_it_and_the_dis
     cfg.fed.stage2_rounds = 2
     f = train.build(cfg)
     first = f.run_round(1)
-    assert "gate" not in first                                                 # stage 1 has no gate
-    assert all(s["connector.gate"].item() == (1.0 if ramp == 0 else 0.0) for s in f.states)   # at the handover
+    assert first.gate is None                                                 # stage 1 has no gate
+    assert all(s["connector.gate"].item() == (1.0 if ramp == 0 else 0.0) for s in f.engine.states)   # at the handover
     for r, want in zip((2, 3), gates):
-        opened = f.train_and_aggregate(r, f)
-        rec = runs.round_record(f.names, opened, f.deliver(r, opened["downloads"], opened["handover"]))
-        assert rec["gate"] == {name: pytest.approx(want, abs=1e-7) for name in f.names}
-        assert all(s["connector.gate"].item() == pytest.approx(want, abs=1e-7) for s in f.states)
-        ids = sorted(opened["uploads"])
-        d = pilot.pairwise_distances([opened["uploads"][k]["lora"] for k in ids])
-        assert rec["lora_distances"]["clients"] == [f.names[k] for k in ids]
-        torch.testing.assert_close(torch.tensor(rec["lora_distances"]["d"], dtype=torch.float64), d, atol=1e-6, rtol=0)
+        opened = f.coord.train_and_aggregate(r, f.engine)
+        f.engine.deliver(r, opened.agg.downloads, opened.handover)
+        rec = runs.round_record(f.coord.names, f.coord.client_tasks, opened, f.engine.taken())
+        assert rec.gate == {name: pytest.approx(want, abs=1e-7) for name in f.coord.names}
+        assert all(s["connector.gate"].item() == pytest.approx(want, abs=1e-7) for s in f.engine.states)
+        ids = sorted(opened.uploads)
+        d = pilot.pairwise_distances([opened.uploads[k]["lora"] for k in ids])
+        assert rec.lora_distances["clients"] == [f.coord.names[k] for k in ids]
+        torch.testing.assert_close(torch.tensor(rec.lora_distances["d"], dtype=torch.float64), d, atol=1e-6, rtol=0)
 
 
 def test_the_task_oracle_averages_lora_within_each_task_only():

@@ -41,8 +41,8 @@ def _config(tmp_path, embedded_dir, **fed_keys):
 
 def _in_process(config):
     f = train.build(train.load_config(config, []))
-    records = [f.run_round(r) for r in range(1, f.total_rounds + 1)]
-    return records, {c.name: flower_app.state_sha256(s) for c, s in zip(f.clients, f.states)}
+    records = [f.run_round(r).to_json() for r in range(1, f.coord.total_rounds + 1)]
+    return records, {c.name: flower_app.state_sha256(s) for c, s in zip(f.engine.clients, f.engine.states)}
 
 
 def _flower_run(run_dir):
@@ -313,15 +313,19 @@ def _in_process_without(config, gone: int):
     reply is dropped, it gets no download. -> (records, {name: final-state digest} of the rest)."""
     f = train.build(train.load_config(config, []))
 
-    class Nodes:   # f's own nodes, less client `gone`
+    class Without:   # the in-process engine, less client `gone`
         def local_round(self, *args):
-            return {k: rep for k, rep in f.local_round(*args).items() if k != gone}
+            return {k: rep for k, rep in f.engine.local_round(*args).items() if k != gone}
 
         def deliver(self, r, downloads, handover):
-            return f.deliver(r, {k: m for k, m in downloads.items() if k != gone}, handover)
+            f.engine.deliver(r, {k: m for k, m in downloads.items() if k != gone}, handover)
 
-    records = [runs.round_record(f.names, *f.communication_round(r, Nodes())) for r in range(1, f.total_rounds + 1)]
-    return records, {c.name: flower_app.state_sha256(s) for k, (c, s) in enumerate(zip(f.clients, f.states))
+        def taken(self):
+            return f.engine.taken()
+
+    records = [runs.round_record(f.coord.names, f.coord.client_tasks, *f.coord.communication_round(r, Without())).to_json()
+               for r in range(1, f.coord.total_rounds + 1)]
+    return records, {c.name: flower_app.state_sha256(s) for k, (c, s) in enumerate(zip(f.engine.clients, f.engine.states))
                      if k != gone}
 
 
@@ -375,21 +379,21 @@ def test_a_node_that_missed_the_handover_catches_up_from_the_next_stage2_message
     import fed
     config = _config(tmp_path, embedded_dir, stage1_rounds=1, stage2_rounds=2)
     f = train.build(train.load_config(config, []))
-    opened = f.train_and_aggregate(1, f)
-    assert opened["handover"]
-    missed = {k: m for k, m in opened["downloads"].items() if k != 0}
-    f.deliver(1, missed, True)                                          # the others enter stage 2
-    stage2_msg = f.server.aggregate({}, all_tasks=True).downloads[0]              # what a stage-2 round sends client 0
-    content = flower_app.RecordDict({"config": flower_app.ConfigRecord({"tasks": f.tasks, "handover": False,
+    opened = f.coord.train_and_aggregate(1, f.engine)
+    assert opened.handover
+    missed = {k: m for k, m in opened.agg.downloads.items() if k != 0}
+    f.engine.deliver(1, missed, True)                                          # the others enter stage 2
+    stage2_msg = f.coord.server.aggregate({}, all_tasks=True).downloads[0]              # what a stage-2 round sends client 0
+    content = flower_app.RecordDict({"config": flower_app.ConfigRecord({"tasks": f.coord.tasks, "handover": False,
                                                                         "stage": 2, "client": 0}),
                                      **flower_app.pack(stage2_msg, "down.")})
-    state, stage, took = flower_app.take_carried(f.nodes[0], content, f.states[0], 1)
-    assert stage == 2 and set(state) == f.state_keys(2) and "took.scores" in took
+    state, stage, took = flower_app.take_carried(f.engine.nodes[0], content, f.engine.states[0], 1)
+    assert stage == 2 and set(state) == f.engine.state_keys(2) and "took.scores" in took
     for task, adapter in fed.received_adapters(stage2_msg).items():
-        prefix = fed.adapter_prefix(f.clients[0].task, f.tasks, task)
+        prefix = fed.adapter_prefix(f.engine.clients[0].task, f.coord.tasks, task)
         assert all(torch.equal(state[prefix + k], v) for k, v in adapter.items())
-    state, reply = f.nodes[0].local_round(state, 2, 2, True)
-    assert reply["upload"] is not None and reply["losses"]["steps"] > 0
+    state, reply = f.engine.nodes[0].local_round(state, 2, 2, True)
+    assert reply.upload is not None and reply.losses["steps"] > 0
 
 
 def _alive(pid: int) -> bool:

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 import data
-import model
 import train
 from data import DataConfig, DataError
 from test_train import ROOT
@@ -167,7 +166,7 @@ def test_a_closed_vocabulary_tokenizer_names_the_words_it_lacks():
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>")
-    enc = model.Encoder(tok, None, 0, 1)
+    enc = data.Encoder(tok, None, 0, 1)
     c = data.ClientData("c0", "colour", [data.Sample("a", None, [("What colour?", "big")])],
                         [data.Sample("b", None, [("What hue?", "red"), ("What colour?", "big")])])
     with pytest.raises(DataError, match=r"cannot represent \('big' x2\)"):

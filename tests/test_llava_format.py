@@ -1,4 +1,4 @@
-"""LLaVA-1.5's own inputs (SPEC 5c): model.Encoder against a reference written from LLaVA's
+"""LLaVA-1.5's own inputs (SPEC 5c): data.Encoder against a reference written from LLaVA's
 preprocessing (haotian-liu/LLaVA conv_vicuna_v1, preprocess_multimodal, preprocess_v1,
 tokenizer_image_token, expand2square), with a Llama-style tokenizer built here; padded
 pictures; text-only records through loading, training and scoring."""
@@ -13,7 +13,7 @@ import data
 import model
 import pilot
 from data import IGNORE, IMAGE, LLAVA_V1_SYSTEM, Sample
-from model import Encoder
+from data import Encoder
 from tools import embedded
 
 N_IMG = 4          # image tokens per picture in these tests

@@ -88,7 +88,7 @@ def test_evaluate_scores_a_split_in_one_call_against_its_references(tmp_path, ti
     monkeypatch.setitem(data.METRICS, "spy", lambda p, r: calls.append((p, r)) or 0.25)
     base = model.load_llava(tiny_llava_dir)
     m = model.build_model(base, model.build_connector("plain", base), model.ModelConfig(lora_r=2))
-    enc = model.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens)
+    enc = data.Encoder(base.tokenizer, base.image_processor, base.image_token_id, base.n_image_tokens)
     assert model.evaluate(m, enc, samples, "spy", batch_size=1, max_new_tokens=2) == 0.25
     assert len(calls) == 1 and calls[0][1] == [["red", "dark red"], ["yes"]] and len(calls[0][0]) == 2
     bad = dict(records[0], references=[])

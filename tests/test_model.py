@@ -12,7 +12,7 @@ import data
 import model
 import pilot
 from data import IGNORE, Sample
-from model import Encoder
+from data import Encoder
 from tools import embedded, sizing
 
 
@@ -217,7 +217,7 @@ def test_checkpointing_under_both_transformers_names():
 def test_size_report_of_llava_15_7b_offline():
     cfg = model.ModelConfig(llava="llava-hf/llava-1.5-7b-hf", dtype="bfloat16", lora_r=64, lora_alpha=128,
                             gradient_checkpointing=True)
-    rep = sizing.size_report(cfg, "pilot", num_tasks=3, batch_size=1, seq_len=1024)
+    rep = sizing.size_report(cfg, model.loader(cfg), "pilot", num_tasks=3, batch_size=1, seq_len=1024)
     assert rep["base_parameters"] == 7_063_427_072          # llava-hf/llava-1.5-7b-hf
     s1, s2 = rep["stages"]["pilot stage 1"], rep["stages"]["pilot stage 2"]
     assert s1["parameters"]["lora"] == 159_907_840          # r=64 on q,k,v,o,gate,up,down x 32 layers
@@ -228,5 +228,5 @@ def test_size_report_of_llava_15_7b_offline():
     assert s1["bytes_up_per_round"] == 4 * (159_907_840 + adapter)
     assert s2["bytes_down_per_round"] == 4 * (159_907_840 + 3 * adapter)
     assert s1["memory_bytes"]["adamw_state_fp32"] == 8 * s1["parameters"]["trainable"]
-    plain = sizing.size_report(cfg, "fedavg", 3, 1, 1024)["stages"]["fedavg (plain LLaVA)"]
+    plain = sizing.size_report(cfg, model.loader(cfg), "fedavg", 3, 1, 1024)["stages"]["fedavg (plain LLaVA)"]
     assert plain["parameters"]["trainable"] == 159_907_840 + adapter

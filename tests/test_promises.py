@@ -56,10 +56,10 @@ def _private_adapters(state: dict) -> dict[str, dict]:
 def test_what_a_client_uploads_is_the_state_it_may_send_tensor_for_tensor(tiny_llava_dir, method):
     f = train.build(_cfg(tiny_llava_dir, method))
     for r in (1, 2):                                  # stage 1 (with the handover), then stage 2
-        opened = f.train_and_aggregate(r, f)
-        assert sorted(opened["uploads"]) == list(range(len(f.clients)))   # local: each an empty message
-        for k, up in opened["uploads"].items():
-            want = _allowed(method, f.states[k])      # the state local training left the client with
+        opened = f.coord.train_and_aggregate(r, f.engine)
+        assert sorted(opened.uploads) == list(range(len(f.engine.clients)))   # local: each an empty message
+        for k, up in opened.uploads.items():
+            want = _allowed(method, f.engine.states[k])      # the state local training left the client with
             assert set(up) == set(want)
             for group in want:
                 assert set(up[group]) == set(want[group])
@@ -67,15 +67,15 @@ def test_what_a_client_uploads_is_the_state_it_may_send_tensor_for_tensor(tiny_l
             # and the adapter sent is none of those the client keeps (psi_s has psi_t's names once
             # the prefix is stripped: only the values tell them apart)
             sent = up.get("task_adapter")
-            kept = _private_adapters(f.states[k])
+            kept = _private_adapters(f.engine.states[k])
             assert (sent is None) == (method == "local" or fed.METHODS[method].shares == "model")
             assert sent is None or ("connector.psi_s" in kept or "connector.moa.psi_s" in kept)
             for prefix, adapter in kept.items():
                 if sent is not None and set(adapter) == set(sent):
                     assert not all(torch.equal(sent[n], adapter[n]) for n in sent), (method, r, prefix)
-        f.deliver(r, opened["downloads"], opened["handover"])
+        f.engine.deliver(r, opened.agg.downloads, opened.handover)
     if method in ("pilot", "pilot_no_diff", "pilot_fedavg_lora", "pilot_task_oracle"):
-        assert f.stage == 2 and "connector.moa.psi_c.0.linear_1.weight" in f.states[0]
+        assert f.engine.stage == 2 and "connector.moa.psi_c.0.linear_1.weight" in f.engine.states[0]
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_the_stage1_difference_loss_is_that_of_the_two_adapters_outputs(tiny_lla
 def _round1(tiny_llava_dir, method):
     f = train.build(_cfg(tiny_llava_dir, method, lambda_d=10.0, prox_mu=1.0))
     rec = f.run_round(1)
-    return f.states, rec["losses"]
+    return f.engine.states, rec.losses
 
 
 def _differ(a, b):
@@ -178,18 +178,18 @@ def test_rounds_score_the_capped_subset_and_the_end_scores_every_record(tiny_lla
     cfg.data.test_per_client = 3
     f = train.build(cfg)
     f.run_round(1)
-    per_client = {c.name: fed.eval_subset(c.test, 1, cfg.seed, c.name, "test") for c in f.clients}
+    per_client = {c.name: fed.eval_subset(c.test, 1, cfg.seed, c.name, "test") for c in f.engine.clients}
     # round 1: every client at both points, each on its one capped record
-    assert spy.calls == [[s.turns[0][1] for s in per_client[c.name]] for c in f.clients] * 2
+    assert spy.calls == [[s.turns[0][1] for s in per_client[c.name]] for c in f.engine.clients] * 2
     spy.calls.clear()
-    full = f.score(0, full=True)
-    assert spy.calls == [[s.turns[0][1] for s in f.clients[0].test]] and len(spy.calls[0]) == 3
-    cross = f.evaluate_cross()
-    others = [o for o in f.clients if o.task != f.clients[0].task]
+    full = f.engine.score(0, full=True)
+    assert spy.calls == [[s.turns[0][1] for s in f.engine.clients[0].test]] and len(spy.calls[0]) == 3
+    cross = f.engine.evaluate_cross()
+    others = [o for o in f.engine.clients if o.task != f.engine.clients[0].task]
     first_others = sorted(o.task for o in others)[0]
     want = [s.turns[0][1] for o in others if o.task == first_others for s in per_client[o.name]]
-    assert spy.calls[1] == want and set(cross[f.clients[0].name]) == {o.task for o in others}
-    assert full["test"] != cross[f.clients[0].name][first_others] or want != spy.calls[0]
+    assert spy.calls[1] == want and set(cross[f.engine.clients[0].name]) == {o.task for o in others}
+    assert full["test"] != cross[f.engine.clients[0].name][first_others] or want != spy.calls[0]
 
 
 def test_after_local_and_after_download_are_the_scores_of_those_two_states(tiny_llava_dir, spy):
@@ -206,11 +206,11 @@ def test_after_local_and_after_download_are_the_scores_of_those_two_states(tiny_
         rec = f.run_round(1)
     finally:
         fed.Client.local_round = real
-    for k, c in enumerate(f.clients):
-        local = f.nodes[k].score(trained[k], 1)["test"]
-        download = f.nodes[k].score(f.states[k], 1)["test"]
-        assert rec["after_local"][c.name] == local and rec["after_download"][c.name] == download
-    assert rec["after_local"] != rec["after_download"]      # the two points are told apart here
+    for k, c in enumerate(f.engine.clients):
+        local = f.engine.nodes[k].score(trained[k], 1)["test"]
+        download = f.engine.nodes[k].score(f.engine.states[k], 1)["test"]
+        assert rec.after_local[c.name] == local and rec.after_download[c.name] == download
+    assert rec.after_local != rec.after_download      # the two points are told apart here
 
 
 # -----------------------------------------------------------------------------

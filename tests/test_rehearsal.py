@@ -21,7 +21,7 @@ import hub_layouts
 import model
 import train
 from data import LLAVA_V1_SYSTEM
-from model import Encoder
+from data import Encoder
 from test_llava_format import IMG_ID, N_IMG, RECORDS, _sample, llava_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -104,7 +104,7 @@ def test_a_sampled_pilot_run_checkpoints_and_resumes_exactly(tmp_path, embedded_
 
 def test_server_task_adapters_never_share_memory(tiny_llava_dir):
     f = train.build(_cfg(tiny_llava_dir))
-    ptrs = [v.data_ptr() for s in f.server.task_adapters.values() for v in s.values()]
+    ptrs = [v.data_ptr() for s in f.coord.server.task_adapters.values() for v in s.values()]
     assert len(ptrs) == len(set(ptrs))
 
 
@@ -182,8 +182,8 @@ def test_batches_are_planned_epoch_by_epoch_with_no_empty_step():
 
 def test_local_train_loss_means_are_over_the_steps_it_took(tiny_llava_dir):
     f = train.build(_cfg(tiny_llava_dir))
-    f.cfg.local_epochs, f.cfg.batch_size = 2, 3                       # 4 samples: 2 micro-batches an epoch
-    out = f.train_client(0, 1, 1)
+    f.coord.cfg.local_epochs, f.coord.cfg.batch_size = 2, 3                       # 4 samples: 2 micro-batches an epoch
+    out = f.engine.nodes[0].train(f.engine.states[0], 1, 1)
     assert out["steps"] == 4
 
 
@@ -200,28 +200,28 @@ def test_stage2_is_built_from_the_adapters_each_client_received(tiny_llava_dir, 
         return agg
     monkeypatch.setattr(fed.Server, "aggregate", spy)
     rec = f.run_round(1)
-    assert f.stage == 2
-    for k, client in enumerate(f.clients):
-        order = pilot.expert_tasks(f.tasks, client.task)
+    assert f.engine.stage == 2
+    for k, client in enumerate(f.engine.clients):
+        order = pilot.expert_tasks(f.coord.tasks, client.task)
         for i, task in enumerate(order):
-            got = fed.adapter_tensors(f.states[k], fed.adapter_prefix(client.task, f.tasks, task))
+            got = fed.adapter_tensors(f.engine.states[k], fed.adapter_prefix(client.task, f.coord.tasks, task))
             assert all(torch.equal(got[n], sent[k][f"task_adapter.{task}"][n]) for n in got), (client.name, task)
             assert got["linear_1.weight"].abs().sum() > 0
-        assert rec["comm"][client.name]["down"]["task_adapter"] == sum(
+        assert rec.comm[client.name]["down"]["task_adapter"] == sum(
             t.numel() * 4 for g, msg in sent[k].items() if g.startswith("task_adapter.") for t in msg.values())
 
 
 def test_at_the_handover_each_clients_connector_still_computes_its_stage1_output(tiny_llava_dir):
     f = train.build(_cfg(tiny_llava_dir))
     f.run_round(1)                                                    # ends with every client in stage 2
-    b = f.base
+    b = f.engine.shared.base
     h = torch.randn(2, 16, b.vision_width, generator=torch.Generator().manual_seed(0))
-    for k in range(len(f.clients)):
-        state = f.states[k]
+    for k in range(len(f.engine.clients)):
+        state = f.engine.states[k]
         stage1 = pilot.TaskClientConnector(b.vision_width, b.llm_width)
         stage1.psi_t.load_state_dict(fed.adapter_tensors(state, fed.own_adapter(state)))   # the own global adapter
         stage1.psi_s.load_state_dict(fed.adapter_tensors(state, "connector.psi_s."))
-        moa = pilot.Stage2Connector(b.vision_width, b.llm_width, len(f.tasks))
+        moa = pilot.Stage2Connector(b.vision_width, b.llm_width, len(f.coord.tasks))
         moa.load_state_dict(fed.adapter_tensors(state, "connector."))
         with torch.no_grad():
             want, got = stage1(h).tokens, moa(h).tokens

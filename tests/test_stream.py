@@ -16,7 +16,6 @@ import torch
 import yaml
 
 import data
-import model
 import fed
 import train
 from test_train import ROOT, _write_config
@@ -63,10 +62,12 @@ def test_loading_decodes_no_picture_and_training_holds_a_batch_of_them(manifest,
     cfg = train.Config()
     cfg.model.llava, cfg.model.lora_r = tiny_llava_dir, 4
     cfg.fed = fed.FedConfig(local_epochs=2, batch_size=8)
-    model, base, enc = train.build_model(cfg)
+    shared = train.build_model(cfg)
+    model, enc = shared.model, shared.enc
     gc.disable()   # finalizers run when the last reference goes, not at a collector's whim
     try:
-        fed.local_train(model, enc, clients[0].train, cfg.fed, 1e-3, dict.fromkeys(("difference", "balance", "router_z"), 0.0),
+        fed.local_train(model, enc, clients[0].train,
+                        fed.LocalSettings(cfg.fed, 1e-3, dict.fromkeys(("difference", "balance", "router_z"), 0.0)),
                         torch.Generator().manual_seed(0))
     finally:
         gc.enable()
@@ -93,7 +94,7 @@ def test_batched_token_lengths_equal_one_by_one_encoding(tiny_llava_dir):
                data.Sample("b", "x.png", [("How many? <image>", "two"), ("And the shape?", "a circle")]),
                data.Sample("c", "x.png", [("What kind of shape is shown? <image> at the top left", "square")])]
     for system in ("", "Describe the image briefly."):
-        enc = model.Encoder(tok, None, 4, 16, system_prompt=system)
+        enc = data.Encoder(tok, None, 4, 16, system_prompt=system)
         assert enc.lengths(samples, chunk=2) == [len(enc.encode(s)[0]) for s in samples]
 
 
@@ -101,14 +102,14 @@ def test_workers_load_the_same_batches_in_the_same_order(manifest, tiny_llava_di
     clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest))
     cfg = train.Config()
     cfg.model.llava = tiny_llava_dir
-    _, _, enc = train.build_model(cfg)
+    enc = train.build_model(cfg).enc
     plan = [[5, 1, 9], [0, 2], [7, 3, 4, 8]]
     got = {}
     for workers in (0, 2):
         loader = data.batch_loader(enc, clients[0].train, plan, num_workers=workers)
         got[workers] = list(loader)
     for a, b in zip(got[0], got[2], strict=True):
-        assert a["kept"] == b["kept"] and all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "pixel_values"))
+        assert a.kept == b.kept and all(torch.equal(a.inputs[k], b.inputs[k]) for k in ("input_ids", "labels", "pixel_values"))
 
 
 # -----------------------------------------------------------------------------
@@ -128,18 +129,18 @@ def test_a_picture_that_fails_mid_run_is_named_or_skipped_and_listed(manifest, t
     clients = data.load_clients(data.DataConfig(scenario="manifest", manifest=manifest))
     bad = clients[0].train[5]
     _break(bad)
-    weights = dict.fromkeys(("difference", "balance", "router_z"), 0.0)
-    model, _, enc = train.build_model(cfg)
+    settings = fed.LocalSettings(cfg.fed, 1e-3, dict.fromkeys(("difference", "balance", "router_z"), 0.0))
+    shared = train.build_model(cfg)
+    model, enc = shared.model, shared.enc
     for workers in (0, 2):   # one line naming the file and record, whichever process decoded it
         enc.num_workers = workers
         with pytest.raises(data.DataError) as e:
-            fed.local_train(model, enc, clients[0].train, cfg.fed, 1e-3, weights, torch.Generator().manual_seed(0))
+            fed.local_train(model, enc, clients[0].train, settings, torch.Generator().manual_seed(0))
         assert str(e.value).startswith(f"{bad.source}: cannot read image {bad.image}") and "\n" not in str(e.value)
     enc.num_workers = 0
     enc.skip_bad_records = True
     skipped = []
-    losses = fed.local_train(model, enc, clients[0].train, cfg.fed, 1e-3, weights, torch.Generator().manual_seed(0),
-                             skipped=skipped)
+    losses = fed.local_train(model, enc, clients[0].train, settings, torch.Generator().manual_seed(0), skipped=skipped)
     assert losses["steps"] == 2 * -(-len(clients[0].train) // 4) and len(skipped) == 1   # listed once, both epochs ran
     assert bad.source in skipped[0] and bad.image in skipped[0]
 

@@ -382,7 +382,7 @@ def _pretrain(llava, tok, proc, config, steps: int, seed: int, batch_size: int, 
     """Central caption pretraining of the embedded base; returns the last step's loss."""
     size = EMBEDDED["image_size"]
     llava.train()
-    enc = model.Encoder(tok, proc, config.image_token_id, config.image_seq_length)
+    enc = data.Encoder(tok, proc, config.image_token_id, config.image_seq_length)
     samples = pretrain_samples(4096, size, seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(llava.parameters(), lr=lr, weight_decay=0.0)

@@ -61,6 +61,7 @@ import torch
 import fed as fed_mod
 import model as model_mod
 import train
+from data import ConfigError, RunError
 from tools import runs
 from tools.store import ClientStore
 
@@ -94,7 +95,7 @@ class Settings:
             name = "overrides" if key == "set" else key.replace("-", "_")
             if name not in cls.__dataclass_fields__:
                 known = ["set" if f == "overrides" else f.replace("_", "-") for f in cls.__dataclass_fields__]
-                raise train.ConfigError(f"run config {key!r}: unknown key (known: {', '.join(known)})")
+                raise ConfigError(f"run config {key!r}: unknown key (known: {', '.join(known)})")
             setattr(s, name, shlex.split(value) if name == "overrides" else value)
         return s
 
@@ -108,7 +109,7 @@ def node_overrides(node_config) -> list[str]:
     items = shlex.split(str(node_config.get("set", "")))
     for item in items:
         if not item.split("=", 1)[0].startswith(NODE_KEYS):
-            raise train.ConfigError(f"node config set: {item.split('=', 1)[0]} is the run's to set, not a node's "
+            raise ConfigError(f"node config set: {item.split('=', 1)[0]} is the run's to set, not a node's "
                                     f"(a node may set {', '.join(NODE_KEYS)})")
     return items
 
@@ -163,6 +164,19 @@ def serialized_bytes(content: RecordDict) -> int:
 # ClientApp: one client per SuperNode, its state in the node's context
 
 
+@dataclass
+class NodeRuntime:
+    """What one node's ClientApp works with: its config, partition k, data, the model it shares
+    with the other nodes of the same config (fed.Shared) and the initial state built with it,
+    and its fed.Client per task list (node_client)."""
+    cfg: train.Config
+    k: int
+    data: object                     # data.ClientData
+    shared: fed_mod.Shared
+    initial: dict[str, torch.Tensor]
+    clients: dict = field(default_factory=dict)
+
+
 class NodeRuntimes:
     """What a ClientApp process builds once and keeps for the messages it handles: per node,
     its config, data (checked before any weight loads), model and initial state; nodes with
@@ -171,9 +185,9 @@ class NodeRuntimes:
     so there it is built once per message: one base load per client and round."""
 
     def __init__(self):
-        self.built: dict = {}
+        self.built: dict[tuple, NodeRuntime] = {}
 
-    def get(self, settings: Settings, node_config) -> dict:
+    def get(self, settings: Settings, node_config) -> NodeRuntime:
         extra = node_overrides(node_config)
         k = int(node_config.get("partition-id", 0))
         key = (settings.config, tuple(settings.overrides), tuple(extra), k)
@@ -181,33 +195,32 @@ class NodeRuntimes:
             cfg = settings.load(extra)
             clients = train.load_data(cfg)
             if len(clients) > 1 and not 0 <= k < len(clients):
-                raise train.ConfigError(f"node config partition-id = {k}: the config's data has clients 0..{len(clients) - 1}")
-            shared = next((b for kk, b in self.built.items() if kk[:3] == key[:3]), None)   # same model, other node
-            if shared is None:
-                model, base, enc = train.build_model(cfg)
-                shared = {"model": model, "base": base, "enc": enc, "initial": model_mod.client_state(model),
-                          "stage1_connector": model.connector}
+                raise ConfigError(f"node config partition-id = {k}: the config's data has clients 0..{len(clients) - 1}")
+            other = next((rt for kk, rt in self.built.items() if kk[:3] == key[:3]), None)   # same model, other node
+            if other is None:
+                shared = train.build_model(cfg)   # the model, its base and encoder
+                initial = model_mod.client_state(shared.model)
+            else:
+                shared, initial = other.shared, other.initial
             data = clients[0] if len(clients) == 1 else clients[k]
-            self.built[key] = shared | {"cfg": cfg, "k": k, "data": data, "clients": {}}
+            self.built[key] = NodeRuntime(cfg, k, data, shared, initial)
         return self.built[key]
 
 
-def node_client(rt: dict, tasks) -> fed_mod.Client:
+def node_client(rt: NodeRuntime, tasks) -> fed_mod.Client:
     """The node's fed.Client for the run's tasks (the server's, in every message), built
-    complete once per task list. The model may hold another node's CT-MoA now: the client is
-    given the stage-1 connector."""
+    complete once per task list. The model may hold another node's CT-MoA now: fed.Shared
+    keeps the stage-1 connector to put back."""
     key = tuple(tasks)
-    if key not in rt["clients"]:
-        cfg = rt["cfg"]
-        rt["clients"][key] = fed_mod.Client(rt["k"], rt["data"], key, cfg.fed, rt["model"], rt["base"], rt["enc"],
-                                            cfg.seed, cfg.data.max_new_tokens, stage1_connector=rt["stage1_connector"])
-    return rt["clients"][key]
+    if key not in rt.clients:
+        rt.clients[key] = fed_mod.Client(rt.k, rt.data, key, rt.cfg.fed, rt.cfg.seed, rt.shared)
+    return rt.clients[key]
 
 
-def load_state(context: Context, rt: dict):
+def load_state(context: Context, rt: NodeRuntime):
     """(state, stage) from the node's context; the initial state before the first round."""
     if "pilot.state" not in context.state.array_records:
-        return rt["initial"], 1
+        return rt.initial, 1
     return from_record(context.state.array_records["pilot.state"]), int(context.state.config_records["pilot.stage"]["stage"])
 
 
@@ -227,24 +240,24 @@ def take_carried(client: fed_mod.Client, content: RecordDict, state, stage: int)
     conf = content["config"]
     handover = bool(conf["handover"]) or (stage == 1 and int(conf.get("stage", stage)) == 2)
     state, stage, took = client.take(state, stage, msg, handover)
-    return state, stage, {"took.scores": scores_record(took["scores"]),
-                          "took.seconds": MetricRecord({"scoring": took["seconds_scoring"]})}
+    return state, stage, {"took.scores": scores_record(took.scores),
+                          "took.seconds": MetricRecord({"scoring": took.seconds_scoring})}
 
 
 def scores_record(scores: dict[str, float] | None) -> MetricRecord:
     return MetricRecord(dict(scores or {}))
 
 
-def hello_reply(rt: dict) -> dict:
+def hello_reply(rt: NodeRuntime) -> dict:
     """Who this node is: partition, client name, task, training-set size, initial-state digest,
     and the initial task adapter (every task's global adapter starts as it)."""
-    info = {"partition": rt["k"], "name": rt["data"].name, "task": rt["data"].task,
-            "n_train": len(rt["data"].train), "state_sha256": state_sha256(rt["initial"])}
-    init = {"task_adapter": fed_mod.adapter_tensors(rt["initial"], fed_mod.OWN_ADAPTER)}
+    info = {"partition": rt.k, "name": rt.data.name, "task": rt.data.task,
+            "n_train": len(rt.data.train), "state_sha256": state_sha256(rt.initial)}
+    init = {"task_adapter": fed_mod.adapter_tensors(rt.initial, fed_mod.OWN_ADAPTER)}
     return {"hello": ConfigRecord(info), **pack(init, "init.")}
 
 
-def local_round_reply(rt: dict, context: Context, content: RecordDict) -> dict:
+def local_round_reply(rt: NodeRuntime, context: Context, content: RecordDict) -> dict:
     """Round r's one message: take round r-1's carried download (scored `after_download`),
     then fed.Client.local_round (train if chosen, score `after_local`, upload)."""
     conf = content["config"]
@@ -253,16 +266,16 @@ def local_round_reply(rt: dict, context: Context, content: RecordDict) -> dict:
     state, stage, took = take_carried(client, content, state, stage)
     state, reply = client.local_round(state, int(conf["round"]), int(conf["stage"]), bool(conf["chosen"]))
     save_state(context, state, int(conf["stage"]))
-    out = {"reply": ConfigRecord({"excluded": reply["excluded"], "uploaded": reply["upload"] is not None}),
-           "scores": scores_record(reply["scores"]),
-           "seconds": MetricRecord({"local": reply["seconds_local"], "scoring": reply["seconds_scoring"]}),
-           **pack(reply["upload"] or {}, "up."), **took}
-    if reply["losses"] is not None:
-        out["losses"] = MetricRecord({k: float(v) for k, v in reply["losses"].items()})
+    out = {"reply": ConfigRecord({"excluded": reply.excluded, "uploaded": reply.upload is not None}),
+           "scores": scores_record(reply.scores),
+           "seconds": MetricRecord({"local": reply.seconds_local, "scoring": reply.seconds_scoring}),
+           **pack(reply.upload or {}, "up."), **took}
+    if reply.losses is not None:
+        out["losses"] = MetricRecord({k: float(v) for k, v in reply.losses.items()})
     return out
 
 
-def finish_reply(rt: dict, context: Context, content: RecordDict) -> dict:
+def finish_reply(rt: NodeRuntime, context: Context, content: RecordDict) -> dict:
     """The run's last message: take the last round's download, reply the final state's digest
     (and keep the state in the node's out-dir, if it has one: it stays on its machine)."""
     client = node_client(rt, content["config"]["tasks"])
@@ -274,7 +287,7 @@ def finish_reply(rt: dict, context: Context, content: RecordDict) -> dict:
         from safetensors.torch import save_file
         os.makedirs(str(out_dir), exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()},
-                  os.path.join(str(out_dir), f"client_{rt['data'].name}.safetensors"))
+                  os.path.join(str(out_dir), f"client_{rt.data.name}.safetensors"))
     return {"final": ConfigRecord({"state_sha256": state_sha256(state), "stage": stage}), **took}
 
 
@@ -455,17 +468,20 @@ class GridNodes:
         return RecordDict({"config": self.config(client=k, **values), **pack(self.carry.get(k, {}), "down.")})
 
     def collect_took(self, replies: dict[int, RecordDict]) -> None:
-        self.took = {k: {"scores": dict(content["took.scores"]), "seconds_scoring": content["took.seconds"]["scoring"]}
+        self.took = {k: fed_mod.Taken(dict(content["took.scores"]), content["took.seconds"]["scoring"])
                      for k, content in replies.items() if "took.scores" in content.metric_records}
 
-    def local_round(self, r: int, stage: int, chosen, progress=None) -> dict[int, dict]:
+    # fed.Engine
+
+    def local_round(self, r: int, stage: int, chosen, progress=None) -> dict[int, fed_mod.Reply]:
         contents = {k: self.with_carry(k, round=r, stage=stage, chosen=k in chosen) for k in self.node_of}
         got = self.exchange(contents, "train.local_round", max((self.steps.get(k, 0) for k in chosen), default=0))
         self.collect_took(got)
-        return {k: {"scores": dict(content["scores"]), "excluded": bool(content["reply"]["excluded"]),
-                    "upload": self.keep(k, unpack(content, "up.")) if content["reply"]["uploaded"] else None,
-                    "losses": dict(content["losses"]) if "losses" in content.metric_records else None,
-                    "seconds_local": content["seconds"]["local"], "seconds_scoring": content["seconds"]["scoring"]}
+        return {k: fed_mod.Reply(scores=dict(content["scores"]),
+                                 losses=dict(content["losses"]) if "losses" in content.metric_records else None,
+                                 upload=self.keep(k, unpack(content, "up.")) if content["reply"]["uploaded"] else None,
+                                 excluded=bool(content["reply"]["excluded"]), seconds_local=content["seconds"]["local"],
+                                 seconds_scoring=content["seconds"]["scoring"])
                 for k, content in got.items()}
 
     def keep(self, k: int, upload: dict) -> dict:
@@ -479,6 +495,10 @@ class GridNodes:
         """Keep round r's downloads for the next message; their replies come with it (`took`)."""
         self.carry, self.handover = {k: msg for k, msg in downloads.items() if msg}, handover
 
+    def taken(self) -> dict[int, fed_mod.Taken]:
+        """The replies to the carried downloads, once the next message (or finish) brought them."""
+        return self.took
+
     def finish(self) -> dict[int, RecordDict]:
         """The final message: the last round's downloads, and every node's final-state digest."""
         got = self.exchange({k: self.with_carry(k) for k in self.node_of}, "train.finish")
@@ -491,7 +511,7 @@ def join(grid: Grid, settings: Settings) -> list[int]:
     deadline = time.monotonic() + settings.join_timeout
     while len(list(grid.get_node_ids())) < settings.clients:
         if time.monotonic() > deadline:
-            raise train.RunError(f"run config clients = {settings.clients}: only {len(list(grid.get_node_ids()))} "
+            raise RunError(f"run config clients = {settings.clients}: only {len(list(grid.get_node_ids()))} "
                                  f"SuperNodes connected within join-timeout = {settings.join_timeout} s")
         time.sleep(0.2)
     return sorted(grid.get_node_ids())
@@ -507,14 +527,14 @@ def greet(grid: Grid, settings: Settings, tap=None) -> tuple[dict[int, int], lis
     got = probe.exchange({i: RecordDict({"config": ConfigRecord({"node": i})}) for i in range(len(nodes))},
                          "query.hello")
     if len(got) < len(nodes):
-        raise train.RunError(f"{len(nodes) - len(got)} SuperNode(s) did not answer hello: see their logs")
+        raise RunError(f"{len(nodes) - len(got)} SuperNode(s) did not answer hello: see their logs")
     info = {nodes[i]: c["hello"] for i, c in got.items()}
     parts = sorted(int(i["partition"]) for i in info.values())
     if parts != list(range(len(nodes))):
-        raise train.ConfigError(f"node config partition-id: the nodes hold {parts}; each of 0..{len(nodes) - 1} "
+        raise ConfigError(f"node config partition-id: the nodes hold {parts}; each of 0..{len(nodes) - 1} "
                                 "must be held by exactly one node")
     if len({i["state_sha256"] for i in info.values()}) != 1:
-        raise train.ConfigError("the nodes built different initial states: every node must run the same config "
+        raise ConfigError("the nodes built different initial states: every node must run the same config "
                                 "and base model")
     node_of = {int(i["partition"]): node for node, i in info.items()}
     first = next(content for i, content in got.items() if nodes[i] == node_of[0])
@@ -532,37 +552,40 @@ def wire_recorder(run_dir: str, names: list[str], tap=None):
     return record
 
 
-def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, run_dir: str) -> tuple[list[dict], dict]:
+def run_rounds(coord: fed_mod.Coordinator, gn: GridNodes, run_dir: str) -> tuple[list[runs.RoundRecord], dict]:
     """fed.Coordinator's rounds, one message per client each: round r's record is closed when
     round r+1's replies (or the final ones) bring back the replies to its downloads. A round's
     seconds run from its message out to the next round's; its "resent" names the clients whose
     round-r message (for the last round, also the final one) went out again. -> (records,
     final replies)."""
     records, opened, t0 = [], None, time.perf_counter()
+    resent: dict[int, set[int]] = {}   # round -> the clients whose message of that round went out again
 
     def close(opened, t_open, t_next):
-        record = runs.round_record(coord.names, opened, gn.took) | {"engine": "flower", "wire_bytes": dict(gn.wire),
-                                                 "resent": [coord.names[k] for k in sorted(opened["resent"])]}
+        record = runs.round_record(coord.names, coord.client_tasks, opened, gn.taken())
+        record.engine, record.wire_bytes = "flower", dict(gn.wire)
+        record.resent = [coord.names[k] for k in sorted(resent[opened.round])]
         runs.log_round(run_dir, record, t_open, seconds=t_next - t_open)
-        print(runs.round_line(record, coord.total_rounds) + (f"; lost {record['lost']}" if record["lost"] else ""),
+        print(runs.round_line(record, coord.total_rounds) + (f"; lost {record.lost}" if record.lost else ""),
               flush=True)
         records.append(record)
 
     for r in range(1, coord.total_rounds + 1):
         t_r = time.perf_counter()
         gn.wire, gn.resent = {"up": 0, "down": 0}, set()
-        current = coord.train_and_aggregate(r, gn) | {"resent": gn.resent}
+        resent[r] = gn.resent
+        current = coord.train_and_aggregate(r, gn)
         if opened is not None:
             close(opened, t0, t_r)
-        gn.deliver(r, current["downloads"], current["handover"])
+        gn.deliver(r, current.agg.downloads, current.handover)
         opened, t0 = current, t_r
-    gn.resent = opened["resent"]   # the final message's resends count with the last round's
+    gn.resent = resent[opened.round]   # the final message's resends count with the last round's
     finals = gn.finish()
     close(opened, t0, time.perf_counter())
     return records, finals
 
 
-def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
+def serve(grid: Grid, settings: Settings, tap=None) -> list[runs.RoundRecord]:
     """The ServerApp's work: hello, the rounds of fed.Coordinator, finish. Writes
     <run_dir>/log.jsonl (the in-process records, plus "lost" and "wire") and results.json."""
     cfg = settings.load()
@@ -583,8 +606,8 @@ def serve(grid: Grid, settings: Settings, tap=None) -> list[dict]:
                        steps=steps, step_timeout=settings.step_timeout, rejoin_timeout=settings.rejoin_timeout,
                        retries=settings.retries, store=store)
         records, finals = run_rounds(coord, gn, run_dir)
-        results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": train.HEADLINE,
-                   **{p: {"own": records[-1][p], "mean": records[-1]["mean"][p]} for p in fed_mod.EVAL_POINTS},
+        results = {"engine": "flower", "method": cfg.fed.method, "seed": cfg.seed, "headline": fed_mod.HEADLINE,
+                   **{p: {"own": getattr(records[-1], p), "mean": records[-1].mean[p]} for p in fed_mod.EVAL_POINTS},
                    "final_state_sha256": {names[k]: reply["final"]["state_sha256"] for k, reply in sorted(finals.items())}}
         runs.write_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
         return records

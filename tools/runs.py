@@ -2,13 +2,15 @@
 
 <run_dir>/ holds one run: .lock (the process that owns it), run.json (what defines the run: the
 keys of IDENTITY_KEYS, its clients and digests of their data), config.resolved.yaml, log.jsonl
-(one JSON line a round: round_record, from the replies that came back, and log_round),
-ckpt/round_XXX/ (every client's state and the server's, as safetensors, and meta.json; the last
-two rounds are kept), results.md and results.json (write_results). train.py hands its run folder
-to this file: claim_run_dir when a run starts, check_resume before the model loads, round_record,
-log_round and save_checkpoint after every round, load_checkpoint and resume_log on --resume;
-tools/flower_app.py writes its server's log with the same functions. The core (pilot, model,
-fed, data) never imports it.
+(one JSON line a round: a RoundRecord, made by round_record from the round's replies and
+completed by log_round), ckpt/round_XXX/ (every
+client's state and the server's, as safetensors, and meta.json; the last two rounds are kept),
+results.md and results.json (write_results). train.py hands its run folder to this file, with
+what to write: claim_run_dir when a run starts, check_resume before the model loads, log_round
+and save_checkpoint (the state files, the server's state, the config) after every round,
+load_checkpoint and resume_log on --resume; tools/flower_app.py writes its server's log with
+the same functions. The core (pilot, model, fed, data) never imports it, and it never imports
+train.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import resource
 import shutil
 import sys
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import yaml
@@ -34,8 +37,8 @@ from safetensors.torch import load_file, save_file
 
 import data as data_mod
 import fed as fed_mod
-import train
-from tools.store import StateFile
+from data import ConfigError, RunError
+from tools.store import StateFile, link_or_copy
 
 # -----------------------------------------------------------------------------
 # The run directory: one run owns it (a lock, and refusal to mix runs), and what defines a run
@@ -61,7 +64,7 @@ def claim_run_dir(run_dir: str, resume: bool, overwrite: bool):
         lock.seek(0)
         holder = lock.read().strip() or "?"
         lock.close()
-        raise train.ConfigError(f"run_dir {run_dir} is in use by another running process (pid {holder})") from None
+        raise ConfigError(f"run_dir {run_dir} is in use by another running process (pid {holder})") from None
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
@@ -70,7 +73,7 @@ def claim_run_dir(run_dir: str, resume: bool, overwrite: bool):
     if others and not resume:
         if not overwrite:
             lock.close()
-            raise train.ConfigError(f"run_dir {run_dir} already holds a run ({', '.join(others[:5])}): continue it with "
+            raise ConfigError(f"run_dir {run_dir} already holds a run ({', '.join(others[:5])}): continue it with "
                               "--resume, replace it with --overwrite, or set another run_dir")
         for name in others:
             path = os.path.join(run_dir, name)
@@ -78,7 +81,7 @@ def claim_run_dir(run_dir: str, resume: bool, overwrite: bool):
     return lock
 
 
-def run_identity(cfg: train.Config, clients, verify_data: bool = False) -> dict:
+def run_identity(cfg, clients, verify_data: bool = False) -> dict:
     """The keys that define a run, its clients (name, task, split sizes, metric) and digests of
     their data (data_digest: the records' bytes, and each image's name, size and mtime;
     with verify_data also every image file's bytes)."""
@@ -90,7 +93,7 @@ def run_identity(cfg: train.Config, clients, verify_data: bool = False) -> dict:
 CONTENT_KEY = "images_content_sha256"   # present only where --verify-data computed it
 
 
-def check_resume(run_dir: str, cfg: train.Config, clients, verify_data: bool = False) -> None:
+def check_resume(run_dir: str, cfg, clients, verify_data: bool = False) -> None:
     """Refuse a resume whose config or data differ from the run's in what defines it, naming
     each key; print the other keys that changed. Only then write config.resolved.yaml. The
     full image digest (--verify-data) is compared only where both the run and now have it."""
@@ -102,7 +105,7 @@ def check_resume(run_dir: str, cfg: train.Config, clients, verify_data: bool = F
                 saved = json.load(fh)
             before, old_cfg = saved["identity"], saved["config"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise train.RunError(f"{path} is unreadable ({type(e).__name__}: {e}): cannot check what --resume would continue") from None
+            raise RunError(f"{path} is unreadable ({type(e).__name__}: {e}): cannot check what --resume would continue") from None
         keys = set(before) | set(now)
         if not (CONTENT_KEY in before and CONTENT_KEY in now):   # the full digest: compared where both have it
             keys.discard(CONTENT_KEY)
@@ -111,14 +114,14 @@ def check_resume(run_dir: str, cfg: train.Config, clients, verify_data: bool = F
         diff = [k for k in sorted(keys) if before.get(k) != now.get(k)]
         if diff:
             shown = "; ".join(f"{k}: {_short(before.get(k))} in the run, {_short(now.get(k))} now" for k in diff)
-            raise train.ConfigError(f"--resume refused: {run_dir} holds a different run ({shown}). "
+            raise ConfigError(f"--resume refused: {run_dir} holds a different run ({shown}). "
                               "Use another run_dir, or --overwrite to replace it")
         changed = _changed_keys(old_cfg, dataclasses.asdict(cfg))
         if changed:
             print(f"resume: changed since the run started, applied from the next round: {', '.join(changed)}",
                   file=sys.stderr)
     elif any(os.path.isdir(os.path.join(run_dir, d)) for d in ("ckpt",)):
-        raise train.RunError(f"{run_dir} has checkpoints but no run.json: cannot check what --resume would continue")
+        raise RunError(f"{run_dir} has checkpoints but no run.json: cannot check what --resume would continue")
     write_atomic(path, json.dumps({"identity": now, "config": dataclasses.asdict(cfg)}, indent=1))
     write_atomic(os.path.join(run_dir, "config.resolved.yaml"), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
@@ -144,7 +147,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 # Checkpoints: <run_dir>/ckpt/round_XXX/{client_<name>.safetensors, server.safetensors, meta.json}
 
 
-def _rounds(root: str) -> list[str]:
+def round_dirs(root: str) -> list[str]:
     """Complete round directories, oldest first (by number, not by name)."""
     if not os.path.isdir(root):
         return []
@@ -152,24 +155,26 @@ def _rounds(root: str) -> list[str]:
     return sorted(names, key=lambda d: int(d.split("_")[1]))
 
 
-def save_checkpoint(run_dir: str, r: int, fedn: train.Federation, cfg: train.Config) -> None:
-    """Written into a temp dir (each file fsynced) and renamed into place: a crash leaves the
-    previous complete round. Keeps the last two rounds."""
+def save_checkpoint(run_dir: str, r: int, stage: int, client_files: dict[str, str],
+                    server_state: dict[str, torch.Tensor], config: dict) -> None:
+    """Round r's checkpoint: every client's state file ({name: path}, each written and fsynced
+    where it is: linked, not copied, as a later save writes a new file and the link keeps this
+    round's bytes), the server's state, and meta.json (round, stage, seed, config). Written
+    into a temp dir and renamed into place: a crash leaves the previous complete round. Keeps
+    the last two rounds."""
     root = os.path.join(run_dir, "ckpt")
     os.makedirs(root, exist_ok=True)
     tmp, final = os.path.join(root, f".tmp_round_{r:03d}"), os.path.join(root, f"round_{r:03d}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     files = []
-    for k, client in enumerate(fedn.clients):
-        # the client's state file in the store (written and fsynced there), linked, not copied:
-        # a later save writes a new file, so the link keeps this round's bytes
-        link_or_copy(fedn.store.path(k), os.path.join(tmp, f"client_{client.name}.safetensors"))
+    for name, path in client_files.items():
+        link_or_copy(path, os.path.join(tmp, f"client_{name}.safetensors"))
     files.append(os.path.join(tmp, "server.safetensors"))
-    save_file({k: v.contiguous() for k, v in fedn.server.state().items()}, files[-1])
-    meta = {"round": r, "stage": fedn.stage, "seed": cfg.seed,
+    save_file({k: v.contiguous() for k, v in server_state.items()}, files[-1])
+    meta = {"round": r, "stage": stage, "seed": config["seed"],
             "rng": "every generator is derived from (seed, purpose, round, client): nothing else to save",
-            "config": dataclasses.asdict(cfg)}
+            "config": config}
     files.append(os.path.join(tmp, "meta.json"))
     with open(files[-1], "w") as fh:
         json.dump(meta, fh, indent=1)
@@ -183,16 +188,8 @@ def save_checkpoint(run_dir: str, r: int, fedn: train.Federation, cfg: train.Con
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in _rounds(root)[:-2]:
+    for old in round_dirs(root)[:-2]:
         shutil.rmtree(os.path.join(root, old))
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    """A hard link (no second copy of the bytes); a copy where the file system has none."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -205,13 +202,15 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_copy(name: str) -> dict[str, torch.Tensor]:
+def load_copy(name: str) -> dict[str, torch.Tensor]:
     """safetensors may map the file into memory; copy, so the file can be replaced later."""
     return {k: v.clone() for k, v in load_file(name).items()}
 
 
-def _read_round(path: str, fedn: train.Federation) -> tuple[dict, dict, list]:
-    """Read one round's checkpoint completely and check it, or raise ValueError naming the bad file."""
+def read_round(path: str, names: list[str], keys: Callable[[int], set[str]]) -> tuple[dict, dict, list]:
+    """Read one round's checkpoint and check it, or raise ValueError naming the bad file:
+    -> (meta, the server's state, each client's StateFile, in `names` order, checked by its
+    header: `keys(stage)`, the key set a client state of that stage must have)."""
     name = os.path.join(path, "meta.json")
     try:
         with open(name) as fh:
@@ -219,10 +218,10 @@ def _read_round(path: str, fedn: train.Federation) -> tuple[dict, dict, list]:
         if not isinstance(meta, dict) or not isinstance(meta.get("round"), int) or meta.get("stage") not in (1, 2):
             raise ValueError("meta.json lacks an integer 'round' or a 'stage' of 1 or 2")
         name = os.path.join(path, "server.safetensors")
-        server = _load_copy(name)
-        states, want = [], fedn.state_keys(meta["stage"])
-        for client in fedn.clients:   # checked by their headers here, read one at a time later
-            name = os.path.join(path, f"client_{client.name}.safetensors")
+        server = load_copy(name)
+        states, want = [], keys(meta["stage"])
+        for client in names:   # checked by their headers here, read one at a time later
+            name = os.path.join(path, f"client_{client}.safetensors")
             states.append(StateFile(name))
             if set(states[-1]) != want:
                 raise ValueError(f"its keys are not those of a stage-{meta['stage']} client state of this run")
@@ -234,34 +233,21 @@ def _read_round(path: str, fedn: train.Federation) -> tuple[dict, dict, list]:
     return meta, server, states
 
 
-def load_checkpoint(run_dir: str, fedn: train.Federation) -> int:
-    """Restore the newest readable round into `fedn`; returns that round (0 if there is none).
-    A bad checkpoint is reported by file name and the previous round is used; if rounds exist
-    but none is readable, stop (RunError) rather than start over and lose the log."""
+def load_checkpoint(run_dir: str, names: list[str], keys: Callable[[int], set[str]]) -> tuple[dict, dict, list] | None:
+    """The newest readable round of the run's checkpoints, read_round's (meta, server, client
+    files); None if there is none. A bad checkpoint is reported by file name and the previous
+    round is used; if rounds exist but none is readable, stop (RunError) rather than start over
+    and lose the log."""
     root = os.path.join(run_dir, "ckpt")
-    rounds = _rounds(root)
+    rounds = round_dirs(root)
     for d in reversed(rounds):
         try:
-            meta, server, states = _read_round(os.path.join(root, d), fedn)
+            return read_round(os.path.join(root, d), names, keys)
         except ValueError as e:
             print(f"warning: {e}; falling back to the previous round", file=sys.stderr)
-            continue
-        r = meta["round"]
-        if meta["stage"] == 1 and r < fedn.total_rounds and fedn.stage_of(r + 1) == 2:
-            # stage 2 starts from the adapters sent in the last stage-1 round; this run's last
-            # stage-1 round sent none, as it was then the run's last round
-            raise train.RunError(f"fed.stage2_rounds: round {r} ended stage 1 as the last round of the run, so there "
-                           "was no stage-2 handover; a run cannot add stage-2 rounds after that (start a new run)")
-        fedn.set_stage(meta["stage"])
-        fedn.server.load_state(server)
-        for k, state in enumerate(states):   # the round's files become the store's again
-            tmp = fedn.store.path(k) + ".tmp"
-            link_or_copy(state.path, tmp)
-            os.replace(tmp, fedn.store.path(k))
-        return r
     if rounds:
-        raise train.RunError(f"no checkpoint in {root} is readable; nothing was changed (start over with --overwrite)")
-    return 0
+        raise RunError(f"no checkpoint in {root} is readable; nothing was changed (start over with --overwrite)")
+    return None
 
 
 def data_digest(clients: Sequence[data_mod.ClientData], full: bool = False) -> dict[str, str]:
@@ -293,7 +279,7 @@ def data_digest(clients: Sequence[data_mod.ClientData], full: bool = False) -> d
     return out | ({"images_content_sha256": content.hexdigest()} if full else {})
 
 
-def resume_log(run_dir: str, start: int) -> list[dict]:
+def resume_log(run_dir: str, start: int) -> list[RoundRecord]:
     """The log records of the rounds up to `start`; the log is rewritten to hold exactly those
     (a line torn by a kill mid-write is dropped: its round reruns)."""
     path = os.path.join(run_dir, "log.jsonl")
@@ -307,11 +293,96 @@ def resume_log(run_dir: str, start: int) -> list[dict]:
                     pass
         records = [rec for rec in records if isinstance(rec, dict) and rec.get("round", start + 1) <= start]
     write_atomic(path, "".join(json.dumps(rec) + "\n" for rec in records))   # a kill here loses nothing
-    return records
+    return [RoundRecord.from_json(rec) for rec in records]
 
 
 # -----------------------------------------------------------------------------
 # The log and the results: <run_dir>/log.jsonl, results.md, results.json
+
+
+def mean_score(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores) if scores else float("nan")   # nan: every client lost
+
+
+def message_bytes(msg: fed_mod.Message) -> dict[str, int]:
+    """Bytes per parameter group ("task_adapter.<task>" counts as "task_adapter")."""
+    out: dict[str, int] = {}
+    for group, tensors in msg.items():
+        name = group.split(".")[0]
+        size = getattr(tensors, "nbytes", None)   # a message file (tools/store.StateFile): from its header
+        out[name] = out.get(name, 0) + (size if size is not None else
+                                        sum(t.numel() * t.element_size() for t in tensors.values()))
+    return out
+
+
+@dataclass
+class RoundRecord:
+    """One round as the log holds it (<run_dir>/log.jsonl, a JSON line each: to_json), clients
+    by name. Made by round_record from the round's typed replies (fed.Opened, fed.Taken), by
+    either engine."""
+    round: int
+    stage: int
+    clients: list[str]                              # chosen to train
+    excluded: list[str]                             # trained, result not finite: left out of aggregation
+    lost: list[str]                                 # did not reply: left out of this round
+    losses: dict[str, dict[str, float]]             # {client: mean loss terms}
+    comm: dict[str, dict[str, dict[str, int]]]      # {client: {"up"|"down": {group: bytes}}}
+    seconds_local_training: float
+    seconds_scoring: float
+    # (the fields below have defaults only so that a line keeps the log's key order; None: absent)
+    gate: dict[str, float] | None = None            # the CT-MoA gate g each client's round ended with
+    lora_distances: dict | None = None              # {"clients", "d"}: the LoRA distances ATA saw
+    lora_weights: dict[str, dict[str, float]] | None = None   # how each new LoRA was mixed (fed.mix_shares)
+    after_download: dict[str, float] = field(default_factory=dict)   # each client's test score at both points (SPEC 5b)
+    val: dict[str, dict[str, float]] | None = None  # {point: {client: validation score}}, where there is a split
+    after_local: dict[str, float] = field(default_factory=dict)
+    engine: str | None = None                       # Flower's: "flower", its wire bytes and resent clients
+    wire_bytes: dict[str, int] | None = None
+    resent: list[str] | None = None
+    mean: dict[str, float] = field(default_factory=dict)   # {point: mean over the clients}
+    memory: dict[str, float] | None = None          # the log's: peak memory so far (log_round)
+    seconds: float | None = None                    # the log's: the round's wall time
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RoundRecord":
+        return cls(**d)
+
+
+def round_record(names: Sequence[str], tasks: Sequence[str], opened: fed_mod.Opened,
+                 taken: dict[int, fed_mod.Taken]) -> RoundRecord:
+    """The round's record, from its first half and the replies to its downloads (names[k],
+    tasks[k]: client k's). A client that did not reply to either is "lost"; one whose update
+    was not finite is "excluded"; a client whose download was empty keeps its after_local score."""
+    replies, downloads, uploads = opened.replies, opened.agg.downloads, opened.uploads
+    lost = sorted(set(range(len(names))) - set(replies) | {k for k, msg in downloads.items() if msg and k not in taken})
+    after_local = {k: rep.scores for k, rep in replies.items()}
+    after_download = {k: taken[k].scores if downloads.get(k) else s
+                      for k, s in after_local.items() if k in taken or not downloads.get(k)}
+    points = {"after_download": after_download, "after_local": after_local}
+    test = {p: {names[k]: s["test"] for k, s in sorted(scores.items())} for p, scores in points.items()}
+    val = {p: {names[k]: s["val"] for k, s in sorted(scores.items()) if "val" in s}
+           for p, scores in points.items() if any("val" in s for s in scores.values())}
+    gates = {names[k]: rep.losses["gate"] for k, rep in replies.items() if rep.losses is not None and "gate" in rep.losses}
+    mix = opened.agg.mix
+    return RoundRecord(
+        round=opened.round, stage=opened.stage, clients=[names[k] for k in opened.chosen],
+        excluded=[names[k] for k, rep in replies.items() if rep.excluded], lost=[names[k] for k in lost],
+        losses={names[k]: {t: v for t, v in rep.losses.items() if t != "gate"}
+                for k, rep in replies.items() if rep.losses is not None},
+        comm={names[k]: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
+              for k, msg in downloads.items() if k in taken or not msg},
+        seconds_local_training=round(sum(rep.seconds_local for rep in replies.values()), 4),
+        seconds_scoring=round(sum(rep.seconds_scoring for rep in (*replies.values(), *taken.values())), 4),
+        after_download=test["after_download"], after_local=test["after_local"],
+        mean={p: mean_score(test[p]) for p in fed_mod.EVAL_POINTS}, val=val or None, gate=gates or None,
+        lora_distances=None if mix is None else {"clients": [names[k] for k in mix.ids],
+                                                 "d": [[round(x, 6) for x in row] for row in mix.d.tolist()]},
+        lora_weights=None if mix is None else {
+            names[k]: {g: round(w, 4) for g, w in shares.items()}
+            for k, shares in zip(mix.ids, fed_mod.mix_shares(mix.W, [tasks[k] for k in mix.ids]))})
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -319,10 +390,6 @@ def peak_memory_mb() -> dict[str, float]:
     if torch.cuda.is_available():
         out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return out
-
-
-def mean_score(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores) if scores else float("nan")   # nan: every client lost
 
 
 def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
@@ -339,106 +406,57 @@ def results_table(last: dict, cross: dict, clients, comm_total: dict) -> str:
     return "\n".join(lines) + f"\n\nCommunication, all clients and rounds, up + down: {comm}\n"
 
 
-def message_bytes(msg: dict[str, dict[str, torch.Tensor]]) -> dict[str, int]:
-    """Bytes per parameter group ("task_adapter.<task>" counts as "task_adapter")."""
-    out: dict[str, int] = {}
-    for group, tensors in msg.items():
-        name = group.split(".")[0]
-        size = getattr(tensors, "nbytes", None)   # a message file (tools/store.StateFile): from its header
-        out[name] = out.get(name, 0) + (size if size is not None else
-                                        sum(t.numel() * t.element_size() for t in tensors.values()))
-    return out
-
-
-def round_record(names: Sequence[str], opened: dict, taken: dict[int, dict]) -> dict:
-    """The round's log record, from its first half and the replies to its downloads
-    (`taken`: {k: {"scores", "seconds_scoring"}}). A client that did not reply to either
-    is "lost"; one whose update was not finite is "excluded"."""
-    replies, downloads, uploads = opened["replies"], opened["downloads"], opened["uploads"]
-    lost = sorted(set(range(len(names))) - set(replies)
-                  | {k for k, msg in downloads.items() if msg and k not in taken})
-    after_local = {k: rep["scores"] for k, rep in replies.items()}
-    after_download = {k: taken[k]["scores"] if downloads.get(k) else s
-                      for k, s in after_local.items() if k in taken or not downloads.get(k)}
-    comm = {names[k]: {"up": message_bytes(uploads.get(k, {})), "down": message_bytes(msg)}
-            for k, msg in downloads.items() if k in taken or not msg}
-    record = {"round": opened["round"], "stage": opened["stage"], "clients": [names[k] for k in opened["chosen"]],
-              "excluded": [names[k] for k, rep in replies.items() if rep["excluded"]],
-              "lost": [names[k] for k in lost],
-              "losses": {names[k]: {t: v for t, v in rep["losses"].items() if t != "gate"}
-                         for k, rep in replies.items() if rep["losses"] is not None},
-              "comm": comm,
-              "seconds_local_training": round(sum(rep["seconds_local"] for rep in replies.values()), 4),
-              "seconds_scoring": round(sum(rep["seconds_scoring"] for rep in (*replies.values(), *taken.values())), 4)}
-    gates = {names[k]: rep["losses"]["gate"] for k, rep in replies.items()
-             if rep["losses"] is not None and "gate" in rep["losses"]}
-    if gates:   # the CT-MoA gate g each client's round ended with (1: the paper's mixture)
-        record["gate"] = gates
-    if opened["distances"] is not None:   # the K x K LoRA distances ATA saw, uploaders in order
-        record["lora_distances"] = {"clients": [names[k] for k in opened["distances"][0]],
-                                    "d": [[round(x, 6) for x in row] for row in opened["distances"][1]]}
-    if opened["lora_weights"] is not None:   # how each client's new LoRA was mixed: itself, task mates, other tasks
-        record["lora_weights"] = {names[k]: {g: round(w, 4) for g, w in mix.items()}
-                                  for k, mix in opened["lora_weights"].items()}
-    for point, scores in (("after_download", after_download), ("after_local", after_local)):
-        record[point] = {names[k]: s["test"] for k, s in sorted(scores.items())}
-        if any("val" in s for s in scores.values()):
-            record.setdefault("val", {})[point] = {names[k]: s["val"] for k, s in sorted(scores.items()) if "val" in s}
-    return record
-
-
-def log_round(run_dir: str, record: dict, t0: float, seconds: float | None = None) -> None:
-    """Complete a round's record (means, memory, seconds since t0 unless given), warn about
-    the clients left out of it, and append it to <run_dir>/log.jsonl."""
-    r = record["round"]
-    for name in record["excluded"]:
-        print(f"warning: round {r}: client {name}'s update is not finite; left out of aggregation", file=sys.stderr)
-    for name in record.get("lost", []):
-        print(f"warning: round {r}: client {name} did not reply; left out of this round", file=sys.stderr)
-    record["mean"] = {p: mean_score(record[p]) for p in fed_mod.EVAL_POINTS}
-    record["memory"] = peak_memory_mb()
-    record["seconds"] = round(time.perf_counter() - t0 if seconds is None else seconds, 3)
+def log_round(run_dir: str, record: RoundRecord, t0: float, seconds: float | None = None) -> None:
+    """Complete a round's record (memory, seconds since t0 unless given), warn about the
+    clients left out of it, and append it to <run_dir>/log.jsonl."""
+    for name in record.excluded:
+        print(f"warning: round {record.round}: client {name}'s update is not finite; left out of aggregation",
+              file=sys.stderr)
+    for name in record.lost:
+        print(f"warning: round {record.round}: client {name} did not reply; left out of this round", file=sys.stderr)
+    record.memory = peak_memory_mb()
+    record.seconds = round(time.perf_counter() - t0 if seconds is None else seconds, 3)
     with open(os.path.join(run_dir, "log.jsonl"), "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(json.dumps(record.to_json()) + "\n")
 
 
-def write_results(cfg: "train.Config", clients, total_rounds: int, records: list[dict], last: dict, cross: dict,
+def write_results(cfg, clients, total_rounds: int, records: list[RoundRecord], last: dict, cross: dict,
                   full: dict | None) -> tuple[dict, str]:
     """<run_dir>/results.md and results.json from a run's final scores (`last`: both evaluation
     points; `cross`: on the other tasks; `full`: every test sample, or None). -> (results, the
     text of results.md)."""
     comm_total: dict[str, int] = {}
     for rec in records:
-        for per in rec["comm"].values():
+        for per in rec.comm.values():
             for direction in ("up", "down"):
                 for g, b in per[direction].items():
                     comm_total[g] = comm_total.get(g, 0) + b
     header = (f"# {cfg.fed.method}, scenario {cfg.data.scenario}, seed {cfg.seed}, {total_rounds} rounds; "
-              f"headline: {train.HEADLINE}\n\n")
+              f"headline: {fed_mod.HEADLINE}\n\n")
     table = results_table(last, cross, clients, comm_total)
     if full is not None:
         table += (f"\nRounds scored at most {cfg.fed.eval_max_samples} test samples per client (fed.eval_max_samples); the "
                   f"final states on every test sample: mean {mean_score(full):.3f} "
                   + ", ".join(f"{k} {v:.3f}" for k, v in full.items()) + "\n")
     write_atomic(os.path.join(cfg.run_dir, "results.md"), header + table)
-    results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed, "headline": train.HEADLINE,
-               "own": last[train.HEADLINE], "mean": mean_score(last[train.HEADLINE]),
+    results = {"method": cfg.fed.method, "scenario": cfg.data.scenario, "seed": cfg.seed, "headline": fed_mod.HEADLINE,
+               "own": last[fed_mod.HEADLINE], "mean": mean_score(last[fed_mod.HEADLINE]),
                **{p: {"own": last[p], "mean": mean_score(last[p]),
-                      "rounds": [rec["mean"][p] for rec in records],
-                      "val_mean": mean_score(records[-1]["val"][p]) if records and "val" in records[-1] else None}
+                      "rounds": [rec.mean[p] for rec in records],
+                      "val_mean": mean_score(records[-1].val[p]) if records and records[-1].val else None}
                   for p in fed_mod.EVAL_POINTS},
-               "cross": cross, "comm_bytes": comm_total, "rounds": [rec["mean"][train.HEADLINE] for rec in records],
+               "cross": cross, "comm_bytes": comm_total, "rounds": [rec.mean[fed_mod.HEADLINE] for rec in records],
                "full_test": None if full is None else {"own": full, "mean": mean_score(full)},
                "skipped_records": {c.name: c.skipped for c in clients if c.skipped}}
     write_atomic(os.path.join(cfg.run_dir, "results.json"), json.dumps(results, indent=1))
     return results, header + table
 
 
-def round_line(record: dict, total: int) -> str:
+def round_line(record: RoundRecord, total: int) -> str:
     """The one line a finished round prints: mean scores at both points, wall time, and the
     time per taking-part client."""
-    n = max(1, len(record["clients"]))
-    return (f"round {record['round']}/{total} (stage {record['stage']}): "
-            + ", ".join(f"{p} {record['mean'][p]:.3f}" for p in fed_mod.EVAL_POINTS)
-            + f"; {record['seconds']:.1f} s, per client {record['seconds_local_training'] / n:.1f} s training"
-            f" + {record['seconds_scoring'] / n:.1f} s scoring")
+    n = max(1, len(record.clients))
+    return (f"round {record.round}/{total} (stage {record.stage}): "
+            + ", ".join(f"{p} {record.mean[p]:.3f}" for p in fed_mod.EVAL_POINTS)
+            + f"; {record.seconds:.1f} s, per client {record.seconds_local_training / n:.1f} s training"
+            f" + {record.seconds_scoring / n:.1f} s scoring")

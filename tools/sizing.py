@@ -5,7 +5,8 @@ GPU memory for one local step, per stage, and (where the data can be read) the w
 in optimiser steps and generated answers, round by round, all built on the meta device from the configured
 checkpoint's config (no weights, no download; LLaVA-1.5-7B's built-in shape where the config is
 not available offline). benchmarks/bench_memory_plan.py checks the plan against measured steps
-(docs/cost.md). The core never imports this file; train.py hands `--dry-run` to it.
+(docs/cost.md). The core never imports this file; train.py hands `--dry-run` to it,
+with the configured base's loader (model.Loader).
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import torch.nn as nn
 import fed
 import model
 import pilot
-import train
 
 
-def size_report(cfg: model.ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> dict:
+def size_report(cfg: model.ModelConfig, source: model.Loader, method: str, num_tasks: int, batch_size: int,
+                seq_len: int) -> dict:
     """Parameter counts by group, bytes a client sends and receives per round, and an estimate
     of peak GPU memory for one local step, per stage, built on the meta device: one formula per
     memory term (benchmarks/bench_memory_plan.py checks the sum against measured steps). One
     function, so that the whole plan, term by term, reads in one place."""
     from transformers import LlavaForConditionalGeneration
-    config, source = train.meta_config(cfg, train.base_loader(cfg))
+    config, origin = model.meta_config(cfg, source)
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
     total_base = sum(p.numel() for p in llava.parameters())
@@ -45,7 +46,7 @@ def size_report(cfg: model.ModelConfig, method: str, num_tasks: int, batch_size:
                                        psi_c=(T - 1) * adapter, router=cv * T, psi_s_frozen=adapter)
     else:
         stages[f"{method} (plain LLaVA)"] = dict(lora=lora, projector=adapter)
-    out = {"source": source, "base_parameters": total_base, "projector_parameters": proj, "stages": {}}
+    out = {"source": origin, "base_parameters": total_base, "projector_parameters": proj, "stages": {}}
     L, B, layers = seq_len, batch_size, tc.num_hidden_layers
     for name, groups in stages.items():
         trainable = sum(v for k, v in groups.items() if not k.endswith("_frozen"))
@@ -71,9 +72,10 @@ def size_report(cfg: model.ModelConfig, method: str, num_tasks: int, batch_size:
     return out
 
 
-def size_report_text(cfg: model.ModelConfig, method: str, num_tasks: int, batch_size: int, seq_len: int) -> str:
+def size_report_text(cfg: model.ModelConfig, source: model.Loader, method: str, num_tasks: int, batch_size: int,
+                     seq_len: int) -> str:
     """size_report as the text `train.py --dry-run` prints."""
-    rep = size_report(cfg, method, num_tasks, batch_size, seq_len)
+    rep = size_report(cfg, source, method, num_tasks, batch_size, seq_len)
     gib = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
     lines = [f"model: {rep['source']}; base parameters {rep['base_parameters']:,}",
              f"assumed: {num_tasks} tasks, micro-batch {batch_size}, sequence {seq_len} tokens, "

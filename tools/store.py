@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import weakref
 from typing import Iterator, Mapping
@@ -45,6 +46,14 @@ def fsync_rename(tmp: str, path: str) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no second copy of the bytes); a copy where the file system has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def save_state(path: str, state: Mapping[str, torch.Tensor]) -> None:
@@ -232,6 +241,12 @@ class ClientStore:
 
     def save(self, k: int, state: Mapping[str, torch.Tensor]) -> None:
         save_state(self.path(k), state)
+
+    def adopt(self, k: int, path: str) -> None:
+        """Make the file at `path` (a checkpoint's, on resume) client k's state: linked, not copied."""
+        tmp = self.path(k) + ".tmp"
+        link_or_copy(path, tmp)
+        os.replace(tmp, self.path(k))
 
     def file(self, k: int) -> StateFile:
         return StateFile(self.path(k))
